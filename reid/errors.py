@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad dataset, a wrong path, an image that cannot be decoded) raises a subclass
+of :class:`ReIDError` whose message names the offending value. The CLI turns these into one line on stderr and
+exit code 2; the service turns them into 4xx JSON responses. Anything else is a bug and keeps its traceback.
+"""
+
+
+class ReIDError(Exception):
+    """Base class for errors caused by user input rather than by a bug."""
+
+
+class DatasetError(ReIDError):
+    """A dataset folder or file is malformed (the message names the file and, where known, the row)."""
+
+
+class ImageDecodeError(ReIDError):
+    """Bytes or a file could not be decoded into an RGB image."""
+
+
+class UnsupportedImageFormatError(ImageDecodeError):
+    """The bytes are an image format this project does not accept (e.g. PDF, SVG, animated formats)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class WeightsError(ReIDError):
+    """Backbone weights could not be found, read or matched to the model."""
+
+
+class CheckpointError(ReIDError):
+    """A checkpoint is missing, unreadable or lacks the metadata needed to embed images."""
