@@ -1,0 +1,100 @@
+"""The one function that turns bytes or a file into an RGB image.
+
+Training, evaluation, batch prediction and the service all decode through :func:`decode_image`, so a photo
+that is EXIF-rotated, greyscale, 16-bit, CMYK or has an alpha channel becomes the same RGB array everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+
+#: Formats a camera or phone produces. Anything else Pillow can open (PDF, EPS, ICO, animated GIF...) is
+#: refused, so that a mislabelled upload is reported instead of silently embedded.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "MPO", "GIF"})
+
+#: Default pixel limit: 64 megapixels is more than any camera trap or phone gives, and far below the size at
+#: which a decompression bomb exhausts memory.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, scaling 16/32-bit data instead of clipping it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels have no defined colour; composite over mid grey so they carry no signal.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``source`` (raw bytes or a file path) into an ``H x W x 3`` uint8 RGB array.
+
+    EXIF orientation is applied, so a phone photo taken sideways is embedded upright.
+
+    Raises:
+        UnsupportedImageFormatError: the bytes are a format outside :data:`SUPPORTED_FORMATS`.
+        ImageTooLargeError: the image has more than ``max_pixels`` pixels.
+        ImageDecodeError: the bytes are empty, truncated, corrupt or not an image at all.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else "uploaded bytes"
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as error:
+            raise ImageDecodeError(f"cannot read image file {name}: {error.strerror or error}") from error
+    else:
+        data = source
+    if not data:
+        raise ImageDecodeError(f"{name}: the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in SUPPORTED_FORMATS:
+                raise UnsupportedImageFormatError(
+                    f"{name}: image format {image.format} is not supported; "
+                    f"use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(_to_rgb(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLargeError(f"{name}: {error}") from error
+    except UnidentifiedImageError as error:
+        raise ImageDecodeError(f"{name}: not a recognisable image (corrupt, or not an image file)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error
+
+
+def check_image_header(path: str | Path) -> None:
+    """Cheaply check that ``path`` opens as a supported image (header only, no pixel decode).
+
+    Dataset readers call this on every row so that a broken file is reported with its row up front instead of
+    crashing a training run hours later.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format not in SUPPORTED_FORMATS:
+                raise UnsupportedImageFormatError(f"{path}: image format {image.format} is not supported")
+    except UnidentifiedImageError as error:
+        raise ImageDecodeError(f"{path}: not a recognisable image (corrupt, or not an image file)") from error
+    except OSError as error:
+        raise ImageDecodeError(f"{path}: cannot be read as an image ({error})") from error

@@ -1,0 +1,171 @@
+"""Load a trained encoder from its checkpoint and embed images with it.
+
+A checkpoint written by :class:`reid.module.ReIDModule` carries, under the ``"reid"`` key, everything needed to
+embed an image the same way later (backbone name, preprocessing, embedding choice, the calibrated new_turtle
+threshold, the training config and the package version), so no config file has to travel beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import reid
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from reid.data.transforms import Preprocess
+from reid.errors import CheckpointError
+from reid.imageio import decode_image
+from reid.model import Encoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "reid"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (tensors and plain values only: no code from the file is executed)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a turtle-reid checkpoint (no '{CHECKPOINT_KEY}' metadata); "
+                              "train one with `reid fit`")
+    return checkpoint
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of the encoder weights: identifies which model made an embedding.
+
+    Hashing weights rather than the file keeps the fingerprint stable when only metadata (such as the
+    calibrated threshold) is rewritten.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str, projection_dim: int,
+                        config: dict[str, Any] | None = None, threshold: float | None = None) -> dict[str, Any]:
+    """The ``reid`` entry of a checkpoint: everything :meth:`Embedder.from_checkpoint` needs, as plain values."""
+    return {
+        "format": 1,
+        "version": reid.__version__,
+        "backbone": backbone,
+        "projection_dim": int(projection_dim),
+        "embedding": encoder.embedding,
+        "embedding_dim": int(encoder.embedding_dim),
+        "preprocess": preprocess.to_dict(),
+        "threshold": threshold,
+        "config": config or {},
+    }
+
+
+def export_encoder(path: str | Path, backbone: str, pretrained: bool | str, image_size: int,
+                   projection_dim: int = 128, embedding: str = "backbone") -> Path:
+    """Write an untrained encoder (e.g. frozen ImageNet features) as a checkpoint every command accepts.
+
+    This is how a baseline is evaluated, enrolled or served exactly like a fine-tuned model.
+    """
+    encoder = Encoder(backbone, pretrained, projection_dim, embedding)
+    meta = checkpoint_metadata(encoder, encoder.preprocess(image_size), backbone, projection_dim,
+                               config={"model": {"backbone": backbone, "pretrained": str(pretrained),
+                                                 "image_size": image_size, "embedding": embedding}})
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"state_dict": state, CHECKPOINT_KEY: meta}, path)
+    return path
+
+
+def write_checkpoint_metadata(path: str | Path, **updates: Any) -> None:
+    """Update values in a checkpoint's ``reid`` metadata (e.g. the calibrated threshold), atomically."""
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint(path)
+    checkpoint[CHECKPOINT_KEY].update(updates)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(checkpoint, temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+class _Images(Dataset):
+    def __init__(self, images: Sequence[str | Path | np.ndarray], preprocess: Preprocess) -> None:
+        self.images = images
+        self.transform = preprocess.eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        array = image if isinstance(image, np.ndarray) else decode_image(image)
+        return self.transform(image=array)["image"]
+
+
+class Embedder:
+    """An encoder in eval mode plus its preprocessing: images in, L2-normalised float32 vectors out."""
+
+    def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
+                 name: str = "", fingerprint: str = "", device: str | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder = encoder.eval().to(self.device)
+        self.preprocess = preprocess
+        self.threshold = threshold
+        self.name = name
+        self.fingerprint = fingerprint
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.embedding_dim
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Embedder":
+        """Rebuild the encoder from a checkpoint alone (no config file, no pretrained download)."""
+        checkpoint = read_checkpoint(path)
+        meta = checkpoint[CHECKPOINT_KEY]
+        try:
+            encoder = Encoder(meta["backbone"], pretrained=False, projection_dim=int(meta["projection_dim"]),
+                              embedding=meta["embedding"])
+            prefix = "encoder."
+            state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+            encoder.load_state_dict(state, strict=True)
+            preprocess = Preprocess.from_dict(meta["preprocess"])
+        except (KeyError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint {path} is incomplete or does not match its metadata: {error}") from error
+        threshold = meta.get("threshold")
+        return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
+                   name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
+                   device=device)
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32, progress: bool = False,
+              num_workers: int = 0) -> np.ndarray:
+        """Embed image files or decoded RGB arrays; returns ``N x dim`` float32, rows L2-normalised."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        loader = DataLoader(_Images(images, self.preprocess), batch_size=batch_size, num_workers=num_workers)
+        chunks = [
+            self.encoder.embed(batch.to(self.device)).cpu().numpy()
+            for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress)
+        ]
+        return np.concatenate(chunks).astype(np.float32)

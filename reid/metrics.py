@@ -1,0 +1,106 @@
+"""Ranking individuals, placing "new_turtle", and scoring the result the way Zindi does.
+
+A query's answer is a list of *individuals*, not photos: five photos of one turtle are one answer. The score
+is Zindi's MAP@5: per query, 1/rank of the first occurrence of the true label among the first five answers
+(a repeated label is credited once, ``new_turtle`` is a label like any other), averaged over queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+NEW_TURTLE = "new_turtle"
+
+#: A ranked answer: (individual, similarity of its best-matching gallery photo), best first.
+Ranking = list[tuple[str, float]]
+
+
+def average_precision_at_k(predicted: Sequence[str], actual: str, k: int = 5) -> float:
+    """Zindi/Kaggle AP@k for one true label: 1/(position of its first occurrence) within the first ``k``.
+
+    Positions count every entry, duplicates included, exactly as the competition scorer does; a label repeated
+    after its first occurrence earns nothing more.
+    """
+    for position, label in enumerate(list(predicted)[:k]):
+        if label == actual:
+            return 1.0 / (position + 1)
+    return 0.0
+
+
+def map_at_k(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int = 5) -> float:
+    """Mean of :func:`average_precision_at_k` over queries (0.0 for no queries)."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
+    if not truths:
+        return 0.0
+    return float(np.mean([average_precision_at_k(p, t, k) for p, t in zip(predictions, truths)]))
+
+
+def top_k_accuracy(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int) -> float:
+    """Fraction of queries whose true label is among the first ``k`` answers."""
+    if not truths:
+        return 0.0
+    return float(np.mean([t in list(p)[:k] for p, t in zip(predictions, truths)]))
+
+
+def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int) -> Ranking:
+    """Collapse one query's photo neighbours (sorted best first) into up to ``k`` distinct individuals.
+
+    Each individual is scored by its best-matching photo, which is the first time it appears.
+    """
+    ranking: Ranking = []
+    seen: set[str] = set()
+    for score, identity in zip(scores, identities):
+        if identity in seen:
+            continue
+        seen.add(identity)
+        ranking.append((identity, float(score)))
+        if len(ranking) == k:
+            break
+    return ranking
+
+
+def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5) -> list[str]:
+    """Labels of ``ranking`` with ``new_turtle`` inserted before the first individual scoring under ``threshold``.
+
+    With a best score under the threshold ``new_turtle`` comes first; with every score above it, it comes after
+    them (if room remains in the first ``k``). ``threshold=None`` never inserts it.
+    """
+    labels = [identity for identity, _ in ranking]
+    if threshold is not None:
+        position = sum(1 for _, score in ranking if score >= threshold)
+        labels.insert(position, NEW_TURTLE)
+    return labels[:k]
+
+
+def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[str], k: int = 5) -> tuple[float, float]:
+    """The new_turtle threshold that maximises MAP@k on held-out queries, and that MAP@k.
+
+    ``truths`` holds :data:`NEW_TURTLE` for queries of individuals absent from the gallery. Every threshold
+    between two consecutive observed scores gives the same rankings, so only observed scores (and one value
+    above all of them) are tried; ties are broken toward the middle of the best range so that the threshold
+    is not balanced on a single photo's score.
+    """
+    if not truths:
+        raise ValueError("calibration needs at least one query")
+    scores = np.full((len(rankings), k), -np.inf)
+    true_rank = np.full(len(rankings), k + 1)  # rank of the true individual among the ranked ones (0-based)
+    for q, (ranking, truth) in enumerate(zip(rankings, truths)):
+        values = [s for _, s in ranking[:k]]
+        scores[q, : len(values)] = values
+        for r, (identity, _) in enumerate(ranking[:k]):
+            if identity == truth:
+                true_rank[q] = r
+    observed = np.unique(scores[np.isfinite(scores)])
+    candidates = np.concatenate([[-1.0 - 1e-6], observed, [observed.max() + 1e-6 if observed.size else 1.0]])
+    # position of new_turtle for every (candidate, query): how many ranked scores are >= the threshold
+    position = (scores[None, :, :] >= candidates[:, None, None]).sum(axis=2)
+    is_new = np.array([t == NEW_TURTLE for t in truths])[None, :]
+    effective = np.where(is_new, position, np.where(position <= true_rank[None, :], true_rank + 1, true_rank))
+    ap = np.where(effective < k, 1.0 / (effective + 1.0), 0.0)
+    means = ap.mean(axis=1)
+    best = np.flatnonzero(np.isclose(means, means.max()))
+    chosen = best[len(best) // 2]
+    return float(candidates[chosen]), float(means[chosen])
