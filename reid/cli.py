@@ -11,12 +11,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from reid.errors import ReIDError
 
 log = logging.getLogger("reid")
 
+#: Packages add sub-commands through this entry-point group (the web service adds ``serve``, ``enroll``,
+#: ``reindex``), so the library never imports the service: each entry point is ``register(subparsers)``.
+PLUGIN_GROUP = "reid.commands"
 #: Sub-commands handed to LightningCLI unchanged.
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--first-individual", type=int, default=0,
                        help="index of the first individual (generate unseen individuals with a higher start)")
     synth.set_defaults(handler=_synth)
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(commands)
     return parser
 
 
