@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="index of the first individual (generate unseen individuals with a higher start)")
     synth.set_defaults(handler=_synth)
     for plugin in entry_points(group=PLUGIN_GROUP):
-        plugin.load()(commands)
+        try:
+            register = plugin.load()
+        except ImportError as error:  # a broken optional plugin must not take the whole CLI down
+            log.warning("sub-commands from %s are unavailable: %s", plugin.value, error)
+            continue
+        register(commands)
     return parser
 
 
