@@ -1,0 +1,59 @@
+"""Torch datasets over record tables, and the identity (P x K) batch sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
+from torch.utils.data import Dataset
+
+from reid.errors import DatasetError
+from reid.imageio import decode_image
+
+
+class ImageRecords(Dataset):
+    """Decoded, transformed photos of a record table, with an integer label per individual."""
+
+    def __init__(self, records: pd.DataFrame, transform: A.Compose,
+                 label_of: Callable[[str], int] | None = None) -> None:
+        self.paths = records["path"].tolist()
+        identities = records["identity"].tolist()
+        if label_of is None:
+            index = {identity: i for i, identity in enumerate(sorted(set(identities)))}
+            label_of = index.__getitem__
+        self.labels = np.array([label_of(identity) for identity in identities], dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = decode_image(self.paths[index])
+        return self.transform(image=image)["image"], int(self.labels[index])
+
+
+def identity_batch_sampler(labels: Sequence[int], individuals_per_batch: int, photos_per_individual: int,
+                           batches_per_epoch: int) -> MPerClassSampler:
+    """Batches of P distinct individuals with K photos each, from pytorch-metric-learning's MPerClassSampler.
+
+    Within a batch every individual appears exactly K times and no individual appears in two slots, so the
+    NT-Xent negatives are always other individuals. Individuals with fewer than K photos are sampled with
+    replacement: one photo becomes K differently augmented views of itself.
+    """
+    n_individuals = len(set(int(label) for label in labels))
+    if photos_per_individual < 2:
+        raise DatasetError(f"photos_per_individual must be >= 2 (positives need a pair), got {photos_per_individual}")
+    if individuals_per_batch < 2:
+        raise DatasetError(f"individuals_per_batch must be >= 2 (negatives need another individual), got {individuals_per_batch}")
+    if individuals_per_batch > n_individuals:
+        raise DatasetError(
+            f"individuals_per_batch={individuals_per_batch} but the training split has only {n_individuals} "
+            f"individuals; lower data.individuals_per_batch to at most {n_individuals}"
+        )
+    batch_size = individuals_per_batch * photos_per_individual
+    return MPerClassSampler(np.asarray(labels), m=photos_per_individual, batch_size=batch_size,
+                            length_before_new_iter=batch_size * batches_per_epoch)

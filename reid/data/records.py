@@ -1,0 +1,185 @@
+"""Readers that turn any supported dataset layout into one table of image records.
+
+Three layouts are accepted, detected in this order:
+
+1. a folder with ``labels.csv`` (``path``, ``identity``, optional ``view``, optional ``split``);
+2. a Zindi Turtle Recall folder as downloaded: ``train.csv`` (``image_id,image_location,turtle_id``), optional
+   ``extra_images.csv`` (``image_id,turtle_id``), images in ``images/<image_id>.JPG`` (any extension case);
+3. one sub-folder per individual, holding that individual's photos.
+
+Every reader returns the same :class:`pandas.DataFrame` with the columns of :data:`RECORD_COLUMNS`; everything
+downstream (splits, sampler, training, evaluation, enrolment) reads only that table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from reid.errors import DatasetError, ImageDecodeError
+from reid.imageio import check_image_header
+
+log = logging.getLogger(__name__)
+
+#: ``path`` is absolute; ``view`` and ``split`` are lower-case, ``""`` where unknown.
+RECORD_COLUMNS = ["image_id", "path", "identity", "view", "split"]
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+VALID_SPLITS = frozenset({"", "train", "val", "test"})
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    """Read a CSV as strings, failing with the file name and the missing columns."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: cannot be parsed as CSV ({error})") from error
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+    return frame.apply(lambda column: column.str.strip())
+
+
+def normalise_view(view: str) -> str:
+    """Views are compared lower-case: the real Zindi train.csv mixes "Top" and "top"."""
+    return view.strip().lower()
+
+
+def _index_images(folder: Path) -> dict[str, Path]:
+    """Map image stem → file for every image in ``folder``, matching extensions case-insensitively."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def _read_labels_csv(root: Path) -> pd.DataFrame:
+    labels = root / "labels.csv"
+    frame = _read_csv(labels, ["path", "identity"])
+    paths = [Path(p) if Path(p).is_absolute() else root / p for p in frame["path"]]
+    return pd.DataFrame(
+        {
+            "image_id": [Path(p).stem for p in frame["path"]],
+            "path": [str(p) for p in paths],
+            "identity": frame["identity"],
+            "view": frame["view"].map(normalise_view) if "view" in frame else "",
+            "split": frame["split"].str.lower() if "split" in frame else "",
+            "_source": [f"{labels} row {i + 2}" for i in range(len(frame))],
+        }
+    )
+
+
+def _read_zindi(root: Path) -> pd.DataFrame:
+    images = _index_images(root / "images")
+    parts = []
+    for name, required in (("train.csv", ["image_id", "image_location", "turtle_id"]),
+                           ("extra_images.csv", ["image_id", "turtle_id"])):
+        csv_path = root / name
+        if not csv_path.exists():
+            continue
+        frame = _read_csv(csv_path, required)
+        missing_rows = [i for i, image_id in enumerate(frame["image_id"]) if image_id not in images]
+        if missing_rows:
+            first = missing_rows[0]
+            raise DatasetError(
+                f"{csv_path} row {first + 2}: image {frame['image_id'].iloc[first]!r} not found in "
+                f"{root / 'images'} ({len(missing_rows)} of {len(frame)} rows have no image)"
+            )
+        parts.append(
+            pd.DataFrame(
+                {
+                    "image_id": frame["image_id"],
+                    "path": [str(images[i]) for i in frame["image_id"]],
+                    "identity": frame["turtle_id"],
+                    "view": frame["image_location"].map(normalise_view) if "image_location" in frame else "",
+                    "split": "",
+                    "_source": [f"{csv_path} row {i + 2}" for i in range(len(frame))],
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _read_folders(root: Path) -> pd.DataFrame:
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() in IMAGE_EXTENSIONS:
+                rows.append(
+                    {
+                        "image_id": f"{folder.name}/{image.stem}",
+                        "path": str(image),
+                        "identity": folder.name,
+                        "view": "",
+                        "split": "",
+                        "_source": str(image),
+                    }
+                )
+    return pd.DataFrame(rows, columns=[*RECORD_COLUMNS, "_source"])
+
+
+def detect_format(root: Path) -> str:
+    """Name the layout of ``root``: ``labels_csv``, ``zindi`` or ``folders``; raise if none fits."""
+    if not root.exists():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path {root} is a file; expected a folder (labels.csv, Zindi or per-individual)")
+    if (root / "labels.csv").is_file():
+        return "labels_csv"
+    if (root / "train.csv").is_file():
+        return "zindi"
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if any(f.suffix.lower() in IMAGE_EXTENSIONS for d in subfolders for f in d.iterdir()):
+        return "folders"
+    raise DatasetError(
+        f"unknown dataset format in {root}: expected labels.csv (path,identity[,view][,split]), "
+        "a Zindi folder with train.csv and images/, or one sub-folder of images per individual"
+    )
+
+
+def _validate(frame: pd.DataFrame, root: Path, check_images: bool) -> None:
+    """Reject the mistakes that would otherwise surface as a crash mid-training, naming file and row."""
+    if frame.empty:
+        raise DatasetError(f"dataset {root} has no images")
+    for column in ("identity", "path"):
+        empty = frame.index[frame[column] == ""]
+        if len(empty):
+            raise DatasetError(f"{frame.at[empty[0], '_source']}: empty {column}")
+    duplicated = frame.index[frame["path"].duplicated()]
+    if len(duplicated):
+        row = duplicated[0]
+        raise DatasetError(f"{frame.at[row, '_source']}: duplicate path {frame.at[row, 'path']}")
+    bad_split = frame.index[~frame["split"].isin(VALID_SPLITS)]
+    if len(bad_split):
+        row = bad_split[0]
+        raise DatasetError(
+            f"{frame.at[row, '_source']}: split {frame.at[row, 'split']!r} is not one of train, val, test"
+        )
+    for row, path in frame["path"].items():
+        if not Path(path).is_file():
+            raise DatasetError(f"{frame.at[row, '_source']}: image file {path} does not exist")
+        if check_images:
+            try:
+                check_image_header(path)
+            except ImageDecodeError as error:
+                raise DatasetError(f"{frame.at[row, '_source']}: unreadable image: {error}") from error
+
+
+def read_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
+    """Read any supported dataset layout into a table of records (columns :data:`RECORD_COLUMNS`).
+
+    Args:
+        root: the dataset folder.
+        check_images: open every image's header so that a corrupt file is reported with its row now.
+
+    Raises:
+        DatasetError: the folder has no known layout, or a row is wrong (the message names file and row).
+    """
+    root = Path(root).expanduser().resolve()
+    layout = detect_format(root)
+    reader = {"labels_csv": _read_labels_csv, "zindi": _read_zindi, "folders": _read_folders}[layout]
+    frame = reader(root)
+    _validate(frame, root, check_images)
+    log.info("read %d images of %d individuals from %s (%s)", len(frame), frame["identity"].nunique(), root, layout)
+    return frame[RECORD_COLUMNS].reset_index(drop=True)
