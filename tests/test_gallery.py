@@ -1,0 +1,43 @@
+"""The FAISS gallery ranks individuals (not photos) and stays right through removals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.gallery import Gallery
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_search_ranks_distinct_individuals_and_forgets_removed_ones(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    dim = 16
+    centres = _unit(rng, 5, dim)
+    # individual "crowd" has 60 near-identical photos: it must not push the others out of the top five
+    crowd = centres[0] + 0.01 * rng.normal(size=(60, dim))
+    others = centres[1:]
+    vectors = np.concatenate([crowd, others]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    identities = ["crowd"] * 60 + ["b", "c", "d", "e"]
+    gallery = Gallery(dim, kind=kind)
+    gallery.add(np.arange(len(vectors)), vectors, identities)
+    ranking = gallery.search(centres[:1], k=5)[0]
+    assert [name for name, _ in ranking][0] == "crowd"
+    assert sorted(name for name, _ in ranking) == ["b", "c", "crowd", "d", "e"]
+    assert ranking[0][1] == pytest.approx(1.0, abs=0.01)
+    gallery.remove([60])  # photo of "b"
+    assert "b" not in [name for name, _ in gallery.search(centres[1:2], k=5)[0]]
+    assert len(gallery) == 63 and gallery.device == "cpu"
+
+
+def test_empty_gallery_and_id_clash() -> None:
+    gallery = Gallery(4)
+    assert gallery.search(np.ones((2, 4), dtype=np.float32), k=5) == [[], []]
+    gallery.add([1], np.ones((1, 4)), ["a"])
+    with pytest.raises(ValueError, match=r"already holds ids \[1\]"):
+        gallery.add([1], np.ones((1, 4)), ["a"])

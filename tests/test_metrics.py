@@ -1,0 +1,69 @@
+"""MAP@5 exactly as Zindi scores it, individual ranking, new_turtle placement and threshold calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.metrics import (
+    NEW_TURTLE,
+    average_precision_at_k,
+    calibrate_threshold,
+    insert_new_turtle,
+    map_at_k,
+    rank_individuals,
+    top_k_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "actual", "expected"),
+    [
+        (["a", "b", "c", "d", "e"], "a", 1.0),
+        (["b", "a", "c", "d", "e"], "a", 0.5),
+        (["b", "c", "d", "e", "a"], "a", 0.2),
+        (["b", "c", "d", "e", "f", "a"], "a", 0.0),  # sixth place earns nothing
+        (["a", "a", "a", "b", "c"], "a", 1.0),  # a repeated true label is credited once
+        (["b", "b", "a", "c", "d"], "a", 1 / 3),  # positions count duplicates, as Zindi's scorer does
+        (["x", NEW_TURTLE, "y"], NEW_TURTLE, 0.5),  # new_turtle is a label like any other
+        (["x"], "a", 0.0),  # fewer than five answers
+        ([], "a", 0.0),
+    ],
+)
+def test_average_precision_hand_computed(predicted: list[str], actual: str, expected: float) -> None:
+    assert average_precision_at_k(predicted, actual) == pytest.approx(expected)
+
+
+def test_map_and_top_k_over_queries() -> None:
+    predictions = [["a", "b"], ["b", "a"], ["c", "d"]]
+    truths = ["a", "a", "a"]
+    assert map_at_k(predictions, truths) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert top_k_accuracy(predictions, truths, 1) == pytest.approx(1 / 3)
+    assert top_k_accuracy(predictions, truths, 5) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 predictions for 3 truths"):
+        map_at_k(predictions[:2], truths)
+
+
+def test_rank_individuals_counts_each_individual_once_by_best_photo() -> None:
+    scores = np.array([0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
+    identities = ["a", "a", "b", "a", "c", "d"]
+    assert rank_individuals(scores, identities, k=3) == [("a", 0.9), ("b", 0.8), ("c", 0.6)]
+
+
+def test_new_turtle_is_inserted_where_similarity_falls_below_threshold() -> None:
+    ranking = [("a", 0.9), ("b", 0.7), ("c", 0.5), ("d", 0.4), ("e", 0.3)]
+    assert insert_new_turtle(ranking, 0.6) == ["a", "b", NEW_TURTLE, "c", "d"]
+    assert insert_new_turtle(ranking, 0.95) == [NEW_TURTLE, "a", "b", "c", "d"]
+    assert insert_new_turtle(ranking, 0.1) == ["a", "b", "c", "d", "e"]  # no room left in the top five
+    assert insert_new_turtle(ranking[:2], 0.1) == ["a", "b", NEW_TURTLE]
+    assert insert_new_turtle(ranking, None) == ["a", "b", "c", "d", "e"]
+
+
+def test_calibrated_threshold_separates_known_from_unknown() -> None:
+    # known queries match their individual at ~0.8; unknown queries' best match is ~0.4
+    rankings = [[("a", 0.82), ("b", 0.3)], [("b", 0.78), ("a", 0.2)], [("a", 0.41), ("b", 0.35)], [("b", 0.38), ("a", 0.1)]]
+    truths = ["a", "b", NEW_TURTLE, NEW_TURTLE]
+    threshold, score = calibrate_threshold(rankings, truths)
+    assert 0.41 < threshold <= 0.78
+    assert score == pytest.approx(1.0)
+    assert [insert_new_turtle(r, threshold)[0] for r in rankings] == truths

@@ -1,0 +1,81 @@
+"""Dataset readers: every layout becomes the same record table; every mistake names its file and row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reid.data.records import RECORD_COLUMNS, read_dataset
+from reid.errors import DatasetError
+from tests.conftest import write_image
+
+
+def test_zindi_folder_reads_real_rows_with_normalised_views(zindi_folder: Path) -> None:
+    records = read_dataset(zindi_folder)
+    assert list(records.columns) == RECORD_COLUMNS
+    # 12 train rows + 4 extra rows; test.csv rows are queries, not gallery records
+    assert len(records) == 16
+    train = records.iloc[:12]
+    assert set(train["view"]) == {"top", "left", "right"}  # the raw file says "Top", "Right", "Left" too
+    assert records.loc[records["image_id"] == "ID_RVATH2HZ", "view"].item() == "right"
+    extra = records.iloc[12:]
+    assert set(extra["identity"]) == {"t_id_he7JTQxO"} and set(extra["view"]) == {""}
+    assert all(Path(p).is_file() for p in records["path"])  # .JPG and .jpg both matched
+
+
+def test_zindi_missing_image_names_file_and_row(zindi_folder: Path) -> None:
+    next((zindi_folder / "images").glob("ID_LM6S0B1M.*")).unlink()
+    with pytest.raises(DatasetError, match=r"train\.csv row 6: image 'ID_LM6S0B1M' not found"):
+        read_dataset(zindi_folder)
+
+
+def test_labels_csv_with_views_and_splits(tmp_path: Path) -> None:
+    for i in range(4):
+        write_image(tmp_path / "img" / f"{i}.png", seed=i)
+    (tmp_path / "labels.csv").write_text(
+        "path,identity,view,split\nimg/0.png,a,Top,train\nimg/1.png,a,left,val\nimg/2.png,b, RIGHT ,train\nimg/3.png,b,,test\n"
+    )
+    records = read_dataset(tmp_path)
+    assert records["identity"].tolist() == ["a", "a", "b", "b"]
+    assert records["view"].tolist() == ["top", "left", "right", ""]
+    assert records["split"].tolist() == ["train", "val", "train", "test"]
+
+
+def test_folder_per_individual(tmp_path: Path) -> None:
+    for identity in ("alpha", "beta"):
+        for i in range(3):
+            write_image(tmp_path / identity / f"{i}.PNG", seed=i, suffix_format="PNG")
+    (tmp_path / "beta" / "notes.txt").write_text("not an image")
+    records = read_dataset(tmp_path)
+    assert records.groupby("identity").size().to_dict() == {"alpha": 3, "beta": 3}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("img/0.png,a\nimg/missing.png,b\n", r"labels\.csv row 3: image file .*missing\.png does not exist"),
+        ("img/0.png,a\nimg/1.png,\n", r"labels\.csv row 3: empty identity"),
+        ("img/0.png,a\nimg/0.png,b\n", r"labels\.csv row 3: duplicate path"),
+        ("img/0.png,a\nimg/bad.png,b\n", r"labels\.csv row 3: unreadable image"),
+    ],
+)
+def test_bad_labels_csv_rows_are_named(tmp_path: Path, rows: str, message: str) -> None:
+    write_image(tmp_path / "img" / "0.png", seed=0)
+    write_image(tmp_path / "img" / "1.png", seed=1)
+    (tmp_path / "img" / "bad.png").write_bytes(b"this is text, not a PNG")
+    (tmp_path / "labels.csv").write_text("path,identity\n" + rows)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(tmp_path)
+
+
+def test_missing_column_and_unknown_format(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("file,who\nx.png,a\n")
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['path', 'identity'\]"):
+        read_dataset(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="unknown dataset format"):
+        read_dataset(empty)
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_dataset(tmp_path / "nowhere")
