@@ -120,7 +120,8 @@ class Encoder(nn.Module):
         if embedding not in ("backbone", "projection"):
             raise WeightsError(f"embedding must be 'backbone' or 'projection', got {embedding!r}")
         self.backbone = create_backbone(backbone, pretrained)
-        features = int(self.backbone.num_features)
+        # timm: models with a pre-logits head (LCNet, MobileNetV3) output head_hidden_size, others num_features.
+        features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
         # SimCLR (Chen et al., 2020) head: Linear-ReLU-Linear; the loss sees its output, retrieval does not.
         self.projection = nn.Sequential(
             nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, projection_dim)

@@ -1,0 +1,60 @@
+"""End to end: `reid fit` from a YAML config on synthetic data gives a checkpoint that embeds images later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from reid.cli import main
+from reid.inference import Embedder, read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fit_args(root: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+        "--data.root", str(data), "--trainer.default_root_dir", str(root),
+        "--model.backbone", "lcnet_050", "--model.pretrained", "false", "--model.image_size", "48",
+        "--data.individuals_per_batch", "4", "--data.batches_per_epoch", "3", "--data.num_workers", "0",
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path: Path, synth_dataset: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_fit_args(tmp_path, synth_dataset)) == 0
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    assert f"best checkpoint: {best}" in capsys.readouterr().out
+    checkpoint = read_checkpoint(best)
+    callback_state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert callback_state["monitor"] == "val_map5"
+    assert 0.0 <= float(callback_state["best_model_score"]) <= 1.0
+    meta = checkpoint["reid"]
+    assert meta["backbone"] == "lcnet_050" and meta["preprocess"]["image_size"] == 48
+    assert meta["config"]["data"]["root"] == str(synth_dataset) and meta["version"]
+    # an RSM heatmap per validation, beside the logs
+    assert len(list((best.parents[1] / "rsm").glob("epoch_*.png"))) == 2
+
+    embedder = Embedder.from_checkpoint(best)
+    photos = sorted(synth_dataset.glob("images/*/*.png"))[:3]
+    vectors = embedder.embed(photos)
+    assert vectors.shape == (3, embedder.dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(embedder.embed(photos), vectors, atol=1e-6)  # deterministic at inference
+
+
+def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, tmp_path / "somewhere", "--print_config"))
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["backbone"] == "lcnet_050" and config["trainer"]["max_epochs"] == 2
+
+
+def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_fit_args(tmp_path, tmp_path / "nowhere")) == 2
+    assert "reid: error: dataset folder" in capsys.readouterr().err
