@@ -1,0 +1,74 @@
+"""decode_image: every photo a user can upload becomes the same upright RGB array, or a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+from reid.imageio import decode_image
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA"])
+def test_any_mode_becomes_rgb(photo: Image.Image, mode: str) -> None:
+    image = photo.convert("L").convert("I;16") if mode == "I;16" else photo.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG" if mode != "I;16" else "TIFF"
+    array = decode_image(_encode(image, fmt))
+    assert array.shape == (30, 40, 3) and array.dtype == np.uint8
+
+
+def test_sixteen_bit_keeps_its_contrast() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    array = decode_image(_encode(Image.fromarray(ramp), "PNG"))
+    assert array[..., 0].min() == 0 and array[..., 0].max() == 255  # not clipped to white
+
+
+def test_exif_rotation_is_applied(photo: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    array = decode_image(_encode(photo, "JPEG", exif=exif))
+    assert array.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (b"", ImageDecodeError, "empty"),
+        (b"just some text, named .jpg", ImageDecodeError, "not a recognisable image"),
+        (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", ImageDecodeError, "not a recognisable image"),
+    ],
+)
+def test_junk_is_refused_with_a_reason(data: bytes, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        decode_image(data)
+
+
+def test_truncated_and_unsupported_and_too_large(photo: Image.Image) -> None:
+    jpeg = _encode(photo, "JPEG")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(jpeg[: len(jpeg) // 2])
+    with pytest.raises(UnsupportedImageFormatError, match="ICO is not supported"):
+        decode_image(_encode(photo, "ICO"))
+    with pytest.raises(ImageTooLargeError, match="1200 pixels, over the limit of 1000"):
+        decode_image(jpeg, max_pixels=1000)
+
+
+def test_decompression_bomb_header_is_refused_before_decoding() -> None:
+    big = Image.new("L", (20000, 20000))  # 400 Mpx of zeros: a few hundred KB as PNG
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_encode(big, "PNG", compress_level=1))
