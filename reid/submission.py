@@ -1,0 +1,118 @@
+"""Zindi submissions: which photos to answer, writing ``image_id,prediction1..prediction5``, and scoring one.
+
+The format is the Turtle Recall competition's: one row per query in the order of ``test.csv``, five distinct
+labels per row, ``new_turtle`` a label like any other; the score is MAP@5 (:mod:`reid.metrics`).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from reid.data.records import IMAGE_EXTENSIONS, read_dataset
+from reid.errors import DatasetError, ReIDError
+from reid.metrics import map_at_k, top_k_accuracy
+
+PREDICTION_COLUMNS = [f"prediction{i}" for i in range(1, 6)]
+#: Columns accepted as the true label in a truth file (Zindi's train.csv says turtle_id; labels.csv identity).
+TRUTH_LABEL_COLUMNS = ("turtle_id", "identity", "label")
+
+
+class SubmissionError(ReIDError):
+    """A submission or truth file does not fit the competition format."""
+
+
+def read_queries(source: str | Path) -> pd.DataFrame:
+    """The query photos to answer, in order, as a table with ``image_id`` and ``path``.
+
+    ``source`` is a Zindi ``test.csv`` (images in ``images/`` beside it, any extension case), a folder of images
+    (sorted by name; the id is the file stem), or a dataset folder / ``labels.csv`` (every photo, in file order).
+    """
+    source = Path(source).expanduser().resolve()
+    if source.is_file() and source.name != "labels.csv":
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+        if "image_id" not in frame.columns:
+            raise DatasetError(f"{source}: no image_id column; found {list(frame.columns)}")
+        folder = source.parent / "images"
+        images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS} if folder.is_dir() else {}
+        missing = [(i, image_id) for i, image_id in enumerate(frame["image_id"]) if image_id not in images]
+        if missing:
+            row, image_id = missing[0]
+            raise DatasetError(f"{source} row {row + 2}: image {image_id!r} not found in {folder} "
+                               f"({len(missing)} of {len(frame)} rows have no image)")
+        return pd.DataFrame({"image_id": frame["image_id"], "path": [str(images[i]) for i in frame["image_id"]]})
+    if source.is_file():
+        source = source.parent
+    if source.is_dir() and not (source / "labels.csv").exists() and not (source / "train.csv").exists():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if files:
+            return pd.DataFrame({"image_id": [p.stem for p in files], "path": [str(p) for p in files]})
+    records = read_dataset(source)
+    return records[["image_id", "path"]].reset_index(drop=True)
+
+
+def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Sequence[Sequence[str]]) -> Path:
+    """Write a submission: one row per query, in the given order, with five distinct labels.
+
+    Raises :class:`SubmissionError` naming the row when a prediction has fewer than five distinct labels (the
+    gallery then has too few individuals for a valid Zindi file).
+    """
+    path = Path(path).expanduser()
+    for image_id, labels in zip(image_ids, predictions):
+        distinct = list(dict.fromkeys(labels))[:5]
+        if len(distinct) < 5:
+            raise SubmissionError(f"query {image_id}: only {len(distinct)} distinct labels {distinct}; a Zindi "
+                                  "submission needs five (enroll at least four individuals in the gallery)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", *PREDICTION_COLUMNS])
+        for image_id, labels in zip(image_ids, predictions):
+            writer.writerow([image_id, *list(dict.fromkeys(labels))[:5]])
+    return path
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise SubmissionError(f"{what} file {path} does not exist")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise SubmissionError(f"{what} file {path} cannot be parsed as CSV ({error})") from error
+
+
+def score_submission(submission: str | Path, truth: str | Path) -> dict[str, float]:
+    """Score a submission file against a truth file exactly as Zindi does.
+
+    The truth file has ``image_id`` and a label column (``turtle_id`` as in Zindi's train.csv, or ``identity``);
+    queries of individuals outside the known set carry the label ``new_turtle`` there. Every truth row must be
+    answered, and every answered id must be in the truth.
+    """
+    submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
+    answers = _read_table(submission, "submission")
+    expected = ["image_id", *PREDICTION_COLUMNS]
+    if list(answers.columns) != expected:
+        raise SubmissionError(f"{submission}: columns must be {expected}, found {list(answers.columns)}")
+    truths = _read_table(truth, "truth")
+    label = next((c for c in TRUTH_LABEL_COLUMNS if c in truths.columns), None)
+    if "image_id" not in truths.columns or label is None:
+        raise SubmissionError(f"{truth}: needs image_id and one of {list(TRUTH_LABEL_COLUMNS)}; "
+                              f"found {list(truths.columns)}")
+    duplicated = answers["image_id"][answers["image_id"].duplicated()]
+    if len(duplicated):
+        raise SubmissionError(f"{submission}: image_id {duplicated.iloc[0]!r} is answered more than once")
+    truth_of = dict(zip(truths["image_id"], truths[label]))
+    unknown = [i for i in answers["image_id"] if i not in truth_of]
+    if unknown:
+        raise SubmissionError(f"{submission}: {len(unknown)} image ids not in {truth}, e.g. {unknown[:3]}")
+    answered = set(answers["image_id"])
+    missing = [i for i in truths["image_id"] if i not in answered]
+    if missing:
+        raise SubmissionError(f"{submission}: {len(missing)} rows of {truth} are not answered, e.g. {missing[:3]}")
+    predictions = answers[PREDICTION_COLUMNS].to_numpy().tolist()
+    actual = [truth_of[i] for i in answers["image_id"]]
+    return {"map5": map_at_k(predictions, actual), "top1": top_k_accuracy(predictions, actual, 1),
+            "top5": top_k_accuracy(predictions, actual, 5), "rows": float(len(actual))}
