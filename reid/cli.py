@@ -75,19 +75,20 @@ def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32):  # noqa: A
     return embedder, embedder.embed(paths, batch_size=batch_size, progress=True)
 
 
-def _threshold(value: float | None) -> float | None:
+def _threshold(value: float | None) -> None:
+    """Refuse a threshold outside cosine similarity's range before any work is done."""
     if value is not None and not -1.0 <= value <= 1.0:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
-    return value
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
 
+    _threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
-    threshold = _threshold(args.threshold) if args.threshold is not None else embedder.threshold
+    threshold = args.threshold if args.threshold is not None else embedder.threshold
     report = evaluate(embeddings, records, threshold, args.seed, args.query_fraction, args.unknown_fraction,
                       args.query_split)
     report = {"checkpoint": str(args.checkpoint), "data": str(args.data), **report}
@@ -127,11 +128,12 @@ def _predict(args: argparse.Namespace) -> int:
     from reid.metrics import insert_new_turtle
     from reid.submission import read_queries, write_submission
 
+    _threshold(args.threshold)
     gallery = read_dataset(args.gallery)
     queries = read_queries(args.queries)
     embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
-    threshold = _threshold(args.threshold) if args.threshold is not None else embedder.threshold
+    threshold = args.threshold if args.threshold is not None else embedder.threshold
     rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5)
     predictions = [insert_new_turtle(ranking, threshold) for ranking in rankings]
     write_submission(args.out, queries["image_id"].tolist(), predictions)
@@ -150,19 +152,13 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _rsm(args: argparse.Namespace) -> int:
-    from reid.data.records import read_dataset
-    from reid.rsm import compute_rsm, plot_rsm, select_photos
+    from reid.rsm import dataset_rsm
 
-    records = read_dataset(args.data)
-    chosen = select_photos(records["identity"].tolist(), records["view"].tolist(), args.individuals,
-                           args.per_individual, args.by_view, args.seed)
-    records = records.iloc[chosen].reset_index(drop=True)
-    _, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
-    rsm = compute_rsm(embeddings, records["identity"].tolist(), records["view"].tolist(), by_view=args.by_view)
-    figure = plot_rsm(rsm, title=f"RSM of {Path(args.checkpoint).name}", by_view=args.by_view)
+    rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
+                              args.seed, args.batch_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=100)
-    print(f"wrote {args.out} ({len(records)} photos of {records['identity'].nunique()} individuals)")
+    print(f"wrote {args.out} ({len(rsm.identities)} photos of {len(set(rsm.identities))} individuals)")
     return 0
 
 

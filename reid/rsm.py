@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -93,3 +94,21 @@ def plot_rsm(rsm: RSM, title: str = "Representational similarity", by_view: bool
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="cosine similarity")
     figure.tight_layout()
     return figure
+
+
+def dataset_rsm(checkpoint: str | Path, data: str | Path, individuals: int | None = 12, per_individual: int | None = 8,
+                by_view: bool = False, seed: int = 0, batch_size: int = 32) -> tuple[RSM, Figure]:
+    """The RSM of a dataset under a checkpoint, and its heatmap: the one call a notebook needs.
+
+    Only the selected photos are embedded, so a large dataset costs no more than the photos shown.
+    """
+    from reid.data.records import read_dataset
+    from reid.inference import Embedder
+
+    records = read_dataset(data)
+    chosen = select_photos(records["identity"].tolist(), records["view"].tolist(), individuals, per_individual,
+                           by_view, seed)
+    records = records.iloc[chosen].reset_index(drop=True)
+    embeddings = Embedder.from_checkpoint(checkpoint).embed(records["path"].tolist(), batch_size, progress=True)
+    rsm = compute_rsm(embeddings, records["identity"].tolist(), records["view"].tolist(), by_view=by_view)
+    return rsm, plot_rsm(rsm, title=f"RSM of {Path(checkpoint).name}", by_view=by_view)

@@ -1,0 +1,52 @@
+"""`reid evaluate` and `reid calibrate` on a checkpoint: the numbers a user reads, and the stored threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reid.cli import main
+from reid.inference import Embedder, export_encoder
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return export_encoder(tmp_path / "tiny.ckpt", "lcnet_050", False, 48)
+
+
+def test_evaluate_json_reports_closed_and_open_set(checkpoint: Path, synth_dataset: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["map5"] <= 1.0 and report["map5"] == report["closed_set"]["map5"]
+    open_set = report["open_set"]
+    assert {"known_accuracy", "unknown_accuracy", "balanced_accuracy"} <= open_set.keys()
+    assert report["threshold_source"].startswith("oracle")  # an uncalibrated checkpoint says so
+
+
+def test_calibrate_writes_threshold_that_later_commands_use(checkpoint: Path, synth_dataset: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset)]) == 0
+    threshold = Embedder.from_checkpoint(checkpoint).threshold
+    assert threshold is not None and -1.0 <= threshold <= 1.0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threshold"] == pytest.approx(threshold) and report["threshold_source"] == "checkpoint or --threshold"
+
+
+def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--threshold", "1.5"]) == 2
+    assert "[-1, 1], got 1.5" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.ckpt"), "--data", str(synth_dataset)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:
+    out = tmp_path / "rsm.png"
+    assert main(["rsm", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out),
+                 "--individuals", "4", "--per-individual", "3", "--by-view"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,94 @@
+"""Zindi submissions: `reid predict` writes what Zindi accepts, `reid score` scores it as Zindi does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reid.cli import main
+from reid.inference import export_encoder
+from reid.metrics import NEW_TURTLE
+from tests.conftest import FIXTURES, write_image
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_encoder(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", "lcnet_050", False, 48)
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return path
+
+
+def test_predict_on_real_zindi_test_csv_writes_490_rows_in_order(tmp_path: Path, checkpoint: Path,
+                                                                  synth_dataset: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    queries = tmp_path / "zindi"
+    queries.mkdir()
+    shutil.copy(FIXTURES / "zindi_test" / "test.csv", queries / "test.csv")
+    ids = [row["image_id"] for row in csv.DictReader((queries / "test.csv").open())]
+    for i, image_id in enumerate(ids):
+        write_image(queries / "images" / f"{image_id}.JPG", seed=i, size=(24, 24), suffix_format="JPEG")
+    out = tmp_path / "submission.csv"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(synth_dataset), "--queries",
+                 str(queries / "test.csv"), "--out", str(out), "--threshold", "0.5"]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["image_id", "prediction1", "prediction2", "prediction3", "prediction4", "prediction5"]
+    assert [r[0] for r in rows[1:]] == ids and len(ids) == 490
+    assert all(len(set(r[1:])) == 5 for r in rows[1:])
+    # the file scores: answer truth = each row's own second prediction -> MAP@5 exactly 0.5
+    truth = _write_csv(tmp_path / "truth.csv", [["image_id", "turtle_id"]] + [[r[0], r[2]] for r in rows[1:]])
+    capsys.readouterr()
+    assert main(["score", "--submission", str(out), "--truth", str(truth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["map5"] == pytest.approx(0.5)
+
+
+def test_score_tricky_cases_hand_computed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    submission = _write_csv(tmp_path / "s.csv", [
+        ["image_id", "prediction1", "prediction2", "prediction3", "prediction4", "prediction5"],
+        ["q1", "a", "b", "c", "d", "e"],              # right at 1 -> 1
+        ["q2", "b", "b", "a", "c", "d"],              # duplicates count as positions -> 1/3
+        ["q3", "x", NEW_TURTLE, "a", "b", "c"],       # new_turtle is a label -> 1/2
+        ["q4", "a", "b", "c", "d", "e"],              # truth absent -> 0
+        ["q5", "a", "a", "a", "a", "a"],              # credited once -> 1
+    ])
+    truth = _write_csv(tmp_path / "t.csv", [["image_id", "turtle_id"], ["q1", "a"], ["q2", "a"], ["q3", NEW_TURTLE],
+                                            ["q4", "z"], ["q5", "a"]])
+    assert main(["score", "--submission", str(submission), "--truth", str(truth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["map5"] == pytest.approx((1 + 1 / 3 + 1 / 2 + 0 + 1) / 5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([["image_id", "p1"], ["q1", "a"]], "columns must be"),
+        ([["image_id", *[f"prediction{i}" for i in range(1, 6)]], ["q1", "a", "b", "c", "d", "e"]], "not answered"),
+        ([["image_id", *[f"prediction{i}" for i in range(1, 6)]], ["q1", *"abcde"], ["q2", *"abcde"], ["zz", *"abcde"]],
+         "image ids not in"),
+        ([["image_id", *[f"prediction{i}" for i in range(1, 6)]], ["q1", *"abcde"], ["q1", *"abcde"], ["q2", *"abcde"]],
+         "answered more than once"),
+    ],
+)
+def test_score_rejects_malformed_submissions_with_exit_2(tmp_path: Path, rows: list[list[str]], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    submission = _write_csv(tmp_path / "s.csv", rows)
+    truth = _write_csv(tmp_path / "t.csv", [["image_id", "turtle_id"], ["q1", "a"], ["q2", "b"]])
+    assert main(["score", "--submission", str(submission), "--truth", str(truth)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_predict_with_too_small_gallery_explains(tmp_path: Path, checkpoint: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    for identity in ("a", "b"):
+        for i in range(2):
+            write_image(tmp_path / "gallery" / identity / f"{i}.png", seed=i)
+    write_image(tmp_path / "queries" / "q.png", seed=9)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(tmp_path / "gallery"),
+                 "--queries", str(tmp_path / "queries"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "needs five" in capsys.readouterr().err
