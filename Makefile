@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?=
 DEMO   ?= demo
+CONFIG ?=
 
 .PHONY: install test demo clean
 
@@ -21,7 +22,7 @@ test: install
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/python -m reid.demo --out $(DEMO) $(if $(DATA),--data $(DATA),)
+	$(BIN)/python -m reid.demo --out $(DEMO) $(if $(DATA),--data $(DATA),) $(if $(CONFIG),--config $(CONFIG),)
 
 clean:
 	rm -rf $(VENV) runs $(DEMO) .pytest_cache

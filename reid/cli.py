@@ -26,7 +26,7 @@ PLUGIN_GROUP = "reid.commands"
 LIGHTNING_COMMANDS = ("fit", "validate")
 
 
-def _run_lightning(argv: list[str]) -> int:
+def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -273,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        handler: Callable[[], int] = lambda: _run_lightning(argv)  # noqa: E731
+        # From the shell LightningCLI reads sys.argv itself (it warns when given both); from Python it gets argv.
+        handler: Callable[[], int] = lambda: _run_lightning(None if from_command_line else argv)  # noqa: E731
         verbose = False
     else:
         args = build_parser().parse_args(argv)
