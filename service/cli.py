@@ -1,0 +1,104 @@
+"""``reid serve``, ``reid enroll`` and ``reid reindex``: the service's sub-commands of the ``reid`` command.
+
+Registered through the ``reid.commands`` entry point, so the library never imports the service. Heavy imports
+(torch, FastAPI, uvicorn) happen inside the handlers: ``reid --help`` and ``reid synth`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from reid.errors import ReIDError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given, falling back to ``REID_*`` environment variables for the rest."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    given = {name: value for name, value in vars(args).items()
+             if name in Settings.model_fields and value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            name = str(item["loc"][0]) if item["loc"] else "settings"
+            where = f"--{name.replace('_', '-')} or REID_{name.upper()}"
+            problems.append(f"{where}: {'required' if item['type'] == 'missing' else item['msg']}")
+        raise ReIDError("invalid service settings: " + "; ".join(problems)) from error
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.engine import Engine
+
+    settings = _settings(args)
+    engine = Engine.open(settings)  # before the server starts: a refusal ends the command with a one-line error
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from service.offline import enroll_dataset
+
+    report = enroll_dataset(args.checkpoint, args.data_dir, args.data, batch_size=args.batch_size)
+    print(f"enrolled {report.added} new photos of {report.individuals} individuals into {args.data_dir} "
+          f"({report.already_enrolled} already enrolled, {report.skipped} skipped)")
+    return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from service.offline import reindex
+
+    count = reindex(args.checkpoint, args.data_dir, batch_size=args.batch_size)
+    print(f"re-embedded {count} photos in {args.data_dir}; the store now uses {args.checkpoint}")
+    return 0
+
+
+def _store_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    suffix = "" if required else " (or REID_CHECKPOINT / REID_DATA_DIR)"
+    parser.add_argument("--checkpoint", type=Path, required=required, help=f"model checkpoint{suffix}")
+    parser.add_argument("--data-dir", type=Path, required=required,
+                        help="folder the service owns: SQLite database and enrolled photos")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``enroll`` and ``reindex`` to the ``reid`` command."""
+    serve = commands.add_parser("serve", help="run the identification web service",
+                                description="Run the identification service; every flag also reads REID_<NAME> "
+                                            "from the environment (see docs/service.md).")
+    _store_arguments(serve, required=False)
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--api-key", help="key clients send in X-API-Key for writes (default: writes are open); prefer "
+                            "REID_API_KEY, which other users cannot see in the process list")
+    serve.add_argument("--protect-reads", action="store_true", default=None,
+                       help="require the API key for identify, listings and photos too")
+    serve.add_argument("--index", help="FAISS index: flat (exact, default), hnsw or ivf (approximate)")
+    serve.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MB)")
+    serve.add_argument("--max-pixels", type=int, help="largest decoded image in pixels")
+    serve.set_defaults(handler=_serve)
+
+    enroll = commands.add_parser("enroll", help="enrol a whole dataset into the service's store (offline)")
+    _store_arguments(enroll, required=True)
+    enroll.add_argument("--data", type=Path, required=True,
+                        help="dataset folder (labels.csv, Zindi layout, or one folder per individual)")
+    enroll.add_argument("--batch-size", type=int, default=32)
+    enroll.set_defaults(handler=_enroll)
+
+    reindex = commands.add_parser("reindex", help="re-embed every stored photo with a new checkpoint (offline)")
+    _store_arguments(reindex, required=True)
+    reindex.add_argument("--batch-size", type=int, default=32)
+    reindex.set_defaults(handler=_reindex)

@@ -1,0 +1,123 @@
+"""Work on a store without the server: enrol a whole dataset, and re-embed every photo with a new model.
+
+Both write through :class:`service.store.Store`, with the same durability and idempotency as the API. A running
+server does not see photos enrolled offline until it restarts (its index is built from the database at start), and
+after a re-index it refuses further enrolments until it is restarted with the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from reid.data.records import read_dataset
+from reid.errors import DatasetError, ImageDecodeError, ReIDError
+from reid.imageio import DEFAULT_MAX_PIXELS, decode_image
+from reid.inference import Embedder
+from service.engine import model_record
+from service.errors import StoreError
+from service.identifiers import check_individual_id
+from service.photos import Photo, read_photo
+from service.store import DATABASE_NAME, Store, StoredImage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Stored photos were checked against the pixel limit when they were uploaded; re-embedding them must not fail on
+#: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
+_NO_PIXEL_LIMIT = 2**62
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+@dataclass(frozen=True)
+class EnrollReport:
+    added: int
+    already_enrolled: int
+    skipped: int
+    individuals: int
+
+
+def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: int = 32,
+                   progress: bool = True) -> EnrollReport:
+    """Enrol every photo of a dataset (any layout :func:`reid.data.records.read_dataset` reads) into the store.
+
+    Re-running it adds only what is new. Unreadable photos are skipped with a warning, so one bad file does not
+    stop a long enrolment; identities that cannot be individual ids stop it before any work is done.
+    """
+    records = read_dataset(dataset)
+    identities = sorted(records["identity"].unique())
+    invalid = []
+    for identity in identities:
+        try:
+            check_individual_id(identity)
+        except ValueError as error:
+            invalid.append(str(error))
+    if invalid:
+        raise DatasetError(f"{dataset}: {len(invalid)} identities cannot be individual ids, e.g. {invalid[:3]}")
+    embedder = Embedder.from_checkpoint(checkpoint)
+    store = Store(data_dir)
+    store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
+    added = already = skipped = 0
+    with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
+        for identity, rows in records.groupby("identity", sort=True):
+            known = store.photo_hashes(identity)
+            photos: list[Photo] = []
+            for path, view in zip(rows["path"], rows["view"]):
+                try:
+                    data = Path(path).read_bytes()
+                    if hashlib.sha256(data).hexdigest() in known:
+                        already += 1
+                        continue
+                    photos.append(read_photo(data, DEFAULT_MAX_PIXELS, view))
+                except (OSError, ImageDecodeError) as error:
+                    log.warning("skipping %s: %s", path, error)
+                    skipped += 1
+            for chunk in _chunks(photos, batch_size):
+                vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)
+                stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any")
+                fresh = sum(not image.already_enrolled for image in stored)
+                added, already = added + fresh, already + len(stored) - fresh
+            bar.update(len(rows))
+    return EnrollReport(added, already, skipped, len(identities))
+
+
+def _stored_pixels(store: Store, image: StoredImage) -> np.ndarray:
+    try:
+        return decode_image(store.path_of(image), max_pixels=_NO_PIXEL_LIMIT)
+    except ImageDecodeError as error:
+        raise ReIDError(f"cannot re-embed image {image.image_id} of individual {image.individual_id!r}: {error}; "
+                        f"delete it (DELETE /individuals/{image.individual_id}/images/{image.image_id}) and re-run "
+                        "reindex") from error
+
+
+def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bool = True) -> int:
+    """Re-embed every stored photo with ``checkpoint``'s model and make it the store's model; returns the count.
+
+    New embeddings are written beside the old ones and committed in batches; only the final switch makes them
+    current, in one transaction. A crash before it leaves the store working with the old model, and running
+    ``reindex`` again resumes where it stopped.
+    """
+    if not (Path(data_dir).expanduser() / DATABASE_NAME).is_file():
+        raise StoreError(f"{data_dir} holds no service store ({DATABASE_NAME}); nothing to re-index")
+    embedder = Embedder.from_checkpoint(checkpoint)
+    store = Store(data_dir)
+    model = model_record(embedder, str(Path(checkpoint).expanduser().resolve()))
+    done = 0
+    while True:  # photos enrolled while this runs are picked up by the next round
+        todo = store.images_without_embedding(model.fingerprint)
+        for chunk in tqdm(_chunks(todo, batch_size), unit="batch", desc="re-embedding", disable=not progress):
+            vectors = embedder.embed([_stored_pixels(store, image) for image in chunk], batch_size=batch_size)
+            store.put_embeddings(model.fingerprint, [image.image_id for image in chunk], vectors)
+            done += len(chunk)
+        if store.switch_model(model):
+            return done

@@ -1,0 +1,40 @@
+"""What every router shares: the engine dependency, upload decoding, and OpenAPI error documentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request, UploadFile
+
+from service.engine import Engine
+from service.photos import Photo
+from service.schemas import ErrorBody
+
+_DESCRIPTIONS = {
+    400: "Malformed request (e.g. a multipart body that cannot be parsed)",
+    401: "Missing or wrong X-API-Key",
+    404: "Unknown individual or image",
+    409: "The individual already exists",
+    413: "Request body over the size limit",
+    415: "Uploaded file is an unsupported format (e.g. PDF, SVG)",
+    422: "Invalid field (named in the body), or an image that is corrupt, truncated, empty or over the pixel limit",
+    503: "The store was re-indexed with another model since the service started",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the given error statuses, all with the ErrorBody schema."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def read_uploads(engine: Engine, files: Sequence[UploadFile], field: str,
+                 views: Sequence[str] | None = None) -> list[Photo]:
+    """Decode every upload of a multipart field (``files[0]``, ``files[1]``...), failing on the first bad one."""
+    views = list(views) if views else [""] * len(files)
+    return [engine.photo(upload.file.read(), f"{field}[{i}]", upload.filename, view)
+            for i, (upload, view) in enumerate(zip(files, views))]

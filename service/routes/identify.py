@@ -1,0 +1,55 @@
+"""Identification: which enrolled individuals a photo shows, or "new_turtle"."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from service.auth import require_key_for_reads
+from service.engine import Engine
+from service.errors import InvalidFieldError, ServiceError
+from service.routes.common import error_responses, get_engine
+from service.schemas import BatchItem, BatchResponse, IdentifyResponse
+from service.settings import MAX_K
+
+router = APIRouter(prefix="/identify", tags=["identify"], dependencies=[Depends(require_key_for_reads)])
+
+#: Files per batch request: enough for a camera's day, small enough that one request cannot hog the service.
+MAX_BATCH_FILES = 64
+
+K = Annotated[int | None, Form(ge=1, le=MAX_K, description=f"individuals to return, 1..{MAX_K} "
+                                                             "(default: the service's default_k)")]
+ThresholdField = Annotated[float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=False,
+                                              description="new_turtle threshold in [-1, 1] (default: the checkpoint's "
+                                                          "calibrated threshold, else the service's default)")]
+
+
+@router.post("", summary="Identify the individual in one photo",
+             responses=error_responses(400, 401, 413, 415, 422))
+def identify(file: Annotated[UploadFile, File(description="the photo to identify")], k: K = None,
+             threshold: ThresholdField = None, engine: Engine = Depends(get_engine)) -> IdentifyResponse:
+    photo = engine.photo(file.file.read(), "file", file.filename)
+    return engine.identify([photo.pixels], k, threshold)[0]
+
+
+@router.post("/batch", summary="Identify several photos; a bad file gets its own error, the others their answers",
+             responses=error_responses(400, 401, 413, 422))
+def identify_batch(files: Annotated[list[UploadFile], File(description=f"up to {MAX_BATCH_FILES} photos")],
+                   k: K = None, threshold: ThresholdField = None,
+                   engine: Engine = Depends(get_engine)) -> BatchResponse:
+    if len(files) > MAX_BATCH_FILES:
+        raise InvalidFieldError(f"files: {len(files)} files is over the batch limit of {MAX_BATCH_FILES}", "files")
+    items: list[BatchItem] = []
+    decoded = []
+    for i, upload in enumerate(files):
+        filename = upload.filename or f"files[{i}]"
+        try:
+            decoded.append((len(items), engine.photo(upload.file.read(), f"files[{i}]", upload.filename)))
+            items.append(BatchItem(filename=filename))
+        except ServiceError as error:
+            items.append(BatchItem(filename=filename, error=error.body()))
+    answers = engine.identify([photo.pixels for _, photo in decoded], k, threshold) if decoded else []
+    for (position, _), answer in zip(decoded, answers):
+        items[position].result = answer
+    return BatchResponse(results=items)

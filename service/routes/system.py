@@ -1,0 +1,87 @@
+"""The service's state: health (model, index, sizes) and the RSM heatmap of enrolled photos."""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Annotated
+
+import matplotlib.pyplot as plt
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Response
+
+from reid.rsm import compute_rsm, plot_rsm
+from service.auth import require_key_for_reads
+from service.engine import Engine
+from service.errors import InvalidFieldError, NotFoundError
+from service.identifiers import check_individual_id
+from service.routes.common import error_responses, get_engine
+from service.schemas import Health, IndexInfo, ModelInfo
+
+router = APIRouter(tags=["service"], dependencies=[Depends(require_key_for_reads)])
+
+#: An RSM of more individuals than this is unreadable; ask for a selection instead.
+MAX_RSM_INDIVIDUALS = 50
+#: Photos per individual in the RSM (a random, seeded choice when there are more).
+RSM_PHOTOS_PER_INDIVIDUAL = 20
+#: matplotlib's pyplot keeps global state: one figure at a time.
+_plot_lock = threading.Lock()
+
+
+@router.get("/health", summary="Model, index and gallery size", responses=error_responses(401))
+def health(engine: Engine = Depends(get_engine)) -> Health:
+    individuals, photos = engine.store.counts()
+    threshold = engine.threshold(None)
+    settings = engine.settings
+    return Health(status="ok",
+                  model=ModelInfo(name=engine.embedder.name, fingerprint=engine.embedder.fingerprint,
+                                  dim=engine.embedder.dim),
+                  index=IndexInfo(kind=engine.gallery.kind, device=engine.gallery.device),
+                  gallery_size=len(engine.gallery), photos=photos, individuals=individuals,
+                  threshold=threshold.value, threshold_source=threshold.source,
+                  writes_protected=settings.api_key is not None,
+                  reads_protected=settings.api_key is not None and settings.protect_reads)
+
+
+def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:
+    if individuals is None:
+        total, records = engine.store.individuals(MAX_RSM_INDIVIDUALS + 1, 0)
+        if total > MAX_RSM_INDIVIDUALS:
+            raise InvalidFieldError(f"individuals: the gallery holds {total} individuals, over the {MAX_RSM_INDIVIDUALS} "
+                                    "an RSM can show; name some with ?individuals=a,b,c", "individuals")
+        return [record.individual_id for record in records]
+    names = list(dict.fromkeys(name.strip() for name in individuals.split(",") if name.strip()))
+    if not names or len(names) > MAX_RSM_INDIVIDUALS:
+        raise InvalidFieldError(f"individuals: name 1 to {MAX_RSM_INDIVIDUALS} individuals (got {len(names)})",
+                                "individuals")
+    for name in names:
+        try:
+            check_individual_id(name)
+        except ValueError as error:
+            raise InvalidFieldError(f"individuals: {error}", "individuals") from error
+    missing = engine.store.missing_individuals(names)
+    if missing:
+        raise NotFoundError(f"individuals: unknown individual(s) {missing}", "individuals")
+    return names
+
+
+@router.get("/rsm.png", summary="Representational similarity matrix of enrolled photos (PNG)",
+            response_class=Response, responses={200: {"content": {"image/png": {}}, "description": "the heatmap"},
+                                                **error_responses(401, 404, 422)})
+def rsm_png(individuals: Annotated[str | None, Query(max_length=10_000, description=(
+                f"comma-separated individual ids (default: all, when there are at most {MAX_RSM_INDIVIDUALS})"))] = None,
+            engine: Engine = Depends(get_engine)) -> Response:
+    names = _selected_individuals(engine, individuals)
+    batches = list(engine.store.embeddings(engine.embedder.fingerprint, names))
+    if not batches:
+        raise NotFoundError(f"individuals: no enrolled photos for {names}", "individuals")
+    rsm = compute_rsm(np.concatenate([b.vectors for b in batches]), [i for b in batches for i in b.identities],
+                      [v for b in batches for v in b.views], per_individual=RSM_PHOTOS_PER_INDIVIDUAL, by_view=True)
+    buffer = io.BytesIO()
+    with _plot_lock:
+        figure = plot_rsm(rsm, title=f"RSM of {len(rsm.identities)} photos", by_view=True)
+        try:
+            figure.savefig(buffer, format="png", dpi=100)
+        finally:
+            plt.close(figure)
+    return Response(buffer.getvalue(), media_type="image/png")

@@ -1,0 +1,114 @@
+"""Pydantic models of every request field type, response body and error body the API has.
+
+They are what OpenAPI (/docs) shows, so each field says what it means.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+
+from service.identifiers import check_individual_id
+
+#: An individual id as accepted anywhere in the API (path, form field, query list).
+IndividualId = Annotated[str, StringConstraints(max_length=512), AfterValidator(check_individual_id)]
+#: Where the new_turtle threshold of an answer came from.
+ThresholdSource = Literal["request", "checkpoint", "settings"]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a stable machine-readable code, a message naming the wrong value, and the field."""
+
+    error: str = Field(description="machine-readable code, e.g. invalid_field, not_found, unsupported_media_type")
+    message: str = Field(description="what is wrong, naming the offending value")
+    field: str | None = Field(None, description="the request field at fault, e.g. 'k', 'files[1]', 'individual_id'")
+
+
+class ImageInfo(BaseModel):
+    image_id: int
+    individual_id: str
+    sha256: str = Field(description="SHA-256 of the uploaded bytes: the same photo is stored once per individual")
+    view: str = Field(description="view label given at enrolment ('' when unknown)")
+    media_type: str
+    width: int
+    height: int
+    created: datetime
+    url: str = Field(description="where to fetch the photo")
+
+
+class EnrolledImage(ImageInfo):
+    already_enrolled: bool = Field(description="true when this exact photo was already enrolled for the individual")
+
+
+class EnrollResponse(BaseModel):
+    individual_id: str
+    images: list[EnrolledImage]
+
+
+class IndividualSummary(BaseModel):
+    individual_id: str
+    created: datetime
+    image_count: int
+
+
+class Individual(IndividualSummary):
+    images: list[ImageInfo]
+
+
+class IndividualPage(BaseModel):
+    total: int = Field(description="number of individuals in the gallery")
+    limit: int
+    offset: int
+    items: list[IndividualSummary]
+
+
+class Prediction(BaseModel):
+    individual_id: str = Field(description="an enrolled individual, or 'new_turtle'")
+    score: float = Field(description="cosine similarity of the individual's best-matching photo (for new_turtle: "
+                                     "the threshold)")
+
+
+class IdentifyResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="individuals ranked by best-matching photo, each once, with "
+                                                      "new_turtle in its Zindi place when a threshold applies")
+    new_turtle: bool = Field(description="true when new_turtle ranks first: no enrolled photo scores at least "
+                                         "the threshold")
+    threshold: float | None = Field(description="the new_turtle threshold used (null: none, never new_turtle)")
+    threshold_source: ThresholdSource | None = Field(description="where the threshold came from")
+    model: str = Field(description="fingerprint of the model that embedded the query")
+
+
+class BatchItem(BaseModel):
+    filename: str
+    result: IdentifyResponse | None = Field(None, description="the answer, when the file could be identified")
+    error: ErrorBody | None = Field(None, description="why this file could not be identified")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem] = Field(description="one entry per uploaded file, in upload order")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    fingerprint: str
+    dim: int
+
+
+class IndexInfo(BaseModel):
+    kind: str = Field(description="flat, hnsw or ivf")
+    device: Literal["gpu", "cpu"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: ModelInfo
+    index: IndexInfo
+    gallery_size: int = Field(description="photos in the search index")
+    photos: int = Field(description="photos in the database (equals gallery_size)")
+    individuals: int
+    threshold: float | None
+    threshold_source: ThresholdSource | None
+    writes_protected: bool
+    reads_protected: bool

@@ -1,0 +1,41 @@
+"""Service settings: command-line flags and ``REID_*`` environment variables, validated in one place.
+
+pydantic-settings reads ``REID_CHECKPOINT``, ``REID_DATA_DIR``, ``REID_API_KEY``... so the same service starts
+from a shell, a container or a test with no config file; explicit arguments (the CLI flags) win over the
+environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from reid.gallery import IndexKind
+from reid.imageio import DEFAULT_MAX_PIXELS
+
+#: Upper bound of ``k`` for identify: a ranking longer than this is never useful to a person and only costs time.
+MAX_K = 50
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to start; see docs/service.md for the table of environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="forbid")
+
+    checkpoint: Path = Field(description="checkpoint whose encoder embeds every photo")
+    data_dir: Path = Field(description="folder the service owns: the SQLite database and the enrolled photos")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="required in X-API-Key for writes; unset leaves writes open")
+    protect_reads: bool = Field(False, description="require the API key for reads too")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
+    index: IndexKind = Field("flat", description="FAISS index: flat (exact), hnsw or ivf (approximate)")
+    default_k: int = Field(5, ge=1, le=MAX_K, description="individuals returned by identify when k is not given")
+    default_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="new_turtle threshold when neither the request nor the checkpoint gives one; "
+                    "unset, an uncalibrated model never reports new_turtle",
+    )

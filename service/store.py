@@ -1,0 +1,379 @@
+"""The service's source of truth: a SQLite database (WAL) of individuals, photos and embeddings, plus the photo files.
+
+Durability rules, so that a ``kill -9`` at any moment loses nothing that was acknowledged:
+
+* every write is one ``BEGIN IMMEDIATE`` transaction, committed (``synchronous=FULL``) before the caller answers;
+* a photo file is written atomically (temp + fsync + rename) *inside* that transaction, before the row that points
+  at it is committed, so a committed row always has its file; a crash in between leaves at most an orphan file;
+* files are removed only after the rows that referenced them are committed away, under the write lock, and only
+  when no other row (another individual enrolled with the same photo) still uses them.
+
+Embeddings are kept per model fingerprint, and ``meta`` names the model whose embeddings are current. That makes a
+re-index atomic: new vectors are written beside the old ones, then one transaction switches the fingerprint and drops
+the old ones; a crash before the switch leaves the old embeddings current (and the new ones reusable).
+
+Every method opens its own short-lived connection, so the store is safe to use from any thread or process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from service.errors import ConflictError, ModelMismatchError, NotFoundError, StoreError
+from service.photos import Photo, write_atomically
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "reid.sqlite3"
+PHOTOS_DIR = "photos"
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS individuals (id TEXT PRIMARY KEY, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a deleted photo's id is never given to another one
+    individual_id TEXT NOT NULL REFERENCES individuals(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    file TEXT NOT NULL,                    -- relative to the data folder, derived from sha256 only
+    media_type TEXT NOT NULL,
+    view TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    UNIQUE (individual_id, sha256)
+);
+CREATE INDEX IF NOT EXISTS images_by_sha256 ON images(sha256);
+CREATE TABLE IF NOT EXISTS embeddings (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    model TEXT NOT NULL,                   -- fingerprint of the encoder weights that made the vector
+    vector BLOB NOT NULL,                  -- float32, L2-normalised
+    PRIMARY KEY (image_id, model)
+);
+"""
+
+#: Photos lacking an embedding by the model given as the one parameter.
+_WITHOUT_EMBEDDING = ("FROM images im WHERE NOT EXISTS "
+                      "(SELECT 1 FROM embeddings e WHERE e.image_id = im.id AND e.model = ?)")
+
+#: How a write treats the individual: must be new (POST /individuals), must exist (adding photos), or either
+#: (offline enrolment of a dataset, which may be re-run).
+IndividualMode = Literal["new", "existing", "any"]
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which model made the stored embeddings."""
+
+    fingerprint: str
+    name: str
+    dim: int
+    checkpoint: str
+
+    def describe(self) -> str:
+        return f"checkpoint {self.checkpoint} (model {self.name}, fingerprint {self.fingerprint})"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    image_id: int
+    individual_id: str
+    sha256: str
+    file: str
+    media_type: str
+    view: str
+    width: int
+    height: int
+    created: str
+    already_enrolled: bool = False
+
+
+@dataclass(frozen=True)
+class IndividualRecord:
+    individual_id: str
+    created: str
+    image_count: int
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """Embeddings of one model for some photos, ready for :meth:`reid.gallery.Gallery.add`."""
+
+    image_ids: list[int]
+    identities: list[str]
+    views: list[str]
+    vectors: np.ndarray
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _image(row: sqlite3.Row, already_enrolled: bool = False) -> StoredImage:
+    return StoredImage(row["id"], row["individual_id"], row["sha256"], row["file"], row["media_type"], row["view"],
+                       row["width"], row["height"], row["created"], already_enrolled)
+
+
+class Store:
+    """Individuals, photos and embeddings under one data folder (``reid.sqlite3`` + ``photos/``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+        self.database = self.root / DATABASE_NAME
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._connect() as connection:
+                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    log.warning("SQLite refused WAL mode for %s (got %s); writes will block reads", self.database,
+                                mode)
+                connection.executescript(_SCHEMA)
+                connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open the service's store in {self.root}: {error}") from error
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.database, timeout=60, isolation_level=None)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA synchronous = FULL")  # a commit survives power loss, not only a process kill
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding SQLite's write lock from the start, so read-then-write steps cannot race."""
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def path_of(self, image: StoredImage) -> Path:
+        return self.root / image.file
+
+    # -- model -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _model(connection: sqlite3.Connection) -> ModelRecord | None:
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        if "model_fingerprint" not in meta:
+            return None
+        return ModelRecord(meta["model_fingerprint"], meta["model_name"], int(meta["model_dim"]),
+                           meta["model_checkpoint"])
+
+    @staticmethod
+    def _set_model(connection: sqlite3.Connection, model: ModelRecord) -> None:
+        connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+            ("model_fingerprint", model.fingerprint), ("model_name", model.name), ("model_dim", str(model.dim)),
+            ("model_checkpoint", model.checkpoint)])
+
+    def model(self) -> ModelRecord | None:
+        """The model whose embeddings are current, or None for a store that never held one."""
+        with self._connect() as connection:
+            return self._model(connection)
+
+    def bind_model(self, model: ModelRecord) -> None:
+        """Make ``model`` the store's model, refusing when photos embedded by another model are stored.
+
+        An empty store takes any model; a store whose photos were embedded by a model with other weights must be
+        re-indexed first (``reid reindex``), otherwise queries would compare vectors from two different spaces.
+        """
+        with self._transaction() as connection:
+            current = self._model(connection)
+            if current is not None and current.fingerprint != model.fingerprint:
+                photos = connection.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+                if photos:
+                    raise ModelMismatchError(
+                        f"the {photos} photos in {self.root} were embedded by {current.describe()}, but "
+                        f"{model.describe()} is loaded; start with the old checkpoint, or re-embed them with "
+                        f"`reid reindex --checkpoint {model.checkpoint} --data-dir {self.root}`")
+                log.info("empty store %s switches from %s to %s", self.root, current.describe(), model.describe())
+            self._set_model(connection, model)
+
+    @staticmethod
+    def _require_model(connection: sqlite3.Connection, fingerprint: str) -> None:
+        current = Store._model(connection)
+        if current is None or current.fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"the store was re-indexed with {current.describe() if current else 'no model'} after this service "
+                f"loaded model {fingerprint}; restart the service with the new checkpoint")
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def add_images(self, individual_id: str, photos: Sequence[Photo], vectors: np.ndarray, fingerprint: str,
+                   mode: IndividualMode) -> list[StoredImage]:
+        """Store photos and their embeddings for one individual, all or nothing, and return them in order.
+
+        A photo already enrolled for this individual (same SHA-256) is returned with ``already_enrolled=True``
+        instead of being stored twice, which makes every enrolment safe to retry.
+        """
+        if len(photos) != len(vectors):
+            raise ValueError(f"{len(photos)} photos but {len(vectors)} embeddings")
+        stored: list[StoredImage] = []
+        with self._transaction() as connection:
+            self._require_model(connection, fingerprint)
+            exists = connection.execute("SELECT 1 FROM individuals WHERE id = ?", (individual_id,)).fetchone()
+            if exists and mode == "new":
+                raise ConflictError(f"individual {individual_id!r} already exists", "individual_id")
+            if not exists and mode == "existing":
+                raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+            if not exists:
+                connection.execute("INSERT INTO individuals VALUES (?, ?)", (individual_id, _now()))
+            for photo, vector in zip(photos, vectors):
+                row = connection.execute("SELECT * FROM images WHERE individual_id = ? AND sha256 = ?",
+                                         (individual_id, photo.sha256)).fetchone()
+                if row is None:
+                    row = self._insert_image(connection, individual_id, photo, vector, fingerprint)
+                    stored.append(_image(row))
+                else:
+                    stored.append(_image(row, already_enrolled=True))
+        return stored
+
+    def _insert_image(self, connection: sqlite3.Connection, individual_id: str, photo: Photo, vector: np.ndarray,
+                      fingerprint: str) -> sqlite3.Row:
+        file = f"{PHOTOS_DIR}/{photo.sha256[:2]}/{photo.sha256}{photo.extension}"
+        if not (self.root / file).is_file():  # content-addressed: an existing file already holds these bytes
+            write_atomically(self.root / file, photo.data)
+        cursor = connection.execute(
+            "INSERT INTO images (individual_id, sha256, file, media_type, view, width, height, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (individual_id, photo.sha256, file, photo.media_type, photo.view, photo.width, photo.height, _now()))
+        connection.execute("INSERT INTO embeddings VALUES (?, ?, ?)",
+                           (cursor.lastrowid, fingerprint, np.asarray(vector, dtype=np.float32).tobytes()))
+        return connection.execute("SELECT * FROM images WHERE id = ?", (cursor.lastrowid,)).fetchone()
+
+    def delete_individual(self, individual_id: str) -> list[int]:
+        """Delete an individual with all its photos; returns the deleted image ids."""
+        with self._transaction() as connection:
+            rows = connection.execute("SELECT id, sha256, file FROM images WHERE individual_id = ?",
+                                      (individual_id,)).fetchall()
+            if connection.execute("DELETE FROM individuals WHERE id = ?", (individual_id,)).rowcount == 0:
+                raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+        self._remove_unused_files({row["sha256"]: row["file"] for row in rows})
+        return [row["id"] for row in rows]
+
+    def delete_image(self, individual_id: str, image_id: int) -> None:
+        """Delete one photo of an individual (the individual stays, even with no photo left)."""
+        with self._transaction() as connection:
+            image = self._find_image(connection, individual_id, image_id)
+            connection.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        self._remove_unused_files({image.sha256: image.file})
+
+    def _remove_unused_files(self, files: dict[str, str]) -> None:
+        """Unlink photo files no row uses any more; under the write lock, so no enrolment can be reusing them."""
+        with self._transaction() as connection:
+            for sha256, file in files.items():
+                if connection.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha256,)).fetchone() is None:
+                    (self.root / file).unlink(missing_ok=True)
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_image(connection: sqlite3.Connection, individual_id: str, image_id: int) -> StoredImage:
+        row = connection.execute("SELECT * FROM images WHERE id = ? AND individual_id = ?",
+                                 (image_id, individual_id)).fetchone()
+        if row is not None:
+            return _image(row)
+        if connection.execute("SELECT 1 FROM individuals WHERE id = ?", (individual_id,)).fetchone() is None:
+            raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+        raise NotFoundError(f"individual {individual_id!r} has no image {image_id}", "image_id")
+
+    def image(self, individual_id: str, image_id: int) -> StoredImage:
+        with self._connect() as connection:
+            return self._find_image(connection, individual_id, image_id)
+
+    def individual(self, individual_id: str) -> tuple[IndividualRecord, list[StoredImage]]:
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM individuals WHERE id = ?", (individual_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+            images = [_image(r) for r in connection.execute(
+                "SELECT * FROM images WHERE individual_id = ? ORDER BY id", (individual_id,))]
+        return IndividualRecord(row["id"], row["created"], len(images)), images
+
+    def individuals(self, limit: int, offset: int) -> tuple[int, list[IndividualRecord]]:
+        """One page of individuals in id order, and how many there are in all."""
+        with self._connect() as connection:
+            total = connection.execute("SELECT COUNT(*) FROM individuals").fetchone()[0]
+            rows = connection.execute(
+                "SELECT i.id, i.created, COUNT(im.id) AS images FROM individuals i "
+                "LEFT JOIN images im ON im.individual_id = i.id GROUP BY i.id ORDER BY i.id LIMIT ? OFFSET ?",
+                (limit, offset)).fetchall()
+        return total, [IndividualRecord(r["id"], r["created"], r["images"]) for r in rows]
+
+    def photo_hashes(self, individual_id: str) -> set[str]:
+        """SHA-256 of every photo enrolled for an individual (lets a re-run skip them before embedding)."""
+        with self._connect() as connection:
+            return {row[0] for row in connection.execute("SELECT sha256 FROM images WHERE individual_id = ?",
+                                                         (individual_id,))}
+
+    def missing_individuals(self, individual_ids: Sequence[str]) -> list[str]:
+        with self._connect() as connection:
+            return [i for i in individual_ids
+                    if connection.execute("SELECT 1 FROM individuals WHERE id = ?", (i,)).fetchone() is None]
+
+    def counts(self) -> tuple[int, int]:
+        """(individuals, photos)."""
+        with self._connect() as connection:
+            return (connection.execute("SELECT COUNT(*) FROM individuals").fetchone()[0],
+                    connection.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    def embeddings(self, fingerprint: str, individual_ids: Sequence[str] | None = None,
+                   batch_size: int = 10_000) -> Iterator[EmbeddingBatch]:
+        """Stored embeddings of one model, in image id order, in batches (all photos, or those of some individuals)."""
+        query = ("SELECT im.id, im.individual_id, im.view, e.vector FROM images im "
+                 "JOIN embeddings e ON e.image_id = im.id AND e.model = ?")
+        parameters: list[object] = [fingerprint]
+        if individual_ids is not None:
+            query += f" WHERE im.individual_id IN ({', '.join('?' * len(individual_ids))})"
+            parameters += list(individual_ids)
+        with self._connect() as connection:
+            cursor = connection.execute(query + " ORDER BY im.id", parameters)
+            while rows := cursor.fetchmany(batch_size):
+                yield EmbeddingBatch([r["id"] for r in rows], [r["individual_id"] for r in rows],
+                                     [r["view"] for r in rows],
+                                     np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows]))
+
+    # -- re-indexing -------------------------------------------------------------------------------------------
+
+    def images_without_embedding(self, fingerprint: str) -> list[StoredImage]:
+        """Photos that have no embedding by model ``fingerprint`` yet (what a re-index still has to do)."""
+        with self._connect() as connection:
+            return [_image(r) for r in connection.execute(f"SELECT * {_WITHOUT_EMBEDDING} ORDER BY im.id",
+                                                          (fingerprint,))]
+
+    def put_embeddings(self, fingerprint: str, image_ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store embeddings by a model that is not (yet) current; photos deleted meanwhile are skipped."""
+        with self._transaction() as connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO embeddings SELECT id, ?, ? FROM images WHERE id = ?",
+                [(fingerprint, np.asarray(v, dtype=np.float32).tobytes(), int(i)) for i, v in zip(image_ids, vectors)])
+
+    def switch_model(self, model: ModelRecord) -> bool:
+        """Make ``model`` current and drop other models' embeddings, in one transaction.
+
+        Returns False (changing nothing) when a photo still lacks an embedding by ``model``, e.g. one enrolled
+        while the re-index ran; the caller embeds those and tries again.
+        """
+        with self._transaction() as connection:
+            if connection.execute(f"SELECT COUNT(*) {_WITHOUT_EMBEDDING}", (model.fingerprint,)).fetchone()[0]:
+                return False
+            self._set_model(connection, model)
+            connection.execute("DELETE FROM embeddings WHERE model != ?", (model.fingerprint,))
+            return True

@@ -1,0 +1,87 @@
+"""Request helpers and photo variants (Pillow-made) shared by the service tests."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+
+def photo(records: pd.DataFrame, identity: str, index: int = 0) -> bytes:
+    """The bytes of one synthetic photo of ``identity``."""
+    return Path(records[records["identity"] == identity]["path"].iloc[index]).read_bytes()
+
+
+def photos(records: pd.DataFrame, identity: str) -> list[bytes]:
+    return [Path(p).read_bytes() for p in records[records["identity"] == identity]["path"]]
+
+
+def enroll(client: httpx.Client, individual_id: str, uploads: Sequence[bytes], views: Sequence[str] = (),
+           filename: str = "photo.png") -> httpx.Response:
+    return client.post("/individuals", data={"individual_id": individual_id, "view": list(views)},
+                       files=[("files", (filename, data)) for data in uploads])
+
+
+def add(client: httpx.Client, individual_id: str, uploads: Sequence[bytes], filename: str = "photo.png") -> httpx.Response:
+    return client.post(f"/individuals/{individual_id}/images", files=[("files", (filename, data)) for data in uploads])
+
+
+def identify(client: httpx.Client, data: bytes, filename: str = "query.png", **fields: object) -> httpx.Response:
+    return client.post("/identify", files={"file": (filename, data)}, data={k: str(v) for k, v in fields.items()})
+
+
+def top(response: httpx.Response) -> tuple[str, float]:
+    """The first prediction of an identify answer, checking the status first."""
+    assert response.status_code == 200, response.text
+    best = response.json()["predictions"][0]
+    return best["individual_id"], best["score"]
+
+
+def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def exif_rotated(data: bytes) -> bytes:
+    """The same photo stored sideways (pixels turned 90° anticlockwise) with EXIF orientation 6 saying "turn it
+    back clockwise"; lossless PNG, so a decoder that honours EXIF gets exactly the original pixels."""
+    upright = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))), "PNG", exif=exif)
+
+
+def variants(data: bytes) -> dict[str, bytes]:
+    """Modes a camera or an editor produces, which the service must accept (greyscale, RGBA, 16-bit, CMYK)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+    return {
+        "greyscale": encode(image.convert("L"), "PNG"),
+        "rgba": encode(image.convert("RGBA"), "PNG"),
+        "16-bit": encode(Image.fromarray(grey), "PNG"),
+        "cmyk": encode(image.convert("CMYK"), "JPEG", quality=95),
+    }
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels and holds almost no data: a decompression bomb's
+    calling card, refused before any pixel is decoded."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def large_blank_png(width: int, height: int) -> bytes:
+    """A real, valid PNG of many pixels that compresses to a few kilobytes."""
+    return encode(Image.new("RGB", (width, height)), "PNG", optimize=True)

@@ -1,0 +1,161 @@
+"""The API against a real server: enrol, identify, add, list, fetch, delete, idempotency, batch, RSM, health."""
+
+from __future__ import annotations
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests.service.conftest import Server
+from tests.service.helpers import add, enroll, identify, photo, photos, top
+
+
+def test_enrolled_photo_identifies_its_individual_first_with_score_one(client: httpx.Client,
+                                                                     records: pd.DataFrame) -> None:
+    response = enroll(client, "alpha", photos(records, "ind_000")[:2], views=["top", "Left"])
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["individual_id"] == "alpha"
+    assert [image["view"] for image in body["images"]] == ["top", "left"]
+    assert not any(image["already_enrolled"] for image in body["images"])
+    assert enroll(client, "beta", photos(records, "ind_001")[:2]).status_code == 201
+
+    answer = identify(client, photo(records, "ind_000", 1), k=5)
+    best, score = top(answer)
+    assert best == "alpha" and score == pytest.approx(1.0, abs=1e-4)
+    ids = [p["individual_id"] for p in answer.json()["predictions"]]
+    assert len(ids) == len(set(ids)), "each individual once"
+    assert answer.json()["model"] == client.get("/health").json()["model"]["fingerprint"]
+
+
+def test_adding_photos_and_reading_them_back(client: httpx.Client, records: pd.DataFrame) -> None:
+    first, second, third = photos(records, "ind_002")[:3]
+    assert enroll(client, "gamma", [first]).status_code == 201
+    added = add(client, "gamma", [second, third])
+    assert added.status_code == 201, added.text
+    individual = client.get("/individuals/gamma").json()
+    assert individual["image_count"] == 3
+    assert [image["sha256"] for image in individual["images"]][1:] == [i["sha256"] for i in added.json()["images"]]
+
+    image = added.json()["images"][0]
+    fetched = client.get(image["url"])
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png" and fetched.content == second
+    assert top(identify(client, third))[0] == "gamma"
+
+
+def test_reenrolling_the_same_photo_is_idempotent(client: httpx.Client, records: pd.DataFrame) -> None:
+    data = photo(records, "ind_003")
+    created = enroll(client, "delta", [data, data]).json()["images"]
+    assert created[0]["image_id"] == created[1]["image_id"] and created[1]["already_enrolled"]
+    again = add(client, "delta", [data])
+    assert again.status_code == 201
+    assert again.json()["images"][0] == {**created[0], "already_enrolled": True}
+    assert client.get("/individuals/delta").json()["image_count"] == 1
+
+
+def test_existing_individual_cannot_be_created_again(client: httpx.Client, records: pd.DataFrame) -> None:
+    assert enroll(client, "epsilon", [photo(records, "ind_004")]).status_code == 201
+    response = enroll(client, "epsilon", [photo(records, "ind_004", 1)])
+    assert response.status_code == 409
+    assert response.json() == {"error": "conflict", "message": "individual 'epsilon' already exists",
+                               "field": "individual_id"}
+    assert client.get("/individuals/epsilon").json()["image_count"] == 1
+
+
+def test_listing_is_paginated_in_id_order(client: httpx.Client, records: pd.DataFrame) -> None:
+    for name in ("page-c", "page-a", "page-b"):
+        assert enroll(client, name, [photo(records, "ind_005", 0)]).status_code == 201
+    everyone = client.get("/individuals", params={"limit": 1000}).json()
+    names = [item["individual_id"] for item in everyone["items"]]
+    assert names == sorted(names) and everyone["total"] == len(names)
+    start = names.index("page-a")
+    page = client.get("/individuals", params={"limit": 2, "offset": start}).json()
+    assert [item["individual_id"] for item in page["items"]] == ["page-a", "page-b"]
+    assert (page["limit"], page["offset"], page["total"]) == (2, start, everyone["total"])
+    assert client.get("/individuals", params={"offset": 10_000}).json()["items"] == []
+
+
+def test_deleting_a_photo_and_an_individual(client: httpx.Client, records: pd.DataFrame) -> None:
+    kept, removed = photos(records, "ind_006")[:2]
+    images = enroll(client, "zeta", [kept, removed]).json()["images"]
+    assert client.delete(images[1]["url"]).status_code == 204
+    assert client.get(images[1]["url"]).status_code == 404
+    assert client.get("/individuals/zeta").json()["image_count"] == 1
+    assert top(identify(client, removed))[1] < 0.9999, "the deleted photo is no longer in the index"
+    assert top(identify(client, kept))[0] == "zeta"
+
+    assert client.delete("/individuals/zeta").status_code == 204
+    assert client.get("/individuals/zeta").status_code == 404
+    assert client.get(images[0]["url"]).status_code == 404
+    predictions = identify(client, kept, k=50).json()["predictions"]
+    assert "zeta" not in [p["individual_id"] for p in predictions]
+    assert client.delete("/individuals/zeta").status_code == 404
+
+
+def test_threshold_places_new_turtle(client: httpx.Client, records: pd.DataFrame) -> None:
+    assert enroll(client, "eta", [photo(records, "ind_007")]).status_code == 201
+    unknown = photo(records, "ind_007", 3)  # a photo of eta that was not enrolled: similar, never identical
+
+    strict = identify(client, unknown, threshold=1.0, k=3).json()
+    assert strict["new_turtle"] is True and strict["threshold"] == 1.0 and strict["threshold_source"] == "request"
+    assert strict["predictions"][0] == {"individual_id": "new_turtle", "score": 1.0}
+    assert len(strict["predictions"]) == 3
+
+    lenient = identify(client, unknown, threshold=-1.0, k=50).json()
+    assert lenient["new_turtle"] is False
+    scores = [p["score"] for p in lenient["predictions"]]
+    assert lenient["predictions"][-1]["individual_id"] == "new_turtle" and scores[:-1] == sorted(scores[:-1])[::-1]
+
+    default = identify(client, unknown).json()  # this checkpoint is uncalibrated and no default is configured
+    assert (default["threshold"], default["threshold_source"], default["new_turtle"]) == (None, None, False)
+    assert len(default["predictions"]) <= 5
+
+
+def test_batch_identify_answers_each_file(client: httpx.Client, records: pd.DataFrame) -> None:
+    assert enroll(client, "theta", [photo(records, "ind_000", 2)]).status_code == 201
+    response = client.post("/identify/batch", data={"k": "2"}, files=[
+        ("files", ("good.png", photo(records, "ind_000", 2))), ("files", ("bad.jpg", b"not an image"))])
+    assert response.status_code == 200, response.text
+    good, bad = response.json()["results"]
+    assert good["filename"] == "good.png" and good["error"] is None
+    assert good["result"]["predictions"][0]["individual_id"] == "theta"
+    assert len(good["result"]["predictions"]) == 2
+    assert bad["filename"] == "bad.jpg" and bad["result"] is None
+    assert bad["error"]["error"] == "invalid_image" and bad["error"]["field"] == "files[1]"
+
+
+def test_rsm_heatmap(client: httpx.Client, records: pd.DataFrame) -> None:
+    assert enroll(client, "iota", photos(records, "ind_001")[2:4]).status_code == 201
+    response = client.get("/rsm.png", params={"individuals": "iota,alpha"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and response.content.startswith(b"\x89PNG")
+    unknown = client.get("/rsm.png", params={"individuals": "iota,nobody"})
+    assert unknown.status_code == 404 and "nobody" in unknown.json()["message"]
+    bad = client.get("/rsm.png", params={"individuals": "iota,../etc"})
+    assert bad.status_code == 422 and "../etc" in bad.json()["message"]
+
+
+def test_health_reports_model_index_and_sizes(client: httpx.Client, server: Server) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["model"]["name"].startswith("test_efficientnet") and len(health["model"]["fingerprint"]) == 16
+    assert health["index"] == {"kind": "flat", "device": "cpu"}
+    assert health["gallery_size"] == health["photos"]
+    assert health["writes_protected"] is True and health["reads_protected"] is False
+
+
+def test_openapi_documents_the_error_responses(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        ("/individuals", "post"): {"201", "401", "409", "413", "415", "422"},
+        ("/individuals/{individual_id}/images", "post"): {"201", "401", "404", "413", "415", "422"},
+        ("/individuals/{individual_id}", "delete"): {"204", "401", "404", "422"},
+        ("/identify", "post"): {"200", "413", "415", "422"},
+        ("/rsm.png", "get"): {"200", "404", "422"},
+    }
+    for (path, method), statuses in expected.items():
+        responses = paths[path][method]["responses"]
+        assert statuses <= set(responses), (path, method, sorted(responses))
+        assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert client.get("/docs").status_code == 200
