@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from reid.data.dataset import ImageRecords, identity_batch_sampler
 from reid.data.records import read_dataset
-from reid.data.splits import SplitMode, assign_splits
+from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
 from reid.errors import DatasetError
 from reid.evaluation import score_rankings, search_gallery
@@ -82,12 +82,30 @@ class ReIDDataModule(L.LightningDataModule):
                 f"{self.root}: the split gives {len(self.train_records)} training and {len(self.val_records)} "
                 "validation photos; both must be non-empty (give individuals at least 2 photos, or a split column)"
             )
+        self.gallery_records, self.query_records = self._validation_sets(self.train_records, self.val_records)
         # One label index over every identity, so gallery and query labels mean the same individual.
         self.identities = sorted(records["identity"].unique())
         self.label_of = {identity: i for i, identity in enumerate(self.identities)}.__getitem__
         log.info("training on %d photos of %d individuals; validating %d photos of %d individuals",
                  len(self.train_records), self.train_records["identity"].nunique(),
                  len(self.val_records), self.val_records["identity"].nunique())
+
+    def _validation_sets(self, train: pd.DataFrame, val: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Gallery and query photos for validation.
+
+        Validation individuals that have no training photo (an open-set split) are *enrolled*: about half of
+        their photos join the gallery and the rest are queries. Validation then measures what the service
+        does, identifying individuals enrolled without retraining, instead of asking for the impossible.
+        """
+        unseen = val[~val["identity"].isin(set(train["identity"]))]
+        if unseen.empty:
+            return train, val
+        enrolled = split_by_image(unseen, 0.5, int(self.hparams.seed)) == "train"
+        log.info("validation: %d individuals unseen in training are enrolled with %d photos and queried with %d",
+                 unseen["identity"].nunique(), int(enrolled.sum()), int((~enrolled).sum()))
+        gallery = pd.concat([train, unseen[enrolled]], ignore_index=True)
+        queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
+        return gallery, queries
 
     @property
     def train_identities(self) -> list[str]:
@@ -106,10 +124,11 @@ class ReIDDataModule(L.LightningDataModule):
                             sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
+        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform."""
         transform = self._preprocess().eval_transform()
         size = int(self.hparams.eval_batch_size)
         return [self._loader(ImageRecords(frame, transform, self.label_of), batch_size=size)
-                for frame in (self.train_records, self.val_records)]
+                for frame in (self.gallery_records, self.query_records)]
 
 
 class ReIDModule(L.LightningModule):
