@@ -85,12 +85,19 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Server":
-        command = [sys.executable, "-m", "reid.cli", "serve", "--checkpoint", str(self.checkpoint),
-                   "--data-dir", str(self.data_dir), "--port", str(self.port), *self.arguments]
+    def start(self, via_environment: bool = False) -> "Server":
+        """Start with ``--checkpoint/--data-dir/--port`` flags, or with ``REID_*`` variables instead."""
+        store = {"checkpoint": str(self.checkpoint), "data_dir": str(self.data_dir), "port": str(self.port)}
+        if via_environment:
+            flags: list[str] = []
+            environment = {**(self.environment or {}), **{f"REID_{k.upper()}": v for k, v in store.items()}}
+        else:
+            flags = [part for name, value in store.items() for part in (f"--{name.replace('_', '-')}", value)]
+            environment = self.environment or {}
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=server_environment(self.environment))
+            self.process = subprocess.Popen([sys.executable, "-m", "reid.cli", "serve", *flags, *self.arguments],
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env=server_environment(environment))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -132,14 +139,16 @@ class Server:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Factory: ``start_server(checkpoint, data_dir, *flags, environment=...)``; every server is stopped at teardown."""
+    """Factory: ``start_server(checkpoint, data_dir, *flags, environment=..., via_environment=...)``; every server
+    started is stopped at teardown."""
     servers: list[Server] = []
 
-    def start(checkpoint: Path, data_dir: Path, *arguments: str, environment: dict[str, str] | None = None) -> Server:
+    def start(checkpoint: Path, data_dir: Path, *arguments: str, environment: dict[str, str] | None = None,
+              via_environment: bool = False) -> Server:
         server = Server(checkpoint, data_dir, tmp_path / f"server{len(servers)}.log", *arguments,
                         environment=environment)
         servers.append(server)
-        return server.start()
+        return server.start(via_environment)
 
     yield start
     for server in servers:

@@ -85,3 +85,10 @@ def png_header_only(width: int, height: int) -> bytes:
 def large_blank_png(width: int, height: int) -> bytes:
     """A real, valid PNG of many pixels that compresses to a few kilobytes."""
     return encode(Image.new("RGB", (width, height)), "PNG", optimize=True)
+
+
+def numbered(data: bytes, number: int) -> bytes:
+    """A copy of a photo with one corner pixel encoding ``number``: a distinct file (and SHA-256) per number."""
+    pixels = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+    pixels[0, 0] = (number % 256, number // 256 % 256, 77)
+    return encode(Image.fromarray(pixels), "PNG")
