@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 
 from reid.data.transforms import Preprocess
 from reid.errors import CheckpointError
+from reid.fileio import atomic_target
 from reid.imageio import decode_image
 from reid.model import Encoder
 
@@ -98,14 +97,8 @@ def write_checkpoint_metadata(path: str | Path, **updates: Any) -> None:
     path = Path(path).expanduser()
     checkpoint = read_checkpoint(path)
     checkpoint[CHECKPOINT_KEY].update(updates)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(checkpoint, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    with atomic_target(path) as temporary:
+        torch.save(checkpoint, temporary)
 
 
 class _Images(Dataset):

