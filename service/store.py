@@ -363,7 +363,8 @@ class Store:
         with self._transaction() as connection:
             connection.executemany(
                 "INSERT OR REPLACE INTO embeddings SELECT id, ?, ? FROM images WHERE id = ?",
-                [(fingerprint, np.asarray(v, dtype=np.float32).tobytes(), int(i)) for i, v in zip(image_ids, vectors)])
+                [(fingerprint, np.asarray(vector, dtype=np.float32).tobytes(), int(image_id))
+                 for image_id, vector in zip(image_ids, vectors)])
 
     def switch_model(self, model: ModelRecord) -> bool:
         """Make ``model`` current and drop other models' embeddings, in one transaction.

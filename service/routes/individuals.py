@@ -26,11 +26,14 @@ from service.store import IndividualMode, StoredImage
 
 router = APIRouter(prefix="/individuals", tags=["individuals"])
 
+#: SQLite integers are 64-bit: a larger image id or offset is refused as a field error, not met with an overflow.
+SQLITE_MAX_INTEGER = 2**63 - 1
+
 Files = Annotated[list[UploadFile], File(description="one or more photos of the individual")]
 Views = Annotated[list[Annotated[str, StringConstraints(max_length=64)]] | None,
                   Form(description="optional view of each photo (e.g. top, left, right): none, or one per file")]
 IdInPath = Annotated[IndividualId, Path(description="the individual's id")]
-ImageIdInPath = Annotated[int, Path(ge=1, description="the photo's id")]
+ImageIdInPath = Annotated[int, Path(ge=1, le=SQLITE_MAX_INTEGER, description="the photo's id")]
 Writer = Depends(require_key_for_writes)
 Reader = Depends(require_key_for_reads)
 
@@ -71,7 +74,8 @@ def add_images(individual_id: IdInPath, files: Files, view: Views = None,
 
 @router.get("", dependencies=[Reader], summary="List individuals, a page at a time, in id order",
             responses=error_responses(401, 422))
-def list_individuals(limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+def list_individuals(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INTEGER)] = 0,
                      engine: Engine = Depends(get_engine)) -> IndividualPage:
     total, records = engine.store.individuals(limit, offset)
     return IndividualPage(total=total, limit=limit, offset=offset, items=[

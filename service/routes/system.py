@@ -47,8 +47,9 @@ def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:
     if individuals is None:
         total, records = engine.store.individuals(MAX_RSM_INDIVIDUALS + 1, 0)
         if total > MAX_RSM_INDIVIDUALS:
-            raise InvalidFieldError(f"individuals: the gallery holds {total} individuals, over the {MAX_RSM_INDIVIDUALS} "
-                                    "an RSM can show; name some with ?individuals=a,b,c", "individuals")
+            raise InvalidFieldError(f"individuals: the gallery holds {total} individuals, over the "
+                                    f"{MAX_RSM_INDIVIDUALS} an RSM can show; name some with ?individuals=a,b,c",
+                                    "individuals")
         return [record.individual_id for record in records]
     names = list(dict.fromkeys(name.strip() for name in individuals.split(",") if name.strip()))
     if not names or len(names) > MAX_RSM_INDIVIDUALS:
@@ -69,7 +70,8 @@ def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:
             response_class=Response, responses={200: {"content": {"image/png": {}}, "description": "the heatmap"},
                                                 **error_responses(401, 404, 422)})
 def rsm_png(individuals: Annotated[str | None, Query(max_length=10_000, description=(
-                f"comma-separated individual ids (default: all, when there are at most {MAX_RSM_INDIVIDUALS})"))] = None,
+                "comma-separated individual ids (default: all, when there are at most "
+                f"{MAX_RSM_INDIVIDUALS})"))] = None,
             engine: Engine = Depends(get_engine)) -> Response:
     names = _selected_individuals(engine, individuals)
     batches = list(engine.store.embeddings(engine.embedder.fingerprint, names))

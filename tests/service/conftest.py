@@ -155,9 +155,10 @@ def start_server(tmp_path: Path) -> Iterator:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, checkpoint_a: Path) -> Iterator[Server]:
-    """One server per test module, with an API key and lowered upload and pixel limits."""
+    """One server shared by the API, bad-input and auth tests (each uses its own individual ids), with an API key
+    and lowered upload and pixel limits."""
     root = tmp_path_factory.mktemp("service")
     running = Server(checkpoint_a, root / "data", root / "server.log", "--api-key", API_KEY,
                      "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--max-pixels", str(MAX_PIXELS)).start()

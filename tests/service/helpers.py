@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 from collections.abc import Sequence
@@ -14,13 +15,23 @@ import pandas as pd
 from PIL import Image
 
 
+#: Numbers for :func:`numbered` copies made by :func:`photo`/:func:`photos` (tests pass small numbers of their own).
+_copies = itertools.count(10_000)
+
+
 def photo(records: pd.DataFrame, identity: str, index: int = 0) -> bytes:
-    """The bytes of one synthetic photo of ``identity``."""
-    return Path(records[records["identity"] == identity]["path"].iloc[index]).read_bytes()
+    """A copy of one synthetic photo of ``identity`` that no other call returns (see :func:`photos`)."""
+    return numbered(Path(records[records["identity"] == identity]["path"].iloc[index]).read_bytes(), next(_copies))
 
 
 def photos(records: pd.DataFrame, identity: str) -> list[bytes]:
-    return [Path(p).read_bytes() for p in records[records["identity"] == identity]["path"]]
+    """Copies of every synthetic photo of ``identity``, each distinct from every other call's.
+
+    Tests sharing one server would otherwise enrol the same photo under two names, and an identify of it would
+    have two answers with the same score.
+    """
+    paths = records[records["identity"] == identity]["path"]
+    return [numbered(Path(path).read_bytes(), next(_copies)) for path in paths]
 
 
 def enroll(client: httpx.Client, individual_id: str, uploads: Sequence[bytes], views: Sequence[str] = (),
@@ -29,7 +40,8 @@ def enroll(client: httpx.Client, individual_id: str, uploads: Sequence[bytes], v
                        files=[("files", (filename, data)) for data in uploads])
 
 
-def add(client: httpx.Client, individual_id: str, uploads: Sequence[bytes], filename: str = "photo.png") -> httpx.Response:
+def add(client: httpx.Client, individual_id: str, uploads: Sequence[bytes],
+        filename: str = "photo.png") -> httpx.Response:
     return client.post(f"/individuals/{individual_id}/images", files=[("files", (filename, data)) for data in uploads])
 
 
@@ -79,7 +91,8 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def large_blank_png(width: int, height: int) -> bytes:

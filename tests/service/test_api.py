@@ -12,7 +12,8 @@ from tests.service.helpers import add, enroll, identify, photo, photos, top
 
 def test_enrolled_photo_identifies_its_individual_first_with_score_one(client: httpx.Client,
                                                                      records: pd.DataFrame) -> None:
-    response = enroll(client, "alpha", photos(records, "ind_000")[:2], views=["top", "Left"])
+    enrolled = photos(records, "ind_000")[:2]
+    response = enroll(client, "alpha", enrolled, views=["top", "Left"])
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["individual_id"] == "alpha"
@@ -20,7 +21,7 @@ def test_enrolled_photo_identifies_its_individual_first_with_score_one(client: h
     assert not any(image["already_enrolled"] for image in body["images"])
     assert enroll(client, "beta", photos(records, "ind_001")[:2]).status_code == 201
 
-    answer = identify(client, photo(records, "ind_000", 1), k=5)
+    answer = identify(client, enrolled[1], k=5)
     best, score = top(answer)
     assert best == "alpha" and score == pytest.approx(1.0, abs=1e-4)
     ids = [p["individual_id"] for p in answer.json()["predictions"]]
@@ -113,9 +114,10 @@ def test_threshold_places_new_turtle(client: httpx.Client, records: pd.DataFrame
 
 
 def test_batch_identify_answers_each_file(client: httpx.Client, records: pd.DataFrame) -> None:
-    assert enroll(client, "theta", [photo(records, "ind_000", 2)]).status_code == 201
+    known = photo(records, "ind_000", 2)
+    assert enroll(client, "theta", [known]).status_code == 201
     response = client.post("/identify/batch", data={"k": "2"}, files=[
-        ("files", ("good.png", photo(records, "ind_000", 2))), ("files", ("bad.jpg", b"not an image"))])
+        ("files", ("good.png", known)), ("files", ("bad.jpg", b"not an image"))])
     assert response.status_code == 200, response.text
     good, bad = response.json()["results"]
     assert good["filename"] == "good.png" and good["error"] is None

@@ -26,9 +26,11 @@ def test_restart_keeps_everything(start_server, tmp_path: Path, checkpoint_a: Pa
     data_dir = tmp_path / "data"
     first = start_server(checkpoint_a, data_dir)
     assert "no API key set" in first.log(), "an open server says so at start-up"
+    uploads = {f"turtle-{number}": photos(records, identity)[:2]
+               for number, identity in enumerate(["ind_000", "ind_001", "ind_002"])}
     with first.client(api_key=None) as client:
-        for number, identity in enumerate(["ind_000", "ind_001", "ind_002"]):
-            assert enroll(client, f"turtle-{number}", photos(records, identity)[:2]).status_code == 201
+        for name, pair in uploads.items():
+            assert enroll(client, name, pair).status_code == 201
         assert client.delete("/individuals/turtle-2/images/6").status_code == 204
         before = {name: client.get(f"/individuals/{name}").json() for name in ("turtle-0", "turtle-1", "turtle-2")}
     first.stop()
@@ -38,8 +40,8 @@ def test_restart_keeps_everything(start_server, tmp_path: Path, checkpoint_a: Pa
         for name, individual in before.items():
             assert client.get(f"/individuals/{name}").json() == individual
         image = before["turtle-1"]["images"][1]
-        assert client.get(image["url"]).content == photo(records, "ind_001", 1)
-        assert top(identify(client, photo(records, "ind_001", 1))) == ("turtle-1", pytest.approx(1.0, abs=1e-4))
+        assert client.get(image["url"]).content == uploads["turtle-1"][1]
+        assert top(identify(client, uploads["turtle-1"][1])) == ("turtle-1", pytest.approx(1.0, abs=1e-4))
         health = client.get("/health").json()
         assert (health["photos"], health["gallery_size"], health["individuals"]) == (5, 5, 3)
 
@@ -117,7 +119,8 @@ def test_model_change_is_refused_until_reindex(start_server, tmp_path: Path, che
     server = start_server(checkpoint_b, data_dir)
     with server.client() as client:
         assert client.get("/health").json()["model"]["fingerprint"] == b
-        assert top(identify(client, photo(records, "ind_005", 2))) == ("ind_005", pytest.approx(1.0, abs=1e-4))
+        enrolled_file = Path(records[records["identity"] == "ind_005"]["path"].iloc[2]).read_bytes()
+        assert top(identify(client, enrolled_file)) == ("ind_005", pytest.approx(1.0, abs=1e-4))
     server.stop()
     with pytest.raises(ModelMismatchError, match=f"{b}.*{a}"):
         Engine.open(Settings(checkpoint=checkpoint_a, data_dir=data_dir))

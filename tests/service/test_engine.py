@@ -1,0 +1,57 @@
+"""The engine in-process: approximate index kinds stay in sync with the store, and where the threshold comes from."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reid.imageio import decode_image
+from reid.inference import write_checkpoint_metadata
+from service.engine import Engine, Threshold
+from service.settings import Settings
+from tests.service.helpers import photos
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_follow_enrolments_deletions_and_restarts(tmp_path: Path, checkpoint_a: Path,
+                                                                     records: pd.DataFrame, kind: str) -> None:
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data", index=kind)
+    engine = Engine.open(settings)
+    uploads = [photos(records, f"ind_00{i}")[:3] for i in range(4)]
+    for i, triple in enumerate(uploads):
+        engine.enroll(f"turtle-{i}", [engine.photo(data, "files", None) for data in triple], "new")
+    query = decode_image(uploads[2][1])
+    best = engine.identify([query], k=3, threshold=None)[0].predictions[0]
+    assert best.individual_id == "turtle-2" and best.score == pytest.approx(1.0, abs=1e-4)
+
+    engine.delete_individual("turtle-2")
+    engine.delete_image("turtle-3", 10)
+    assert len(engine.gallery) == engine.store.counts()[1] == 8
+    answer = engine.identify([query], k=50, threshold=None)[0]
+    assert "turtle-2" not in [p.individual_id for p in answer.predictions]
+
+    reopened = Engine.open(settings)
+    assert reopened.gallery.kind == kind and len(reopened.gallery) == 8
+    assert reopened.gallery.identities() == {"turtle-0", "turtle-1", "turtle-3"}
+
+
+def test_threshold_comes_from_request_then_checkpoint_then_settings(tmp_path: Path, checkpoint_a: Path,
+                                                                   records: pd.DataFrame) -> None:
+    calibrated = shutil.copy(checkpoint_a, tmp_path / "calibrated.ckpt")
+    write_checkpoint_metadata(calibrated, threshold=0.7)
+    plain = Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "a"))
+    configured = Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "b", default_threshold=0.5))
+    with_checkpoint = Engine.open(Settings(checkpoint=calibrated, data_dir=tmp_path / "c", default_threshold=0.5))
+
+    assert plain.threshold(None) == Threshold(None, None)
+    assert configured.threshold(None) == Threshold(0.5, "settings")
+    assert with_checkpoint.threshold(None) == Threshold(0.7, "checkpoint")
+    assert with_checkpoint.threshold(-0.2) == Threshold(-0.2, "request")
+
+    query = decode_image(photos(records, "ind_000")[0])
+    first_turtle = with_checkpoint.identify([query], 5, None)[0]  # empty gallery: every turtle is new
+    assert first_turtle.new_turtle and [p.individual_id for p in first_turtle.predictions] == ["new_turtle"]
+    assert plain.identify([query], 5, None)[0].predictions == []
