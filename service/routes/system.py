@@ -46,6 +46,8 @@ def health(engine: Engine = Depends(get_engine)) -> Health:
 def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:
     if individuals is None:
         total, records = engine.store.individuals(MAX_RSM_INDIVIDUALS + 1, 0)
+        if total == 0:
+            raise NotFoundError("individuals: the gallery is empty; enrol individuals first", "individuals")
         if total > MAX_RSM_INDIVIDUALS:
             raise InvalidFieldError(f"individuals: the gallery holds {total} individuals, over the "
                                     f"{MAX_RSM_INDIVIDUALS} an RSM can show; name some with ?individuals=a,b,c",

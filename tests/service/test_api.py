@@ -6,6 +6,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from reid.gallery import gpu_available
 from tests.service.conftest import Server
 from tests.service.helpers import add, enroll, identify, photo, photos, top
 
@@ -142,7 +143,7 @@ def test_health_reports_model_index_and_sizes(client: httpx.Client, server: Serv
     health = client.get("/health").json()
     assert health["status"] == "ok"
     assert health["model"]["name"].startswith("test_efficientnet") and len(health["model"]["fingerprint"]) == 16
-    assert health["index"] == {"kind": "flat", "device": "cpu"}
+    assert health["index"] == {"kind": "flat", "device": "gpu" if gpu_available() else "cpu"}
     assert health["gallery_size"] == health["photos"]
     assert health["writes_protected"] is True and health["reads_protected"] is False
 
