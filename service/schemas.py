@@ -8,12 +8,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field
 
 from service.identifiers import check_individual_id
 
-#: An individual id as accepted anywhere in the API (path, form field, query list).
-IndividualId = Annotated[str, StringConstraints(max_length=512), AfterValidator(check_individual_id)]
+#: An individual id in a path or form field (rejected with a 422 naming the value).
+IndividualId = Annotated[str, AfterValidator(check_individual_id)]
 #: Where the new_turtle threshold of an answer came from.
 ThresholdSource = Literal["request", "checkpoint", "settings"]
 

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -137,8 +137,12 @@ class Server:
             self.process.wait(timeout=20)
 
 
+#: ``start_server(checkpoint, data_dir, *flags, environment=None, via_environment=False) -> Server``
+StartServer = Callable[..., Server]
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Factory: ``start_server(checkpoint, data_dir, *flags, environment=..., via_environment=...)``; every server
     started is stopped at teardown."""
     servers: list[Server] = []

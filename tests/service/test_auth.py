@@ -8,7 +8,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.service.conftest import API_KEY, Server
+from tests.service.conftest import API_KEY, Server, StartServer
 from tests.service.helpers import add, enroll, identify, photo
 
 
@@ -46,7 +46,8 @@ def test_reads_are_open_without_a_key(server: Server, records: pd.DataFrame) -> 
             assert response.status_code == 200, response.text
 
 
-def test_protect_reads_closes_reads(start_server, tmp_path: Path, checkpoint_a: Path, records: pd.DataFrame) -> None:
+def test_protect_reads_closes_reads(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
+                                    records: pd.DataFrame) -> None:
     server = start_server(checkpoint_a, tmp_path / "data", "--protect-reads", environment={"REID_API_KEY": API_KEY})
     assert "no API key set" not in server.log()
     with server.client() as owner:

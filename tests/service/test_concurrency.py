@@ -9,12 +9,17 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from service.store import DATABASE_NAME
+from tests.service.conftest import StartServer
 from tests.service.helpers import add, enroll, identify, photo, photos
 
+#: Each test starts its own servers (about 5-10 s each on a 2-core machine).
+pytestmark = pytest.mark.slow
 
-def test_identify_while_enrolling_and_deleting(start_server, tmp_path: Path, checkpoint_a: Path,
+
+def test_identify_while_enrolling_and_deleting(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
                                               records: pd.DataFrame) -> None:
     server = start_server(checkpoint_a, tmp_path / "data")
     queries = [photo(records, f"ind_00{i}", 0) for i in range(8)]

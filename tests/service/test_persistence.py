@@ -18,11 +18,15 @@ from service.errors import ModelMismatchError
 from service.offline import EnrollReport, enroll_dataset, reindex
 from service.settings import Settings
 from service.store import Store
-from tests.service.conftest import reid_command
+from tests.service.conftest import StartServer, reid_command
 from tests.service.helpers import enroll, identify, numbered, photo, photos, top
 
+#: Each test starts its own servers (about 5-10 s each on a 2-core machine).
+pytestmark = pytest.mark.slow
 
-def test_restart_keeps_everything(start_server, tmp_path: Path, checkpoint_a: Path, records: pd.DataFrame) -> None:
+
+def test_restart_keeps_everything(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
+                                  records: pd.DataFrame) -> None:
     data_dir = tmp_path / "data"
     first = start_server(checkpoint_a, data_dir)
     assert "no API key set" in first.log(), "an open server says so at start-up"
@@ -46,7 +50,7 @@ def test_restart_keeps_everything(start_server, tmp_path: Path, checkpoint_a: Pa
         assert (health["photos"], health["gallery_size"], health["individuals"]) == (5, 5, 3)
 
 
-def test_kill_9_loses_no_acknowledged_enrolment(start_server, tmp_path: Path, checkpoint_a: Path,
+def test_kill_9_loses_no_acknowledged_enrolment(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
                                                 records: pd.DataFrame) -> None:
     data_dir = tmp_path / "data"
     server = start_server(checkpoint_a, data_dir)
@@ -99,7 +103,7 @@ def test_offline_enrol_is_idempotent(tmp_path: Path, checkpoint_a: Path, synth_d
     assert Store(tmp_path / "data").counts() == (8, 32)
 
 
-def test_model_change_is_refused_until_reindex(start_server, tmp_path: Path, checkpoint_a: Path,
+def test_model_change_is_refused_until_reindex(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
                                                checkpoint_b: Path, synth_dataset: Path, records: pd.DataFrame) -> None:
     data_dir = tmp_path / "data"
     enroll_dataset(checkpoint_a, data_dir, synth_dataset, progress=False)
