@@ -1,17 +1,15 @@
-"""Uploaded photos: decode once through :func:`reid.imageio.decode_image`, and store the bytes durably.
+"""Uploaded photos: decoded once through :func:`reid.imageio.decode_image`, kept as the bytes received.
 
-The stored file is the upload exactly as received (EXIF included), named by its SHA-256, so the same photo is
-kept once, a re-upload is recognised, and no user-supplied string ever becomes part of a path.
+The stored file is the upload exactly as received (EXIF included), named by its SHA-256 (see
+:mod:`service.store`), so the same photo is kept once, a re-upload is recognised, and no user-supplied string
+ever becomes part of a path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -59,27 +57,3 @@ def read_photo(data: bytes, max_pixels: int, view: str = "") -> Photo:
     media_type, extension = MEDIA_TYPES.get(image_format, (Image.MIME.get(image_format, "application/octet-stream"),
                                                            "." + image_format.lower()))
     return Photo(data, hashlib.sha256(data).hexdigest(), media_type, extension, pixels, view)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either no file or the whole file, never a partial one.
-
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over ``path``; the folder is
-    fsynced too so the rename itself survives a power cut.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

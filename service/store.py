@@ -28,8 +28,9 @@ from typing import Literal
 
 import numpy as np
 
+from reid.fileio import write_atomically
 from service.errors import ConflictError, ModelMismatchError, NotFoundError, StoreError
-from service.photos import Photo, write_atomically
+from service.photos import Photo
 
 log = logging.getLogger(__name__)
 
