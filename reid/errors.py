@@ -19,7 +19,7 @@ class ImageDecodeError(ReIDError):
 
 
 class UnsupportedImageFormatError(ImageDecodeError):
-    """The bytes are an image format this project does not accept (e.g. PDF, SVG, animated formats)."""
+    """The bytes are a format this project does not accept (e.g. PDF, SVG, HEIC, ICO)."""
 
 
 class ImageTooLargeError(ImageDecodeError):

@@ -20,6 +20,10 @@ from reid.metrics import Ranking, rank_individuals
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
+IVF_NPROBE = 16
+#: An IVF gallery is re-trained when it has grown to this many times the vectors it was trained on, so one
+#: started empty does not keep the handful of lists its first enrolment could support.
+IVF_RETRAIN_GROWTH = 4
 
 
 def gpu_available() -> bool:
@@ -46,11 +50,18 @@ class Gallery:
             raise ValueError(f"index kind must be flat, hnsw or ivf, got {kind!r}")
         self.dim = dim
         self.kind: IndexKind = kind
-        self.use_gpu = gpu_available() if use_gpu is None else bool(use_gpu and gpu_available())
+        # FAISS has no GPU HNSW: an HNSW gallery always searches on the CPU.
+        wants_gpu = gpu_available() if use_gpu is None else bool(use_gpu and gpu_available())
+        self.use_gpu = wants_gpu and kind != "hnsw"
+        self._requested_ivf_lists = ivf_lists
         self._ivf_lists = ivf_lists
+        self._ivf_trained_on = 0
         self._hnsw_neighbours = hnsw_neighbours
         self._lock = threading.RLock()
         self._identity: dict[int, str] = {}
+        # The vectors themselves, kept beside FAISS so that HNSW (no removal) and IVF (re-training) can be rebuilt
+        # without asking an index type to reconstruct what it may not store.
+        self._vectors: dict[int, np.ndarray] = {}
         self._master = self._new_master()
         self._gpu_index: faiss.Index | None = None
         self._gpu_stale = True
@@ -63,11 +74,13 @@ class Gallery:
         if self.kind == "hnsw":
             inner = faiss.IndexHNSWFlat(self.dim, self._hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
         elif self.kind == "ivf":
-            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self._ivf_lists,
-                                       faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self._ivf_lists, faiss.METRIC_INNER_PRODUCT)
+            # Visit several lists per search: nprobe=1 (FAISS's default) misses neighbours near list borders.
+            ivf.nprobe = min(IVF_NPROBE, self._ivf_lists)
+            # IVF stores ids itself; wrapping it in an IDMap would break removals (IVF does not renumber).
+            return ivf
         else:
             inner = faiss.IndexFlatIP(self.dim)
-        # IDMap2 keeps vectors reconstructible by id, which the rebuild after a removal needs.
         return faiss.IndexIDMap2(inner)
 
     def __len__(self) -> int:
@@ -90,18 +103,35 @@ class Gallery:
             if len(vectors) == 0:
                 return
             if self.kind == "ivf" and not self._master.is_trained:
-                self._train_ivf(vectors)
+                self._master = self._trained_ivf(vectors)
             self._master.add_with_ids(vectors, id_array)
             self._identity.update(zip(id_array.tolist(), identities))
-            self._gpu_stale = True
+            self._vectors.update(zip(id_array.tolist(), vectors))
+            if self.kind == "ivf" and len(self._identity) >= IVF_RETRAIN_GROWTH * self._ivf_trained_on:
+                self._retrain_ivf()
+            elif self._gpu_index is not None and not self._gpu_stale:
+                self._gpu_index.add_with_ids(vectors, id_array)  # adds need no full copy to the GPU
 
-    def _train_ivf(self, vectors: np.ndarray) -> None:
-        lists = max(1, min(self._ivf_lists, len(vectors) // 39))
-        if lists != self._ivf_lists:
-            log.info("IVF index: %d training vectors allow %d lists (asked for %d)", len(vectors), lists, self._ivf_lists)
-            self._ivf_lists = lists
-            self._master = self._new_master()
-        self._master.train(vectors)
+    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.array(sorted(self._vectors), dtype=np.int64)
+        vectors = np.stack([self._vectors[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return ids, vectors
+
+    def _trained_ivf(self, vectors: np.ndarray) -> faiss.Index:
+        """A new, empty IVF index trained on ``vectors``, with as many lists as they support (39 points a list)."""
+        self._ivf_lists = max(1, min(self._requested_ivf_lists, len(vectors) // 39))
+        index = self._new_master()
+        index.train(vectors)
+        self._ivf_trained_on = len(vectors)
+        log.info("IVF index trained on %d vectors with %d lists", len(vectors), self._ivf_lists)
+        return index
+
+    def _retrain_ivf(self) -> None:
+        ids, vectors = self._all_vectors()
+        index = self._trained_ivf(vectors)
+        index.add_with_ids(vectors, ids)
+        self._master = index
+        self._gpu_stale = True
 
     def remove(self, ids: Sequence[int]) -> None:
         """Remove photos by id (unknown ids are ignored)."""
@@ -111,16 +141,16 @@ class Gallery:
                 return
             if self.kind == "hnsw":
                 # HNSW cannot remove vectors: rebuild it from the vectors that stay.
-                keep = np.array(sorted(set(self._identity) - set(id_array.tolist())), dtype=np.int64)
-                vectors = np.stack([self._master.reconstruct(int(i)) for i in keep]) if len(keep) else None
+                ids, vectors = self._all_vectors()
+                keep = ~np.isin(ids, id_array)
                 self._master = self._new_master()
-                if vectors is not None:
-                    self._master.add_with_ids(vectors, keep)
+                self._master.add_with_ids(vectors[keep], ids[keep])
             else:
                 self._master.remove_ids(id_array)
             for i in id_array.tolist():
                 del self._identity[i]
-            self._gpu_stale = True
+                del self._vectors[i]
+            self._gpu_stale = True  # GPU indexes cannot remove ids: the mirror is copied again from the master
 
     def _search_index(self) -> faiss.Index:
         if not self.use_gpu:

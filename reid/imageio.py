@@ -15,13 +15,35 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 
-#: Formats a camera or phone produces. Anything else Pillow can open (PDF, EPS, ICO, animated GIF...) is
-#: refused, so that a mislabelled upload is reported instead of silently embedded.
+#: Formats a camera or phone produces (an animated GIF or multi-page TIFF is read as its first frame). Anything
+#: else Pillow can open (EPS, ICO, PSD...) is refused, so a mislabelled upload is reported, not silently embedded.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "MPO", "GIF"})
+
+#: Formats Pillow cannot open at all, recognised by their first bytes so that the user is told "unsupported
+#: format" (HTTP 415) rather than "corrupt file": (offset, signature, name).
+_FOREIGN_SIGNATURES = (
+    (0, b"%PDF", "PDF"),
+    (0, b"<svg", "SVG"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+)
 
 #: Default pixel limit: 64 megapixels is more than any camera trap or phone gives, and far below the size at
 #: which a decompression bomb exhausts memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def _foreign_format(data: bytes) -> str | None:
+    """Name a known non-Pillow format from its signature (SVG may start with an XML declaration)."""
+    head = data[:512].lstrip()
+    for offset, signature, name in _FOREIGN_SIGNATURES:
+        if head[offset:offset + len(signature)] == signature:
+            return name
+    if head.startswith(b"<?xml") and b"<svg" in head:
+        return "SVG"
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -79,6 +101,11 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLargeError(f"{name}: {error}") from error
     except UnidentifiedImageError as error:
+        foreign = _foreign_format(data)
+        if foreign is not None:
+            raise UnsupportedImageFormatError(
+                f"{name}: image format {foreign} is not supported; use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
+            ) from error
         raise ImageDecodeError(f"{name}: not a recognisable image (corrupt, or not an image file)") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error

@@ -41,3 +41,19 @@ def test_empty_gallery_and_id_clash() -> None:
     gallery.add([1], np.ones((1, 4)), ["a"])
     with pytest.raises(ValueError, match=r"already holds ids \[1\]"):
         gallery.add([1], np.ones((1, 4)), ["a"])
+
+
+def test_ivf_gallery_started_small_is_retrained_as_it_grows() -> None:
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng, 2000, 8)
+    gallery = Gallery(8, kind="ivf", ivf_lists=64)
+    gallery.add([0], vectors[:1], ["first"])  # a service that starts empty enrolls one photo first
+    for start in range(1, 2000, 100):
+        ids = np.arange(start, min(start + 100, 2000))
+        gallery.add(ids, vectors[ids], [f"ind{i}" for i in ids])
+    gallery.remove([5, 6])
+    assert len(gallery) == 1998
+    # every remaining photo finds itself first: retraining kept all vectors and the lists are searched widely
+    hits = [gallery.search(vectors[i:i + 1], k=1)[0][0][0] == f"ind{i}" for i in range(100, 2000, 50)]
+    assert all(hits)
+    assert gallery._ivf_lists > 1

@@ -50,7 +50,10 @@ def test_exif_rotation_is_applied(photo: Image.Image) -> None:
     [
         (b"", ImageDecodeError, "empty"),
         (b"just some text, named .jpg", ImageDecodeError, "not a recognisable image"),
-        (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", ImageDecodeError, "not a recognisable image"),
+        (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", UnsupportedImageFormatError, "PDF is not supported"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', UnsupportedImageFormatError,
+         "SVG is not supported"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", UnsupportedImageFormatError, "HEIC is not supported"),
     ],
 )
 def test_junk_is_refused_with_a_reason(data: bytes, error: type[Exception], message: str) -> None:
