@@ -20,7 +20,11 @@ from reid.metrics import Ranking, rank_individuals
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
-IVF_NPROBE = 16
+#: Search breadth of the approximate indexes, chosen with bench/gallery_search.py (see BENCHMARKS.md): on
+#: 1280-d embeddings FAISS's defaults (efSearch 16, nprobe 1) miss the exact top answer most of the time.
+HNSW_EF_SEARCH = 256
+IVF_MIN_NPROBE = 16
+IVF_MAX_NPROBE = 128
 #: An IVF gallery is re-trained when it has grown to this many times the vectors it was trained on, so one
 #: started empty does not keep the handful of lists its first enrolment could support.
 IVF_RETRAIN_GROWTH = 4
@@ -73,10 +77,11 @@ class Gallery:
     def _new_master(self) -> faiss.Index:
         if self.kind == "hnsw":
             inner = faiss.IndexHNSWFlat(self.dim, self._hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efSearch = HNSW_EF_SEARCH
         elif self.kind == "ivf":
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self._ivf_lists, faiss.METRIC_INNER_PRODUCT)
-            # Visit several lists per search: nprobe=1 (FAISS's default) misses neighbours near list borders.
-            ivf.nprobe = min(IVF_NPROBE, self._ivf_lists)
+            # Visit an eighth of the lists (within bounds): nprobe=1, FAISS's default, misses most neighbours.
+            ivf.nprobe = min(self._ivf_lists, max(IVF_MIN_NPROBE, min(IVF_MAX_NPROBE, self._ivf_lists // 8)))
             # IVF stores ids itself; wrapping it in an IDMap would break removals (IVF does not renumber).
             return ivf
         else:
