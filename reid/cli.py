@@ -191,7 +191,9 @@ def _add_protocol(parser: argparse.ArgumentParser, seed: int) -> None:
                         help="share of each individual's photos used as queries (no split column)")
     parser.add_argument("--unknown-fraction", type=float, default=0.25,
                         help="share of individuals left out of the gallery for the open set (no split column)")
-    parser.add_argument("--query-split", default="test", help="split whose photos are the queries (split column)")
+    parser.add_argument("--query-split", default="test",
+                        help="split whose photos are the queries when the dataset has a split column; "
+                             "'none' ignores the column and uses the seeded protocols")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from reid.cli import main as reid
+from reid.data.records import read_dataset
 
 log = logging.getLogger("reid.demo")
 
@@ -26,6 +27,12 @@ def _run(*args: str) -> None:
     code = reid(list(args))
     if code:
         raise SystemExit(code)
+
+
+def _query_split(data: Path) -> str:
+    """``test`` photos are the queries when there are any, else ``val`` ones; no split column: seeded split."""
+    splits = set(read_dataset(data, check_images=False)["split"])
+    return "test" if "test" in splits else "val" if "val" in splits else "none"
 
 
 def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> dict[str, object]:
@@ -46,9 +53,12 @@ def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> 
     _run(*fit)
     new_versions = sorted(set((runs / "lightning_logs").glob("version_*")) - set(versions))
     checkpoint = new_versions[-1] / "checkpoints" / "best.ckpt"
-    _run("calibrate", "--checkpoint", str(checkpoint), "--data", str(data))
+    # Calibration needs individuals missing from the gallery, which a split column rarely provides: use the
+    # seeded held-out-individual protocol. Evaluation follows the dataset's split (test, else val, queries).
+    _run("calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "none")
     results = out / "results.json"
-    _run("evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(results))
+    _run("evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(results),
+         "--query-split", _query_split(data))
     _run("rsm", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out / "rsm.png"), "--by-view")
     report = json.loads(results.read_text())
     minutes = (time.monotonic() - started) / 60

@@ -58,6 +58,10 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
     return RetrievalResult(rankings, predictions, truths, metrics)
 
 
+#: ``query_split`` value that ignores a dataset's split column and uses the seeded protocols instead.
+IGNORE_SPLIT_COLUMN = "none"
+
+
 @dataclass
 class Protocol:
     """Which photos are gallery and which are queries; queries of individuals absent from the gallery are unknown."""
@@ -71,13 +75,14 @@ def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fracti
                               unknown_fraction: float = 0.25, query_split: str = "test") -> tuple[Protocol, Protocol]:
     """The closed-set and open-set protocols for a dataset.
 
-    With a ``split`` column, photos of ``query_split`` are the queries and all others the gallery; the open set is
+    With a ``split`` column (unless ``query_split`` is ``"none"``), photos of ``query_split`` are the queries and
+    all others the gallery; the open set is
     the same, its unknown queries being those of individuals with no gallery photo. Without one, queries are a
     seeded by-image split (the same split ``reid fit`` validates on for the same seed and fraction), and the
     open set also removes a seeded ``unknown_fraction`` of individuals from the gallery, so that all their photos
     must come back as new_turtle.
     """
-    if (records["split"] != "").any():
+    if query_split != IGNORE_SPLIT_COLUMN and (records["split"] != "").any():
         is_query = (records["split"] == query_split).to_numpy()
         if not is_query.any():
             raise DatasetError(f"no photos with split {query_split!r} to use as queries; the dataset's splits are "

@@ -50,3 +50,19 @@ def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path)
     assert main(["rsm", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out),
                  "--individuals", "4", "--per-individual", "3", "--by-view"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    labels = (synth_dataset / "labels.csv").read_text().splitlines()
+    rows = [f"{line},{'val' if i % 4 == 3 else 'train'}" for i, line in enumerate(labels[1:])]
+    data = tmp_path / "with_split"
+    data.mkdir()
+    (data / "labels.csv").write_text("\n".join([labels[0] + ",split", *rows]) + "\n")
+    (data / "images").symlink_to(synth_dataset / "images")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+    assert "no photos with split 'test'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["closed_set"]["queries"] == 8 and report["closed_set"]["protocol"] == "split column: val vs rest"
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "none"]) == 0
