@@ -157,7 +157,7 @@ def _rsm(args: argparse.Namespace) -> int:
     rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
                               args.seed, args.batch_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=100)
+    figure.savefig(args.out, dpi=100, bbox_inches="tight")
     print(f"wrote {args.out} ({len(rsm.identities)} photos of {len(set(rsm.identities))} individuals)")
     return 0
 

@@ -230,7 +230,7 @@ class ReIDModule(L.LightningModule):
         if self.trainer.log_dir:
             folder = Path(self.trainer.log_dir) / "rsm"
             folder.mkdir(parents=True, exist_ok=True)
-            figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80)
+            figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         plt.close(figure)
