@@ -100,9 +100,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     closed, open_set = report["closed_set"], report["open_set"]
     print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
           f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
+    if open_set is None:
+        print("open set: no query shows an individual missing from the gallery "
+              "(--query-split none uses the seeded open-set protocol)")
+        return 0
     print(f"open set ({open_set['protocol']}, {int(open_set['queries'])} queries, threshold {report['threshold']:.4f} "
-          f"from {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set.get('known_accuracy', float('nan')):.4f}  "
-          f"unknown {open_set.get('unknown_accuracy', float('nan')):.4f}  balanced {open_set.get('balanced_accuracy', float('nan')):.4f}")
+          f"from {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set['known_accuracy']:.4f}  "
+          f"unknown {open_set['unknown_accuracy']:.4f}  balanced {open_set['balanced_accuracy']:.4f}")
     print(f"best threshold on this data (optimistic): {report['oracle_threshold']:.4f}")
     return 0
 

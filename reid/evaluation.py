@@ -110,27 +110,35 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: float | N
              query_fraction: float = 0.25, unknown_fraction: float = 0.25, query_split: str = "test") -> dict[str, object]:
     """Closed-set and open-set scores of embedded records, as ``reid evaluate`` reports them.
 
-    The open set is scored at ``threshold`` (the calibrated one); the best threshold for *this* data is reported
-    beside it as ``oracle_threshold`` (optimistic, for comparison only) and used when no threshold is given.
+    The closed set counts only queries of individuals that have gallery photos. The open set is scored at
+    ``threshold`` (the calibrated one); the best threshold for *this* data is reported beside it as
+    ``oracle_threshold`` (optimistic, for comparison only) and used when no threshold is given. When no query
+    shows an individual missing from the gallery, there is no open set to score and ``open_set`` is ``None``.
     """
     closed, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
-    identities = records["identity"].tolist()
-    closed_result = run_protocol(embeddings, identities, closed, threshold=None)
-    open_plain = run_protocol(embeddings, identities, open_set, threshold=None)
-    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths)
-    used, source = (threshold, "checkpoint or --threshold") if threshold is not None else (oracle, "oracle (calibrate first)")
-    open_result = score_rankings(open_plain.rankings, [identities[i] for i in open_set.queries],
-                                 known={identities[i] for i in open_set.gallery}, threshold=used)
+    identities = np.asarray(records["identity"].tolist(), dtype=object)
+    known_closed = np.isin(identities[closed.queries], identities[closed.gallery])
+    closed = Protocol(closed.gallery, closed.queries[known_closed], closed.description)
+    closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None)
     report: dict[str, object] = {
         "map5": closed_result.metrics["map5"],
         "top1": closed_result.metrics["top1"],
         "top5": closed_result.metrics["top5"],
         "closed_set": {**closed_result.metrics, "protocol": closed.description},
-        "open_set": {**open_result.metrics, "protocol": open_set.description},
-        "threshold": used,
-        "threshold_source": source,
-        "oracle_threshold": oracle,
+        "open_set": None,
+        "threshold": threshold,
+        "threshold_source": "checkpoint or --threshold" if threshold is not None else None,
+        "oracle_threshold": None,
     }
+    open_plain = run_protocol(embeddings, identities.tolist(), open_set, threshold=None)
+    if NEW_TURTLE not in open_plain.truths:
+        return report
+    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths)
+    if threshold is None:
+        report.update(threshold=oracle, threshold_source="oracle (calibrate first)")
+    open_result = score_rankings(open_plain.rankings, identities[open_set.queries].tolist(),
+                                 known=set(identities[open_set.gallery]), threshold=report["threshold"])
+    report.update(open_set={**open_result.metrics, "protocol": open_set.description}, oracle_threshold=oracle)
     return report
 
 

@@ -66,3 +66,18 @@ def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoi
     report = json.loads(capsys.readouterr().out)
     assert report["closed_set"]["queries"] == 8 and report["closed_set"]["protocol"] == "split column: val vs rest"
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "none"]) == 0
+
+
+def test_split_without_unknown_queries_reports_no_open_set(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    labels = (synth_dataset / "labels.csv").read_text().splitlines()
+    rows = [f"{line},{'test' if i % 4 == 3 else 'train'}" for i, line in enumerate(labels[1:])]
+    data = tmp_path / "closed_only"
+    data.mkdir()
+    (data / "labels.csv").write_text("\n".join([labels[0] + ",split", *rows]) + "\n")
+    (data / "images").symlink_to(synth_dataset / "images")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "open set: no query shows an individual missing from the gallery" in out and "nan" not in out
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["open_set"] is None
