@@ -64,7 +64,7 @@ def test_first_individual_names_and_identity(tmp_path: Path) -> None:
     a = _gen(tmp_path / "a", individuals=2, images_per_individual=2, first_individual=100)
     assert sorted({r["identity"] for r in _rows(a)}) == ["ind_100", "ind_101"]
     # ind_100 is the same animal whichever range it is generated in.
-    b = _gen(tmp_path / "b", individuals=3, images_per_individual=2, first_individual=99)
+    _gen(tmp_path / "b", individuals=3, images_per_individual=2, first_individual=99)
     for photo in ("ind_100_00_top.png", "ind_100_01_left.png"):
         rel = f"images/ind_100/{photo}"
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
