@@ -14,8 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reid.errors import ReIDError
+
+if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
+    import numpy as np
+
+    from reid.inference import Embedder
 
 log = logging.getLogger("reid")
 
@@ -67,7 +73,7 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32):  # noqa: ANN202 - (Embedder, ndarray)
+def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32) -> tuple[Embedder, np.ndarray]:
     """Load a checkpoint and embed image files with a progress bar: the one path every command shares."""
     from reid.inference import Embedder
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -231,8 +232,6 @@ class ReIDModule(L.LightningModule):
             folder = Path(self.trainer.log_dir) / "rsm"
             folder.mkdir(parents=True, exist_ok=True)
             figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
         plt.close(figure)
 
     def configure_optimizers(self) -> dict[str, Any]:

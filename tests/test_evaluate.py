@@ -52,14 +52,19 @@ def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def _with_split_column(synth_dataset: Path, data: Path, query_split: str) -> Path:
+    """The synthetic set with a split column: every fourth photo of each individual in ``query_split``."""
     labels = (synth_dataset / "labels.csv").read_text().splitlines()
-    rows = [f"{line},{'val' if i % 4 == 3 else 'train'}" for i, line in enumerate(labels[1:])]
-    data = tmp_path / "with_split"
+    rows = [f"{line},{query_split if i % 4 == 3 else 'train'}" for i, line in enumerate(labels[1:])]
     data.mkdir()
     (data / "labels.csv").write_text("\n".join([labels[0] + ",split", *rows]) + "\n")
     (data / "images").symlink_to(synth_dataset / "images")
+    return data
+
+
+def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = _with_split_column(synth_dataset, tmp_path / "with_split", query_split="val")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
     assert "no photos with split 'test'" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val", "--json"]) == 0
@@ -70,12 +75,7 @@ def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoi
 
 def test_split_without_unknown_queries_reports_no_open_set(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    labels = (synth_dataset / "labels.csv").read_text().splitlines()
-    rows = [f"{line},{'test' if i % 4 == 3 else 'train'}" for i, line in enumerate(labels[1:])]
-    data = tmp_path / "closed_only"
-    data.mkdir()
-    (data / "labels.csv").write_text("\n".join([labels[0] + ",split", *rows]) + "\n")
-    (data / "images").symlink_to(synth_dataset / "images")
+    data = _with_split_column(synth_dataset, tmp_path / "closed_only", query_split="test")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "open set: no query shows an individual missing from the gallery" in out and "nan" not in out
