@@ -17,10 +17,9 @@ from reid.metrics import NEW_TURTLE, Ranking, calibrate_threshold, insert_new_tu
 
 @dataclass
 class RetrievalResult:
-    """Rankings of every query and the scores a user reads (MAP@5, top-1, top-5; open-set accuracies)."""
+    """Rankings of every query, the truth each is scored against, and the scores a user reads."""
 
     rankings: list[Ranking]
-    predictions: list[list[str]]
     truths: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -55,7 +54,7 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
         metrics["unknown_accuracy"] = float(first[unknown].mean())
         metrics["known_accuracy"] = float(first[~unknown].mean()) if (~unknown).any() else float("nan")
         metrics["balanced_accuracy"] = float(np.nanmean([metrics["known_accuracy"], metrics["unknown_accuracy"]]))
-    return RetrievalResult(rankings, predictions, truths, metrics)
+    return RetrievalResult(rankings, truths, metrics)
 
 
 #: ``query_split`` value that ignores a dataset's split column and uses the seeded protocols instead.

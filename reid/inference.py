@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-import reid
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import reid
+from reid.data.dataset import Photos
 from reid.data.transforms import Preprocess
 from reid.errors import CheckpointError
 from reid.fileio import atomic_target
-from reid.imageio import decode_image
 from reid.model import Encoder
 
 log = logging.getLogger(__name__)
@@ -101,20 +100,6 @@ def write_checkpoint_metadata(path: str | Path, **updates: Any) -> None:
         torch.save(checkpoint, temporary)
 
 
-class _Images(Dataset):
-    def __init__(self, images: Sequence[str | Path | np.ndarray], preprocess: Preprocess) -> None:
-        self.images = images
-        self.transform = preprocess.eval_transform()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.images[index]
-        array = image if isinstance(image, np.ndarray) else decode_image(image)
-        return self.transform(image=array)["image"]
-
-
 class Embedder:
     """An encoder in eval mode plus its preprocessing: images in, L2-normalised float32 vectors out."""
 
@@ -156,7 +141,8 @@ class Embedder:
         """Embed image files or decoded RGB arrays; returns ``N x dim`` float32, rows L2-normalised."""
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        loader = DataLoader(_Images(images, self.preprocess), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(Photos(images, self.preprocess.eval_transform()), batch_size=batch_size,
+                            num_workers=num_workers)
         chunks = [
             self.encoder.embed(batch.to(self.device)).cpu().numpy()
             for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress)

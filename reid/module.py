@@ -108,10 +108,6 @@ class ReIDDataModule(L.LightningDataModule):
         queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
         return gallery, queries
 
-    @property
-    def train_identities(self) -> list[str]:
-        return sorted(self.train_records["identity"].unique())
-
     def _loader(self, dataset: ImageRecords, **kwargs: Any) -> DataLoader:
         workers = int(self.hparams.num_workers)
         return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -15,25 +16,38 @@ from reid.errors import DatasetError
 from reid.imageio import decode_image
 
 
-class ImageRecords(Dataset):
-    """Decoded, transformed photos of a record table, with an integer label per individual."""
+class Photos(Dataset):
+    """Image files (or already decoded RGB arrays) → transformed tensors.
 
-    def __init__(self, records: pd.DataFrame, transform: A.Compose,
-                 label_of: Callable[[str], int] | None = None) -> None:
-        self.paths = records["path"].tolist()
-        identities = records["identity"].tolist()
-        if label_of is None:
-            index = {identity: i for i, identity in enumerate(sorted(set(identities)))}
-            label_of = index.__getitem__
-        self.labels = np.array([label_of(identity) for identity in identities], dtype=np.int64)
+    The one place where a photo becomes an encoder input: training, validation and :class:`reid.inference.Embedder`
+    all index this dataset, so decoding and transforming never diverge between them.
+    """
+
+    def __init__(self, images: Sequence[str | Path | np.ndarray], transform: A.Compose) -> None:
+        self.images = images
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        array = image if isinstance(image, np.ndarray) else decode_image(image)
+        return self.transform(image=array)["image"]
+
+
+class ImageRecords(Dataset):
+    """The photos of a record table with an integer label per individual (``label_of`` maps identity → label)."""
+
+    def __init__(self, records: pd.DataFrame, transform: A.Compose, label_of: Callable[[str], int]) -> None:
+        self.photos = Photos(records["path"].tolist(), transform)
+        self.labels = np.array([label_of(identity) for identity in records["identity"]], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.photos)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = decode_image(self.paths[index])
-        return self.transform(image=image)["image"], int(self.labels[index])
+        return self.photos[index], int(self.labels[index])
 
 
 def identity_batch_sampler(labels: Sequence[int], individuals_per_batch: int, photos_per_individual: int,
