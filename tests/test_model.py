@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+from reid.cli import main
 from reid.errors import WeightsError
+from reid.inference import Embedder
 from reid.model import Encoder, create_backbone
 
 BACKBONE = "resnet10t"
@@ -63,3 +67,101 @@ def test_embedding_is_l2_normalised_backbone_feature_or_projection() -> None:
         vectors = encoder.embed(images)
         assert vectors.shape == (3, dim)
         assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+# --- foundation backbones: ViTs built for the input size, hf-hub: names, weights through timm's loader ---------------
+
+VIT = "test_vit3"  # a tiny ViT in timm, built for one input size (160 px by default) like DINOv2
+
+
+def _vit_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return timm.create_model(VIT).state_dict()  # at timm's default size, with a classifier, as hub files are
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Hugging Face hub offline (no 30 s of connection retries) with an empty cache of its own."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _cache_hub_model(cache: Path, repo: str, model: torch.nn.Module) -> None:
+    """Leave ``model`` in the hub cache as repo ``repo``, as an earlier online download would (timm's own export)."""
+    revision = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    timm.models.save_for_hf(model, str(folder / "snapshots" / revision), safe_serialization=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+
+
+def test_vit_is_built_for_the_requested_input_size() -> None:
+    images = torch.randn(2, 3, 96, 96)
+    with pytest.raises(AssertionError):  # what `reid evaluate` hit: timm's default ViT is built for 160 px
+        Encoder(VIT).embed(images)
+    vectors = Encoder(VIT, image_size=96).eval().embed(images)
+    assert vectors.shape == (2, 96) and torch.allclose(vectors.norm(dim=1), torch.ones(2), atol=1e-5)
+    with pytest.raises(WeightsError, match=r"backbone 'test_maxvit' cannot take 100 px input"):
+        create_backbone("test_maxvit", False, image_size=100)  # its attention windows do not tile 100 px
+
+
+def test_cnns_and_tagged_names_take_image_size_too() -> None:
+    assert Encoder(BACKBONE, image_size=64).eval().embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+    assert create_backbone(f"{VIT}.r160_in1k", False, image_size=96).pretrained_cfg["tag"] == "r160_in1k"
+
+
+def test_local_file_loads_through_timm_and_adapts_to_the_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = _vit_state(seed=3)
+    path = tmp_path / "vit.safetensors"
+    save_file(saved, str(path))
+    overlays: list[object] = []
+    create_model = timm.create_model
+
+    def recording_create_model(*args: object, **kwargs: object) -> torch.nn.Module:
+        overlays.append(kwargs.get("pretrained_cfg_overlay"))
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording_create_model)
+    loaded = create_backbone(VIT, str(path), image_size=160).state_dict()
+    assert {"file": str(path), "source": None} in overlays
+    assert all(torch.equal(loaded[k], saved[k]) for k in loaded)  # every tensor really came from the file
+    resized = create_backbone(VIT, str(path), image_size=96).state_dict()
+    assert resized["pos_embed"].shape[1] < saved["pos_embed"].shape[1]  # timm resampled it to 6 x 6 patches
+    assert all(torch.equal(resized[k], saved[k]) for k in resized if k != "pos_embed")
+
+
+def test_hf_hub_name_offline_is_an_error_naming_it(tmp_path: Path, offline_hub: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    name = "hf-hub:BVRA/MegaDescriptor-T-224"
+    assert main(["export", "--backbone", name, "--out", str(tmp_path / "mega.ckpt")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"reid: error: could not create backbone '{name}' for 224 px input") and "hub" in error
+
+
+def test_hf_hub_name_uses_the_hub_cache_and_a_local_file_beats_the_hub(tmp_path: Path, offline_hub: Path) -> None:
+    torch.manual_seed(4)
+    hub_model = timm.create_model(VIT)
+    _cache_hub_model(offline_hub, "someone/tiny-vit", hub_model)
+    hub = hub_model.state_dict()
+    from_hub = create_backbone("hf-hub:someone/tiny-vit", True, image_size=160).state_dict()
+    assert all(torch.equal(from_hub[k], hub[k]) for k in from_hub)
+    local = _vit_state(seed=5)
+    save_file(local, str(tmp_path / "local.safetensors"))
+    from_file = create_backbone("hf-hub:someone/tiny-vit", str(tmp_path / "local.safetensors"), 160).state_dict()
+    assert all(torch.equal(from_file[k], local[k]) for k in from_file)
+
+
+def test_exported_vit_embeds_and_evaluates_at_its_size(tmp_path: Path, synth_dataset: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "vit96.ckpt"
+    assert main(["export", "--backbone", VIT, "--image-size", "96", "--out", str(checkpoint)]) == 0
+    embedder = Embedder.from_checkpoint(checkpoint)  # rebuilt at 96 px from the checkpoint's preprocessing
+    vectors = embedder.embed(sorted(synth_dataset.glob("images/*/*.png"))[:3])
+    assert vectors.shape == (3, 96) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["map5"] <= 1.0
