@@ -21,6 +21,7 @@ from reid.errors import ReIDError
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import numpy as np
 
+    from reid.identify import Threshold
     from reid.inference import Embedder
 
 log = logging.getLogger("reid")
@@ -81,21 +82,26 @@ def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32) -> tuple[Em
     return embedder, embedder.embed(paths, batch_size=batch_size, progress=True)
 
 
-def _threshold(value: float | None) -> None:
+def _check_threshold(value: float | None) -> None:
     """Refuse a threshold outside cosine similarity's range before any work is done."""
     if value is not None and not -1.0 <= value <= 1.0:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
+
+
+def _threshold_in_force(requested: float | None, embedder: Embedder) -> Threshold:
+    from reid.identify import resolve_threshold
+
+    return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
 
-    _threshold(args.threshold)
+    _check_threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
-    threshold = args.threshold if args.threshold is not None else embedder.threshold
-    report = evaluate(embeddings, records, threshold, args.seed, args.query_fraction, args.unknown_fraction,
+    report = evaluate(embeddings, records, _threshold_in_force(args.threshold, embedder), args.seed, args.query_fraction, args.unknown_fraction,
                       args.query_split)
     report = {"checkpoint": str(args.checkpoint), "data": str(args.data), **report}
     if args.out:
@@ -111,8 +117,11 @@ def _evaluate(args: argparse.Namespace) -> int:
               "(--query-split none uses the seeded open-set protocol)")
         return 0
     print(f"open set ({open_set['protocol']}, {int(open_set['queries'])} queries, threshold {report['threshold']:.4f} "
-          f"from {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set['known_accuracy']:.4f}  "
-          f"unknown {open_set['unknown_accuracy']:.4f}  balanced {open_set['balanced_accuracy']:.4f}")
+          f"from the {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set['known_accuracy']:.4f}  "
+          f"unknown {open_set['unknown_accuracy']:.4f}  balanced {open_set['balanced_accuracy']:.4f}  "
+          f"AUROC {open_set['auroc']:.4f}")
+    if report["threshold_origin"]:
+        print(f"threshold: {report['threshold_origin']}")
     print(f"best threshold on this data (optimistic): {report['oracle_threshold']:.4f}")
     return 0
 
@@ -127,6 +136,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split)
     write_checkpoint_metadata(args.checkpoint, threshold=threshold,
+                              threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f})",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
     print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     return 0
@@ -135,20 +145,23 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import search_gallery
-    from reid.metrics import insert_new_turtle
-    from reid.submission import read_queries, write_submission
+    from reid.identify import answer_from_ranking
+    from reid.submission import read_queries, write_report, write_submission
 
-    _threshold(args.threshold)
+    _check_threshold(args.threshold)
     gallery = read_dataset(args.gallery)
     queries = read_queries(args.queries)
     embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
-    threshold = args.threshold if args.threshold is not None else embedder.threshold
+    threshold = _threshold_in_force(args.threshold, embedder)
     rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5)
-    predictions = [insert_new_turtle(ranking, threshold) for ranking in rankings]
-    write_submission(args.out, queries["image_id"].tolist(), predictions)
-    print(f"wrote {len(queries)} predictions to {args.out} (new_turtle threshold: "
-          f"{'none' if threshold is None else f'{threshold:.4f}'})")
+    answers = [answer_from_ranking(ranking, threshold, k=5) for ranking in rankings]
+    write_submission(args.out, queries["image_id"].tolist(), [answer.labels for answer in answers])
+    if args.report:
+        write_report(args.report, queries, answers, gallery)
+    print(f"wrote {len(queries)} predictions to {args.out}" + (f" and the evidence to {args.report}" if args.report else "")
+          + f" (new_turtle threshold: {'none' if threshold.value is None else f'{threshold.value:.4f}'}"
+          + (f", from the {threshold.source})" if threshold.source else ")"))
     return 0
 
 
@@ -244,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Zindi test.csv (images/ beside it), a folder of images, or a dataset")
     predict.add_argument("--out", required=True, type=Path, help="submission CSV to write")
     predict.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
+    predict.add_argument("--report", type=Path, help="also write each query's ranked answer with its evidence (the "
+                                                    "best-matching gallery photo, its similarity) as JSON")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.set_defaults(handler=_predict)
 

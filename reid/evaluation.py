@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,8 +11,8 @@ import pandas as pd
 
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
-from reid.gallery import Gallery
-from reid.metrics import NEW_TURTLE, Ranking, calibrate_threshold, insert_new_turtle, map_at_k, top_k_accuracy
+from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
+from reid.metrics import NEW_TURTLE, Ranking, calibrate_threshold, map_at_k, top_k_accuracy
 
 
 @dataclass
@@ -25,11 +25,10 @@ class RetrievalResult:
 
 
 def search_gallery(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str], query_embeddings: np.ndarray,
-                   k: int = 5) -> list[Ranking]:
-    """Rank up to ``k`` individuals for each query through a FAISS gallery (the service's search path)."""
-    gallery = Gallery(int(gallery_embeddings.shape[1]))
-    gallery.add(np.arange(len(gallery_identities)), gallery_embeddings, list(gallery_identities))
-    return gallery.search(query_embeddings, k)
+                   k: int = 5, verifier: Verifier | None = None) -> list[Ranking]:
+    """Rank up to ``k`` individuals for each query through the service's own path (:class:`reid.identify.Identifier`);
+    a hit's ``image_id`` is the row of its best-matching photo in ``gallery_embeddings``."""
+    return identifier_over(gallery_embeddings, gallery_identities, verifier=verifier).rank(query_embeddings, k)
 
 
 def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], known: set[str],
@@ -41,7 +40,7 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
     ones) and their ``balanced_accuracy``.
     """
     truths = [identity if identity in known else NEW_TURTLE for identity in query_identities]
-    predictions = [insert_new_turtle(ranking, threshold, k) for ranking in rankings]
+    predictions = [answer_from_ranking(ranking, Threshold(threshold), k).labels for ranking in rankings]
     metrics = {
         "map5": map_at_k(predictions, truths, k),
         "top1": top_k_accuracy(predictions, truths, 1),
@@ -54,7 +53,78 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
         metrics["unknown_accuracy"] = float(first[unknown].mean())
         metrics["known_accuracy"] = float(first[~unknown].mean()) if (~unknown).any() else float("nan")
         metrics["balanced_accuracy"] = float(np.nanmean([metrics["known_accuracy"], metrics["unknown_accuracy"]]))
+        metrics["auroc"] = new_turtle_auroc(rankings, truths)
     return RetrievalResult(rankings, truths, metrics)
+
+
+def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[str]) -> float:
+    """AUROC of the new_turtle score (minus the best individual's score) for telling unknown queries from known
+    ones: 1.0 when every unknown query scores under every known one, whatever the threshold (nan: one class)."""
+    from sklearn.metrics import roc_auc_score
+
+    unknown = np.array([t == NEW_TURTLE for t in truths])
+    if unknown.all() or not unknown.any():
+        return float("nan")
+    best = np.array([ranking[0].score if ranking else -np.inf for ranking in rankings])
+    return float(roc_auc_score(unknown, -np.nan_to_num(best, neginf=-2.0)))
+
+
+@dataclass
+class HeldOutCalibration:
+    """A new_turtle threshold fitted on queries of individuals held out of the gallery, with the open-set scores it
+    earned on *other* held-out individuals (cross-validated over folds of individuals)."""
+
+    threshold: float
+    metrics: dict[str, float]
+    origin: str
+
+
+def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str],
+                                      query_embeddings: np.ndarray, query_identities: Sequence[str], folds: int = 4,
+                                      seed: int = 0, k: int = 5) -> HeldOutCalibration | None:
+    """Fit the new_turtle threshold without any photo of a truly new individual, as `reid fit` does.
+
+    The individuals with queries are dealt into ``folds`` seeded folds. Removing one fold's photos from the
+    gallery turns its queries into new turtles; the threshold for that fold is calibrated on the *other* folds
+    and scored on it, so the reported scores never grade a threshold on the individuals that chose it. The
+    returned threshold is calibrated on all folds together. ``None`` when fewer than two individuals have both
+    gallery photos and queries (there is nothing to hold out).
+    """
+    gallery_ids = np.asarray(gallery_identities, dtype=object)
+    query_ids = np.asarray(query_identities, dtype=object)
+    shared = sorted(set(gallery_ids) & set(query_ids))
+    if len(shared) < 2:
+        return None
+    folds = min(folds, len(shared))
+    fold_of = {identity: i % folds for i, identity in enumerate(np.random.default_rng(seed).permutation(shared))}
+    problems: list[tuple[list[Ranking], list[str]]] = []
+    for fold in range(folds):
+        held_out = {identity for identity, f in fold_of.items() if f == fold}
+        keep = np.array([identity not in held_out for identity in gallery_ids])
+        rankings = search_gallery(gallery_embeddings[keep], gallery_ids[keep].tolist(), query_embeddings, k)
+        problems.append((rankings, [NEW_TURTLE if t in held_out else t for t in query_ids]))
+    scored_rankings: list[Ranking] = []
+    scored_truths: list[str] = []
+    predictions: list[list[str]] = []
+    for fold, (rankings, truths) in enumerate(problems):
+        others = [problem for f, problem in enumerate(problems) if f != fold]
+        threshold, _ = calibrate_threshold([r for p in others for r in p[0]], [t for p in others for t in p[1]], k)
+        scored_rankings += rankings
+        scored_truths += truths
+        predictions += [answer_from_ranking(r, Threshold(threshold), k).labels for r in rankings]
+    first = np.array([bool(p) and p[0] == t for p, t in zip(predictions, scored_truths)])
+    unknown = np.array([t == NEW_TURTLE for t in scored_truths])
+    metrics = {
+        "map5": map_at_k(predictions, scored_truths, k),
+        "known_accuracy": float(first[~unknown].mean()),
+        "unknown_accuracy": float(first[unknown].mean()),
+        "auroc": new_turtle_auroc(scored_rankings, scored_truths),
+    }
+    metrics["balanced_accuracy"] = (metrics["known_accuracy"] + metrics["unknown_accuracy"]) / 2
+    threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k)
+    origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}); "
+              f"on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUROC {metrics['auroc']:.3f}")
+    return HeldOutCalibration(threshold, metrics, origin)
 
 
 #: ``query_split`` value that ignores a dataset's split column and uses the seeded protocols instead.
@@ -96,45 +166,54 @@ def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fracti
     return closed, open_set
 
 
+#: Builds the local verifier of one protocol from its gallery rows and query rows (rows of the record table).
+VerifierFactory = Callable[[np.ndarray, np.ndarray], Verifier]
+
+
 def run_protocol(embeddings: np.ndarray, identities: Sequence[str], protocol: Protocol, threshold: float | None,
-                 k: int = 5) -> RetrievalResult:
+                 k: int = 5, verifier_for: VerifierFactory | None = None) -> RetrievalResult:
     """Search the protocol's queries against its gallery and score them."""
     identities = np.asarray(identities, dtype=object)
     gallery_ids = identities[protocol.gallery].tolist()
-    rankings = search_gallery(embeddings[protocol.gallery], gallery_ids, embeddings[protocol.queries], k)
+    verifier = None if verifier_for is None else verifier_for(protocol.gallery, protocol.queries)
+    rankings = search_gallery(embeddings[protocol.gallery], gallery_ids, embeddings[protocol.queries], k, verifier)
     return score_rankings(rankings, identities[protocol.queries].tolist(), known=set(gallery_ids), threshold=threshold, k=k)
 
 
-def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: float | None, seed: int = 0,
-             query_fraction: float = 0.25, unknown_fraction: float = 0.25, query_split: str = "test") -> dict[str, object]:
+def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold, seed: int = 0,
+             query_fraction: float = 0.25, unknown_fraction: float = 0.25, query_split: str = "test",
+             verifier_for: VerifierFactory | None = None) -> dict[str, object]:
     """Closed-set and open-set scores of embedded records, as ``reid evaluate`` reports them.
 
     The closed set counts only queries of individuals that have gallery photos. The open set is scored at
-    ``threshold`` (the calibrated one); the best threshold for *this* data is reported beside it as
-    ``oracle_threshold`` (optimistic, for comparison only) and used when no threshold is given. When no query
-    shows an individual missing from the gallery, there is no open set to score and ``open_set`` is ``None``.
+    ``threshold`` (the checkpoint's calibrated one, or the user's); the best threshold for *this* data is reported
+    beside it as ``oracle_threshold`` (optimistic, for comparison only) and used when there is no threshold. When no
+    query shows an individual missing from the gallery, there is no open set to score and ``open_set`` is ``None``.
+    ``verifier_for(gallery_rows, query_rows)`` adds local verification to both protocols.
     """
     closed, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
     identities = np.asarray(records["identity"].tolist(), dtype=object)
     known_closed = np.isin(identities[closed.queries], identities[closed.gallery])
     closed = Protocol(closed.gallery, closed.queries[known_closed], closed.description)
-    closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None)
+    closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None, verifier_for=verifier_for)
     report: dict[str, object] = {
         "map5": closed_result.metrics["map5"],
         "top1": closed_result.metrics["top1"],
         "top5": closed_result.metrics["top5"],
         "closed_set": {**closed_result.metrics, "protocol": closed.description},
         "open_set": None,
-        "threshold": threshold,
-        "threshold_source": "checkpoint or --threshold" if threshold is not None else None,
+        "threshold": threshold.value,
+        "threshold_source": threshold.source,
+        "threshold_origin": threshold.origin,
         "oracle_threshold": None,
     }
-    open_plain = run_protocol(embeddings, identities.tolist(), open_set, threshold=None)
+    open_plain = run_protocol(embeddings, identities.tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if NEW_TURTLE not in open_plain.truths:
         return report
     oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths)
-    if threshold is None:
-        report.update(threshold=oracle, threshold_source="oracle (calibrate first)")
+    if threshold.value is None:
+        report.update(threshold=oracle, threshold_source="oracle",
+                      threshold_origin="the best threshold for this very data (optimistic): the checkpoint has none")
     open_result = score_rankings(open_plain.rankings, identities[open_set.queries].tolist(),
                                  known=set(identities[open_set.gallery]), threshold=report["threshold"])
     report.update(open_set={**open_result.metrics, "protocol": open_set.description}, oracle_threshold=oracle)
@@ -142,10 +221,11 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: float | N
 
 
 def calibrate(embeddings: np.ndarray, records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
-              unknown_fraction: float = 0.25, query_split: str = "test") -> tuple[float, float, str]:
+              unknown_fraction: float = 0.25, query_split: str = "test",
+              verifier_for: VerifierFactory | None = None) -> tuple[float, float, str]:
     """The new_turtle threshold that maximises open-set MAP@5 on ``records``: (threshold, MAP@5, protocol)."""
     _, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
-    result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None)
+    result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if all(t != NEW_TURTLE for t in result.truths):
         raise DatasetError("calibration needs queries of individuals absent from the gallery; this data has none "
                            "(use a dataset without a split column, or test photos of individuals not in train/val)")

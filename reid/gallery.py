@@ -167,6 +167,19 @@ class Gallery:
             self._gpu_stale = False
         return self._gpu_index
 
+    def identity_of(self, image_id: int) -> str:
+        """The individual a gallery photo belongs to."""
+        with self._lock:
+            return self._identity[int(image_id)]
+
+    def search_photos(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` most similar photos of each query: ``(scores, ids)``, both ``Q x n``, id -1 past the end."""
+        vectors = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            if not self._identity:
+                return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+            return self._search_index().search(vectors, min(n, len(self._identity)))
+
     def search(self, queries: np.ndarray, k: int) -> list[Ranking]:
         """Rank up to ``k`` distinct individuals for each query, each scored by its best-matching photo.
 
@@ -184,7 +197,7 @@ class Gallery:
             while True:
                 scores, ids = index.search(vectors, fetch)
                 rankings = [
-                    rank_individuals(s[i >= 0], [self._identity[int(j)] for j in i[i >= 0]], k)
+                    rank_individuals(s[i >= 0], [self._identity[int(j)] for j in i[i >= 0]], k, i[i >= 0])
                     for s, i in zip(scores, ids)
                 ]
                 if fetch >= total or all(len(r) >= wanted_individuals for r in rankings):

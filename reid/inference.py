@@ -59,7 +59,8 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str, projection_dim: int,
-                        config: dict[str, Any] | None = None, threshold: float | None = None) -> dict[str, Any]:
+                        config: dict[str, Any] | None = None, threshold: float | None = None,
+                        threshold_origin: str | None = None) -> dict[str, Any]:
     """The ``reid`` entry of a checkpoint: everything :meth:`Embedder.from_checkpoint` needs, as plain values."""
     return {
         "format": 1,
@@ -70,6 +71,7 @@ def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str,
         "embedding_dim": int(encoder.embedding_dim),
         "preprocess": preprocess.to_dict(),
         "threshold": threshold,
+        "threshold_origin": threshold_origin,
         "config": config or {},
     }
 
@@ -80,7 +82,7 @@ def export_encoder(path: str | Path, backbone: str, pretrained: bool | str, imag
 
     This is how a baseline is evaluated, enrolled or served exactly like a fine-tuned model.
     """
-    encoder = Encoder(backbone, pretrained, projection_dim, embedding)
+    encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
     meta = checkpoint_metadata(encoder, encoder.preprocess(image_size), backbone, projection_dim,
                                config={"model": {"backbone": backbone, "pretrained": str(pretrained),
                                                  "image_size": image_size, "embedding": embedding}})
@@ -104,11 +106,14 @@ class Embedder:
     """An encoder in eval mode plus its preprocessing: images in, L2-normalised float32 vectors out."""
 
     def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
-                 name: str = "", fingerprint: str = "", device: str | None = None) -> None:
+                 name: str = "", fingerprint: str = "", device: str | None = None,
+                 threshold_origin: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder = encoder.eval().to(self.device)
         self.preprocess = preprocess
         self.threshold = threshold
+        #: how the checkpoint's threshold was fitted (by `reid fit` or `reid calibrate`), for users to read
+        self.threshold_origin = threshold_origin
         self.name = name
         self.fingerprint = fingerprint
 
@@ -123,7 +128,7 @@ class Embedder:
         meta = checkpoint[CHECKPOINT_KEY]
         try:
             encoder = Encoder(meta["backbone"], pretrained=False, projection_dim=int(meta["projection_dim"]),
-                              embedding=meta["embedding"])
+                              embedding=meta["embedding"], image_size=int(meta["preprocess"]["image_size"]))
             prefix = "encoder."
             state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
             encoder.load_state_dict(state, strict=True)
@@ -133,7 +138,7 @@ class Embedder:
         threshold = meta.get("threshold")
         return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
                    name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
-                   device=device)
+                   device=device, threshold_origin=meta.get("threshold_origin"))
 
     @torch.inference_mode()
     def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32, progress: bool = False,

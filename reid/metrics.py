@@ -8,13 +8,25 @@ is Zindi's MAP@5: per query, 1/rank of the first occurrence of the true label am
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 NEW_TURTLE = "new_turtle"
 
-#: A ranked answer: (individual, similarity of its best-matching gallery photo), best first.
-Ranking = list[tuple[str, float]]
+
+class Hit(NamedTuple):
+    """One individual in a ranked answer, scored by its best-matching gallery photo, which is kept as evidence."""
+
+    individual: str
+    score: float  # what the threshold compares: the similarity, or the fused score when verification ran
+    image_id: int = -1  # gallery id of the best-matching photo (-1: unknown)
+    similarity: float | None = None  # that photo's cosine similarity (None: same as score)
+    inliers: int | None = None  # geometrically verified local-feature matches, where verification ran
+
+
+#: A ranked answer: individuals, best first, each once.
+Ranking = list[Hit]
 
 
 def average_precision_at_k(predicted: Sequence[str], actual: str, k: int = 5) -> float:
@@ -45,18 +57,21 @@ def top_k_accuracy(predictions: Sequence[Sequence[str]], truths: Sequence[str], 
     return float(np.mean([t in list(p)[:k] for p, t in zip(predictions, truths)]))
 
 
-def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int) -> Ranking:
+def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int,
+                     image_ids: Sequence[int] | None = None) -> Ranking:
     """Collapse one query's photo neighbours (sorted best first) into up to ``k`` distinct individuals.
 
-    Each individual is scored by its best-matching photo, which is the first time it appears.
+    Each individual is scored by its best-matching photo, which is the first time it appears; that photo's id
+    (from ``image_ids``) is kept as the evidence a person can look at.
     """
     ranking: Ranking = []
     seen: set[str] = set()
-    for score, identity in zip(scores, identities):
+    ids = image_ids if image_ids is not None else [-1] * len(identities)
+    for score, identity, image_id in zip(scores, identities, ids):
         if identity in seen:
             continue
         seen.add(identity)
-        ranking.append((identity, float(score)))
+        ranking.append(Hit(identity, float(score), int(image_id)))
         if len(ranking) == k:
             break
     return ranking
@@ -68,9 +83,9 @@ def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5) -> 
     With a best score under the threshold ``new_turtle`` comes first; with every score above it, it comes after
     them (if room remains in the first ``k``). ``threshold=None`` never inserts it.
     """
-    labels = [identity for identity, _ in ranking]
+    labels = [hit.individual for hit in ranking]
     if threshold is not None:
-        position = sum(1 for _, score in ranking if score >= threshold)
+        position = sum(1 for hit in ranking if hit.score >= threshold)
         labels.insert(position, NEW_TURTLE)
     return labels[:k]
 
@@ -80,18 +95,18 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[str], k: i
 
     ``truths`` holds :data:`NEW_TURTLE` for queries of individuals absent from the gallery. Every threshold
     between two consecutive observed scores gives the same rankings, so only observed scores (and one value
-    above all of them) are tried; ties are broken toward the middle of the best range so that the threshold
-    is not balanced on a single photo's score.
+    above all of them) are tried; the threshold returned is the middle of the widest range of best thresholds,
+    so that it is not balanced on a single photo's score.
     """
     if not truths:
         raise ValueError("calibration needs at least one query")
     scores = np.full((len(rankings), k), -np.inf)
     true_rank = np.full(len(rankings), k + 1)  # rank of the true individual among the ranked ones (0-based)
     for q, (ranking, truth) in enumerate(zip(rankings, truths)):
-        values = [s for _, s in ranking[:k]]
+        values = [hit.score for hit in ranking[:k]]
         scores[q, : len(values)] = values
-        for r, (identity, _) in enumerate(ranking[:k]):
-            if identity == truth:
+        for r, hit in enumerate(ranking[:k]):
+            if hit.individual == truth:
                 true_rank[q] = r
     observed = np.unique(scores[np.isfinite(scores)])
     candidates = np.concatenate([[-1.0 - 1e-6], observed, [observed.max() + 1e-6 if observed.size else 1.0]])
@@ -101,6 +116,20 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[str], k: i
     effective = np.where(is_new, position, np.where(position <= true_rank[None, :], true_rank + 1, true_rank))
     ap = np.where(effective < k, 1.0 / (effective + 1.0), 0.0)
     means = ap.mean(axis=1)
-    best = np.flatnonzero(np.isclose(means, means.max()))
-    chosen = best[len(best) // 2]
-    return float(candidates[chosen]), float(means[chosen])
+    # Every threshold in (candidates[i - 1], candidates[i]] behaves like candidates[i]. Of the runs of best
+    # candidates, take the widest interval of thresholds and return its middle: the largest margin on both sides.
+    best = np.isclose(means, means.max())
+    widest, chosen = -1.0, 0.0
+    i = 0
+    while i < len(candidates):
+        if not best[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(candidates) and best[j + 1]:
+            j += 1
+        low = candidates[i - 1] if i > 0 else candidates[0]
+        if candidates[j] - low > widest:
+            widest, chosen = candidates[j] - low, (low + candidates[j]) / 2
+        i = j + 1
+    return float(np.clip(chosen, -1.0, 1.0)), float(means.max())  # scores are cosines or probabilities

@@ -27,7 +27,7 @@ from reid.data.records import read_dataset
 from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
 from reid.errors import DatasetError
-from reid.evaluation import score_rankings, search_gallery
+from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
 from reid.model import EmbeddingSource, Encoder
 from reid.rsm import compute_rsm, plot_rsm
@@ -160,10 +160,12 @@ class ReIDModule(L.LightningModule):
         self.save_hyperparameters()
         if loss not in ("ntxent", "supcon", "subcenter_arcface"):
             raise ValueError(f"loss must be ntxent, supcon or subcenter_arcface, got {loss!r}")
-        self.encoder = Encoder(backbone, pretrained, projection_dim, embedding)
+        self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         self.preprocess: Preprocess = self.encoder.preprocess(image_size)
         self.criterion: torch.nn.Module | None = None
         self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: the new_turtle threshold fitted at the latest validation; saved with the checkpoint of that validation
+        self.calibration: HeldOutCalibration | None = None
         if loss != "subcenter_arcface":
             self.criterion = self._make_criterion(num_classes=0)
 
@@ -215,6 +217,14 @@ class ReIDModule(L.LightningModule):
         self.log("val_map5", result.metrics["map5"], prog_bar=True)
         self.log("val_top1", result.metrics["top1"], prog_bar=True)
         self.log("val_top5", result.metrics["top5"])
+        self.calibration = calibrate_on_held_out_individuals(gallery, gallery_ids, queries, query_ids,
+                                                             seed=int(self.trainer.datamodule.hparams.seed))
+        if self.calibration is None:
+            log.warning("validation has fewer than 2 individuals with both gallery photos and queries: no new_turtle "
+                        "threshold can be fitted; this checkpoint will never answer new_turtle until `reid calibrate`")
+        else:
+            self.log("val_open_balanced_accuracy", self.calibration.metrics["balanced_accuracy"])
+            self.log("val_open_auroc", self.calibration.metrics["auroc"])
         if self.hparams.rsm_individuals > 0:
             self._log_rsm(queries, query_ids)
 
@@ -257,5 +267,10 @@ class ReIDModule(L.LightningModule):
             "model": {k: (str(v) if isinstance(v, Path) else v) for k, v in hp.items()},
             "data": dict(datamodule.hparams) if datamodule is not None else {},
         }
-        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self.encoder, self.preprocess, hp.backbone,
-                                                         hp.projection_dim, config=config)
+        calibration = self.calibration
+        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
+            self.encoder, self.preprocess, hp.backbone, hp.projection_dim, config=config,
+            threshold=None if calibration is None else calibration.threshold,
+            threshold_origin=None if calibration is None else
+            f"reid fit, validation of epoch {self.current_epoch}: {calibration.origin}",
+        )

@@ -7,10 +7,14 @@ labels per row, ``new_turtle`` a label like any other; the score is MAP@5 (:mod:
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+
+from reid.identify import Answer
 
 from reid.data.records import IMAGE_EXTENSIONS, read_dataset
 from reid.errors import DatasetError, ReIDError
@@ -72,6 +76,33 @@ def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Se
         writer.writerow(["image_id", *PREDICTION_COLUMNS])
         for image_id, labels in zip(image_ids, predictions):
             writer.writerow([image_id, *list(dict.fromkeys(labels))[:5]])
+    return path
+
+
+def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answer], gallery: pd.DataFrame) -> Path:
+    """Write each query's ranked answer with its evidence as JSON, for a person to confirm matches by eye.
+
+    For every predicted individual: its score and the gallery photo that matched best (``image_id``, ``view``,
+    ``path``, cosine ``similarity``, and ``inliers`` where local verification ran). ``answers[i]`` answers
+    ``queries`` row ``i``; an evidence ``image_id`` is a row number of ``gallery``.
+    """
+    rows = []
+    for query, answer in zip(queries.itertuples(index=False), answers):
+        predictions = []
+        for prediction in answer.predictions:
+            entry = {"individual": prediction.individual, "score": prediction.score, "evidence": None}
+            if prediction.image_id is not None:
+                photo = gallery.iloc[prediction.image_id]
+                entry["evidence"] = {"image_id": str(photo["image_id"]), "view": str(photo["view"]),
+                                     "path": str(photo["path"]), "similarity": prediction.similarity,
+                                     "inliers": prediction.inliers}
+            predictions.append(entry)
+        rows.append({"image_id": str(query.image_id), "path": str(query.path), "new_turtle": answer.new_turtle,
+                     "predictions": predictions})
+    threshold = asdict(answers[0].threshold) if answers else None
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"threshold": threshold, "queries": rows}, indent=1) + "\n")
     return path
 
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from reid.errors import ImageDecodeError
 from reid.gallery import Gallery
+from reid.identify import Answer, Identifier, Threshold, resolve_threshold
+from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
-from reid.metrics import NEW_TURTLE, Ranking, insert_new_turtle
-from service.errors import rejected_image
+from service.errors import NotFoundError, rejected_image
 from service.photos import Photo, read_photo
-from service.schemas import IdentifyResponse, Prediction, ThresholdSource
+from service.schemas import Evidence, IdentifyResponse, Prediction
 from service.settings import Settings
 from service.store import IndividualMode, ModelRecord, Store, StoredImage
 
@@ -33,14 +33,6 @@ def model_record(embedder: Embedder, checkpoint: str) -> ModelRecord:
     return ModelRecord(embedder.fingerprint, embedder.name, embedder.dim, checkpoint)
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """The new_turtle threshold in force and where it came from (None: no threshold, never new_turtle)."""
-
-    value: float | None
-    source: ThresholdSource | None
-
-
 class Engine:
     """Everything a request needs: enrol, delete and identify photos against the gallery."""
 
@@ -49,6 +41,7 @@ class Engine:
         self.embedder = embedder
         self.store = store
         self.gallery = gallery
+        self.identifier = Identifier(gallery)
         self._write_lock = threading.Lock()
 
     @classmethod
@@ -66,13 +59,8 @@ class Engine:
 
     def threshold(self, requested: float | None) -> Threshold:
         """The request's threshold, else the checkpoint's calibrated one, else the configured default."""
-        if requested is not None:
-            return Threshold(requested, "request")
-        if self.embedder.threshold is not None:
-            return Threshold(self.embedder.threshold, "checkpoint")
-        if self.settings.default_threshold is not None:
-            return Threshold(self.settings.default_threshold, "settings")
-        return Threshold(None, None)
+        return resolve_threshold(requested, self.embedder.threshold, self.embedder.threshold_origin,
+                                 self.settings.default_threshold)
 
     def photo(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
         """Decode one upload, turning a decode failure into a 4xx naming ``field`` and the file."""
@@ -101,17 +89,25 @@ class Engine:
 
     def identify(self, images: Sequence[np.ndarray], k: int | None, threshold: float | None) -> list[IdentifyResponse]:
         """Rank enrolled individuals for each image, with new_turtle placed by the threshold in force."""
-        k = k or self.settings.default_k
-        used = self.threshold(threshold)
-        rankings = self.gallery.search(self.embedder.embed(list(images)), k)
-        return [self._answer(ranking, used, k) for ranking in rankings]
+        answers = self.identifier.answer(self.embedder.embed(list(images)), k or self.settings.default_k,
+                                         self.threshold(threshold))
+        return [self._response(answer) for answer in answers]
 
-    def _answer(self, ranking: Ranking, threshold: Threshold, k: int) -> IdentifyResponse:
-        scores = dict(ranking)
-        labels = insert_new_turtle(ranking, threshold.value, k)
-        predictions = [Prediction(individual_id=label,
-                                  score=threshold.value if label == NEW_TURTLE else scores[label])
-                       for label in labels]
-        return IdentifyResponse(predictions=predictions, new_turtle=bool(labels) and labels[0] == NEW_TURTLE,
-                                threshold=threshold.value, threshold_source=threshold.source,
+    def _response(self, answer: Answer) -> IdentifyResponse:
+        predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p))
+                       for p in answer.predictions]
+        threshold = answer.threshold
+        return IdentifyResponse(predictions=predictions, new_turtle=answer.new_turtle, threshold=threshold.value,
+                                threshold_source=threshold.source, threshold_origin=threshold.origin,
                                 model=self.embedder.fingerprint)
+
+    def _evidence(self, prediction: RankedPrediction) -> Evidence | None:
+        """The enrolled photo that matched best; None for new_turtle, or when it was deleted since the search."""
+        if prediction.image_id is None:
+            return None
+        try:
+            image = self.store.image(prediction.individual, prediction.image_id)
+        except NotFoundError:
+            return None
+        return Evidence(image_id=image.image_id, view=image.view, similarity=prediction.similarity,
+                        inliers=prediction.inliers, url=f"/individuals/{image.individual_id}/images/{image.image_id}")

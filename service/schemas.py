@@ -10,12 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from reid.identify import ThresholdSource
 from service.identifiers import check_individual_id
 
 #: An individual id in a path or form field (rejected with a 422 naming the value).
 IndividualId = Annotated[str, AfterValidator(check_individual_id)]
-#: Where the new_turtle threshold of an answer came from.
-ThresholdSource = Literal["request", "checkpoint", "settings"]
 
 
 class ErrorBody(BaseModel):
@@ -64,10 +63,22 @@ class IndividualPage(BaseModel):
     items: list[IndividualSummary]
 
 
+class Evidence(BaseModel):
+    """The enrolled photo that matched a query best: what a person looks at to confirm the match."""
+
+    image_id: int
+    view: str = Field(description="view label given at enrolment ('' when unknown)")
+    similarity: float = Field(description="cosine similarity between the query and this photo")
+    inliers: int | None = Field(None, description="local-feature matches that passed the geometric check "
+                                                  "(null: verification did not run)")
+    url: str = Field(description="where to fetch the photo")
+
+
 class Prediction(BaseModel):
     individual_id: str = Field(description="an enrolled individual, or 'new_turtle'")
-    score: float = Field(description="cosine similarity of the individual's best-matching photo (for new_turtle: "
-                                     "the threshold)")
+    score: float = Field(description="score of the individual's best-matching photo, the one the threshold compares "
+                                     "(cosine similarity; for new_turtle: the threshold)")
+    evidence: Evidence | None = Field(None, description="the enrolled photo that matched best (null for new_turtle)")
 
 
 class IdentifyResponse(BaseModel):
@@ -77,6 +88,7 @@ class IdentifyResponse(BaseModel):
                                          "the threshold")
     threshold: float | None = Field(description="the new_turtle threshold used (null: none, never new_turtle)")
     threshold_source: ThresholdSource | None = Field(description="where the threshold came from")
+    threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")
     model: str = Field(description="fingerprint of the model that embedded the query")
 
 
@@ -110,5 +122,6 @@ class Health(BaseModel):
     individuals: int
     threshold: float | None
     threshold_source: ThresholdSource | None
+    threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")
     writes_protected: bool
     reads_protected: bool

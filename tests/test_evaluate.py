@@ -23,7 +23,9 @@ def test_evaluate_json_reports_closed_and_open_set(checkpoint: Path, synth_datas
     assert 0.0 <= report["map5"] <= 1.0 and report["map5"] == report["closed_set"]["map5"]
     open_set = report["open_set"]
     assert {"known_accuracy", "unknown_accuracy", "balanced_accuracy"} <= open_set.keys()
-    assert report["threshold_source"].startswith("oracle")  # an uncalibrated checkpoint says so
+    assert report["threshold_source"] == "oracle"  # an uncalibrated checkpoint says so
+    assert "optimistic" in report["threshold_origin"]
+    assert 0.0 <= open_set["auroc"] <= 1.0
 
 
 def test_calibrate_writes_threshold_that_later_commands_use(checkpoint: Path, synth_dataset: Path,
@@ -34,7 +36,8 @@ def test_calibrate_writes_threshold_that_later_commands_use(checkpoint: Path, sy
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["threshold"] == pytest.approx(threshold) and report["threshold_source"] == "checkpoint or --threshold"
+    assert report["threshold"] == pytest.approx(threshold) and report["threshold_source"] == "checkpoint"
+    assert report["threshold_origin"].startswith(f"reid calibrate on {synth_dataset}")
 
 
 def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint: Path, synth_dataset: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     meta = checkpoint["reid"]
     assert meta["backbone"] == "lcnet_050" and meta["preprocess"]["image_size"] == 48
     assert meta["config"]["data"]["root"] == str(synth_dataset) and meta["version"]
+    # fit -> serve answers new_turtle with no extra step: the threshold was fitted on held-out individuals
+    assert -1.0 <= meta["threshold"] <= 1.0
+    assert meta["threshold_origin"].startswith("reid fit, validation of epoch") and "held out" in meta["threshold_origin"]
     # an RSM heatmap per validation, beside the logs
     assert len(list((best.parents[1] / "rsm").glob("epoch_*.png"))) == 2
 
@@ -45,6 +49,12 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     assert vectors.shape == (3, embedder.dim)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert np.allclose(embedder.embed(photos), vectors, atol=1e-6)  # deterministic at inference
+    assert embedder.threshold == pytest.approx(meta["threshold"])
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threshold_source"] == "checkpoint" and report["threshold_origin"] == meta["threshold_origin"]
 
 
 def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -27,11 +27,12 @@ def test_search_ranks_distinct_individuals_and_forgets_removed_ones(kind: str) -
     gallery = Gallery(dim, kind=kind)
     gallery.add(np.arange(len(vectors)), vectors, identities)
     ranking = gallery.search(centres[:1], k=5)[0]
-    assert [name for name, _ in ranking][0] == "crowd"
-    assert sorted(name for name, _ in ranking) == ["b", "c", "crowd", "d", "e"]
-    assert ranking[0][1] == pytest.approx(1.0, abs=0.01)
+    assert ranking[0].individual == "crowd"
+    assert sorted(hit.individual for hit in ranking) == ["b", "c", "crowd", "d", "e"]
+    assert ranking[0].score == pytest.approx(1.0, abs=0.01)
+    assert identities[ranking[1].image_id] == ranking[1].individual  # the evidence is a photo of that individual
     gallery.remove([60])  # photo of "b"
-    assert "b" not in [name for name, _ in gallery.search(centres[1:2], k=5)[0]]
+    assert "b" not in [hit.individual for hit in gallery.search(centres[1:2], k=5)[0]]
     assert len(gallery) == 63 and gallery.device == "cpu"
 
 

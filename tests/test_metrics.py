@@ -7,6 +7,7 @@ import pytest
 
 from reid.metrics import (
     NEW_TURTLE,
+    Hit,
     average_precision_at_k,
     calibrate_threshold,
     insert_new_turtle,
@@ -47,11 +48,13 @@ def test_map_and_top_k_over_queries() -> None:
 def test_rank_individuals_counts_each_individual_once_by_best_photo() -> None:
     scores = np.array([0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
     identities = ["a", "a", "b", "a", "c", "d"]
-    assert rank_individuals(scores, identities, k=3) == [("a", 0.9), ("b", 0.8), ("c", 0.6)]
+    image_ids = [10, 11, 12, 13, 14, 15]
+    assert rank_individuals(scores, identities, k=3, image_ids=image_ids) == [
+        Hit("a", 0.9, 10), Hit("b", 0.8, 12), Hit("c", 0.6, 14)]  # each individual's best photo is its evidence
 
 
 def test_new_turtle_is_inserted_where_similarity_falls_below_threshold() -> None:
-    ranking = [("a", 0.9), ("b", 0.7), ("c", 0.5), ("d", 0.4), ("e", 0.3)]
+    ranking = [Hit("a", 0.9), Hit("b", 0.7), Hit("c", 0.5), Hit("d", 0.4), Hit("e", 0.3)]
     assert insert_new_turtle(ranking, 0.6) == ["a", "b", NEW_TURTLE, "c", "d"]
     assert insert_new_turtle(ranking, 0.95) == [NEW_TURTLE, "a", "b", "c", "d"]
     assert insert_new_turtle(ranking, 0.1) == ["a", "b", "c", "d", "e"]  # no room left in the top five
@@ -61,7 +64,8 @@ def test_new_turtle_is_inserted_where_similarity_falls_below_threshold() -> None
 
 def test_calibrated_threshold_separates_known_from_unknown() -> None:
     # known queries match their individual at ~0.8; unknown queries' best match is ~0.4
-    rankings = [[("a", 0.82), ("b", 0.3)], [("b", 0.78), ("a", 0.2)], [("a", 0.41), ("b", 0.35)], [("b", 0.38), ("a", 0.1)]]
+    rankings = [[Hit("a", 0.82), Hit("b", 0.3)], [Hit("b", 0.78), Hit("a", 0.2)], [Hit("a", 0.41), Hit("b", 0.35)],
+                [Hit("b", 0.38), Hit("a", 0.1)]]
     truths = ["a", "b", NEW_TURTLE, NEW_TURTLE]
     threshold, score = calibrate_threshold(rankings, truths)
     assert 0.41 < threshold <= 0.78

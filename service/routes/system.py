@@ -39,7 +39,7 @@ def health(engine: Engine = Depends(get_engine)) -> Health:
                   index=IndexInfo(kind=engine.gallery.kind, device=engine.gallery.device),
                   gallery_size=len(engine.gallery), photos=photos, individuals=individuals,
                   threshold=threshold.value, threshold_source=threshold.source,
-                  writes_protected=settings.api_key is not None,
+                  threshold_origin=threshold.origin, writes_protected=settings.api_key is not None,
                   reads_protected=settings.api_key is not None and settings.protect_reads)
 
 

@@ -96,18 +96,25 @@ def test_deleting_a_photo_and_an_individual(client: httpx.Client, records: pd.Da
 
 
 def test_threshold_places_new_turtle(client: httpx.Client, records: pd.DataFrame) -> None:
-    assert enroll(client, "eta", [photo(records, "ind_007")]).status_code == 201
+    enrolled = enroll(client, "eta", [photo(records, "ind_007")])
+    assert enrolled.status_code == 201
     unknown = photo(records, "ind_007", 3)  # a photo of eta that was not enrolled: similar, never identical
 
     strict = identify(client, unknown, threshold=1.0, k=3).json()
     assert strict["new_turtle"] is True and strict["threshold"] == 1.0 and strict["threshold_source"] == "request"
-    assert strict["predictions"][0] == {"individual_id": "new_turtle", "score": 1.0}
-    assert len(strict["predictions"]) == 3
+    assert strict["predictions"][0] == {"individual_id": "new_turtle", "score": 1.0, "evidence": None}
+    assert 2 <= len(strict["predictions"]) <= 3  # new_turtle, eta, and another individual when others are enrolled
 
     lenient = identify(client, unknown, threshold=-1.0, k=50).json()
     assert lenient["new_turtle"] is False
     scores = [p["score"] for p in lenient["predictions"]]
     assert lenient["predictions"][-1]["individual_id"] == "new_turtle" and scores[:-1] == sorted(scores[:-1])[::-1]
+    eta = next(p for p in lenient["predictions"] if p["individual_id"] == "eta")
+    image = enrolled.json()["images"][0]
+    # the evidence is the enrolled photo that matched, fetchable for a person to compare by eye
+    assert eta["evidence"]["image_id"] == image["image_id"] and eta["evidence"]["url"] == image["url"]
+    assert eta["evidence"]["similarity"] == pytest.approx(eta["score"]) and eta["evidence"]["inliers"] is None
+    assert client.get(eta["evidence"]["url"]).headers["content-type"].startswith("image/")
 
     default = identify(client, unknown).json()  # this checkpoint is uncalibrated and no default is configured
     assert (default["threshold"], default["threshold_source"], default["new_turtle"]) == (None, None, False)

@@ -1,0 +1,72 @@
+"""The one query path: threshold precedence, new_turtle placement with evidence, and the threshold `reid fit`
+fits on held-out individuals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.evaluation import calibrate_on_held_out_individuals
+from reid.identify import Threshold, identifier_over, resolve_threshold
+from reid.metrics import NEW_TURTLE
+
+
+def _clusters(individuals: int, photos: int, spread: float, seed: int, dim: int = 32) -> tuple[np.ndarray, list[str]]:
+    """Unit vectors around one random centre per individual: what a good encoder's embeddings look like."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(individuals, dim))
+    vectors = np.repeat(centres, photos, axis=0) + spread * rng.normal(size=(individuals * photos, dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32), [f"t{i:02d}" for i in range(individuals) for _ in range(photos)]
+
+
+def test_threshold_precedence_request_then_checkpoint_then_settings() -> None:
+    assert resolve_threshold(0.3, 0.5, "fit", 0.7) == Threshold(0.3, "request")
+    assert resolve_threshold(None, 0.5, "fit", 0.7) == Threshold(0.5, "checkpoint", "fit")
+    assert resolve_threshold(None, None, None, 0.7) == Threshold(0.7, "settings")
+    assert resolve_threshold(None, None) == Threshold(None)
+
+
+def test_answer_places_new_turtle_and_names_the_photo_that_matched() -> None:
+    gallery = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]
+    gallery[1] = np.array([0.8, 0.6, 0, 0], dtype=np.float32)  # a second, less similar photo of "a"
+    identifier = identifier_over(gallery, ["a", "a", "b", "c"], ids=[10, 11, 12, 13])
+    query = np.array([[0.6, 0.8, 0, 0]], dtype=np.float32)  # closest to photo 11 of "a", then to "b"
+
+    answer = identifier.answer(query, k=3, threshold=Threshold(0.97, "checkpoint", "reid fit"))[0]
+    assert answer.labels == [NEW_TURTLE, "a", "b"] and answer.new_turtle
+    assert answer.predictions[0].score == 0.97 and answer.predictions[0].image_id is None
+    best = answer.predictions[1]
+    assert (best.image_id, best.similarity) == (11, pytest.approx(0.96))  # its best photo, not its first one
+    assert answer.predictions[2].image_id == 12
+
+    lenient = identifier.answer(query, k=5, threshold=Threshold(0.5))[0]
+    assert lenient.labels == ["a", "b", NEW_TURTLE, "c"] and not lenient.new_turtle
+    assert identifier.answer(query, k=2, threshold=Threshold(None))[0].labels == ["a", "b"]
+
+
+def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
+    vectors, identities = _clusters(individuals=12, photos=4, spread=0.3, seed=0)
+    is_query = np.arange(len(identities)) % 4 == 0
+    ids = np.asarray(identities)
+    calibration = calibrate_on_held_out_individuals(vectors[~is_query], ids[~is_query].tolist(),
+                                                    vectors[is_query], ids[is_query].tolist(), folds=4, seed=0)
+    assert calibration is not None
+    # separable individuals: known and held-out ones told apart, by a threshold other individuals chose
+    assert calibration.metrics["auroc"] == pytest.approx(1.0)
+    assert calibration.metrics["balanced_accuracy"] >= 0.9 and calibration.metrics["known_accuracy"] == 1.0
+    within = float((vectors[0] * vectors[1]).sum())
+    assert 0.0 < calibration.threshold < within
+    assert "12 individuals" in calibration.origin and "4 folds" in calibration.origin
+
+    # the fit keeps working when individuals blur into each other, and says how well the threshold did
+    vague, names = _clusters(individuals=12, photos=4, spread=3.0, seed=1)
+    names = np.asarray(names)
+    blurred = calibrate_on_held_out_individuals(vague[~is_query], names[~is_query].tolist(), vague[is_query],
+                                                names[is_query].tolist(), seed=0)
+    assert blurred is not None and blurred.metrics["balanced_accuracy"] < 0.9
+
+
+def test_no_threshold_without_two_individuals_to_hold_out() -> None:
+    vectors, identities = _clusters(individuals=1, photos=4, spread=0.3, seed=0)
+    assert calibrate_on_held_out_individuals(vectors[:2], identities[:2], vectors[2:], identities[2:]) is None
