@@ -32,3 +32,7 @@ class WeightsError(ReIDError):
 
 class CheckpointError(ReIDError):
     """A checkpoint is missing, unreadable or lacks the metadata needed to embed images."""
+
+
+class FeatureError(ReIDError):
+    """Local features (keypoints and descriptors) cannot be computed from an input or read back from storage."""

@@ -1,0 +1,153 @@
+"""Local features: keypoints in original pixels, a geometric check that tells one pattern from another, safe storage."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from reid import local_features
+from reid.data.synth import generate_synthetic_dataset
+from reid.errors import FeatureError, ReIDError
+from reid.imageio import decode_image
+from reid.local_features import LocalFeatures, Match, draw_matches, extract_features, match_features
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[np.ndarray]]:
+    """Three photos (top, left, right views) of each of four synthetic individuals, 256 px."""
+    root = tmp_path_factory.mktemp("local_features")
+    generate_synthetic_dataset(root, individuals=4, images_per_individual=3, seed=0, image_size=256, progress=False)
+    images: dict[str, list[np.ndarray]] = {}
+    for path in sorted((root / "images").glob("*/*.png")):
+        images.setdefault(path.parent.name, []).append(decode_image(path))
+    return images
+
+
+def _warped(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` rotated 25 degrees, scaled 0.8, shifted and cropped to another size; and the 2 x 3 transform."""
+    height, width = image.shape[:2]
+    transform = cv2.getRotationMatrix2D((width / 2, height / 2), 25.0, 0.8)
+    transform[:, 2] += (-30.0, 12.0)
+    warped = cv2.warpAffine(image, transform, (width - 60, height - 20), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REFLECT)
+    return warped, transform
+
+
+def test_keypoints_are_in_original_pixels_and_survive_a_similarity_transform(photos) -> None:
+    # Upscale first, then extract at half size, so that both photos go through the downscaling path.
+    photo = cv2.resize(photos["ind_000"][0], (512, 512), interpolation=cv2.INTER_CUBIC)
+    warped, transform = _warped(photo)
+    original, copy = extract_features(photo, max_side=256), extract_features(warped, max_side=256)
+    assert original.image_size == (512, 512) and copy.image_size == (warped.shape[1], warped.shape[0])
+    assert original.keypoints[:, 0].max() > 300  # original pixels, not the 256-px extraction copy
+
+    match = match_features(original, copy)
+    assert match.inliers >= 40
+    assert match.query_points.shape == match.photo_points.shape == (match.inliers, 2)
+    projected = match.query_points @ transform[:, :2].T + transform[:, 2]
+    error = np.linalg.norm(projected - match.photo_points, axis=1)
+    assert np.median(error) < 2.0 and np.quantile(error, 0.9) < 5.0
+
+
+def test_same_individual_scores_above_different_individuals(photos) -> None:
+    features = {name: [extract_features(image) for image in images] for name, images in photos.items()}
+    self_match = match_features(features["ind_000"][0], extract_features(_warped(photos["ind_000"][0])[0]))
+    others = [match_features(features["ind_000"][0], features[name][view]).inliers
+              for name in ("ind_001", "ind_002", "ind_003") for view in range(3)]
+    assert self_match.inliers >= 40 and max(others) <= 12
+    # Across individuals, each one's best match among all other photos is one of its own other views.
+    names = sorted(features)
+    for name in names:
+        for view, query in enumerate(features[name]):
+            scores = {(other, v): match_features(query, candidate).inliers
+                      for other in names for v, candidate in enumerate(features[other]) if (other, v) != (name, view)}
+            assert max(scores, key=scores.get)[0] == name
+
+
+def test_extraction_is_deterministic_and_compact(photos) -> None:
+    first, second = extract_features(photos["ind_001"][0]), extract_features(photos["ind_001"][0])
+    assert np.array_equal(first.keypoints, second.keypoints)
+    assert np.array_equal(first.descriptors, second.descriptors)
+    assert first.descriptors.dtype == np.uint8 and first.descriptors.shape[1] == 128
+    # RootSIFT: unit L2 norm up to quantisation.
+    norms = np.linalg.norm(first.descriptors.astype(np.float64) / 512.0, axis=1)
+    assert np.allclose(norms, 1.0, atol=0.02)
+    few = extract_features(photos["ind_001"][0], max_keypoints=20)
+    assert len(few) == 20
+
+
+def test_matching_is_deterministic(photos) -> None:
+    a, b = extract_features(photos["ind_002"][0]), extract_features(photos["ind_002"][1])
+    first, second = match_features(a, b), match_features(a, b)
+    assert first == second and first.inliers > 0
+
+
+def test_bytes_round_trip(photos) -> None:
+    features = extract_features(photos["ind_003"][1])
+    restored = LocalFeatures.from_bytes(features.to_bytes())
+    assert restored == features and restored.image_size == features.image_size
+    assert restored.keypoints.dtype == np.float32 and restored.descriptors.dtype == np.uint8
+    assert restored.to_bytes() == features.to_bytes()
+    assert len(features.to_bytes()) < 1000 + 140 * len(features)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "empty"])
+def test_corrupt_blob_is_refused(photos, damage: str) -> None:
+    blob = extract_features(photos["ind_003"][1]).to_bytes()
+    bad = {"truncate": blob[: len(blob) // 2], "garbage": blob[:7] + b"\x00" * 200, "foreign": b"\x89PNG\r\n" + blob,
+           "empty": b""}[damage]
+    with pytest.raises(FeatureError, match="blob") as caught:
+        LocalFeatures.from_bytes(bad)
+    assert isinstance(caught.value, ReIDError)
+
+
+def test_blob_of_another_version_is_refused() -> None:
+    buffer = io.BytesIO()
+    buffer.write(local_features._MAGIC)
+    np.savez(buffer, format=np.array(99), keypoints=np.zeros((0, 2), np.float32),
+             descriptors=np.zeros((0, 128), np.uint8), image_size=np.array([4, 4]))
+    with pytest.raises(FeatureError, match="format version 99"):
+        LocalFeatures.from_bytes(buffer.getvalue())
+
+
+def test_flat_image_gives_no_keypoints_and_zero_inliers(photos) -> None:
+    flat = np.full((120, 160, 3), 128, dtype=np.uint8)
+    features = extract_features(flat)
+    assert len(features) == 0 and features.keypoints.shape == (0, 2) and features.image_size == (160, 120)
+    restored = LocalFeatures.from_bytes(features.to_bytes())
+    textured = extract_features(photos["ind_000"][0])
+    for query, photo in ((restored, textured), (textured, restored), (restored, restored)):
+        match = match_features(query, photo)
+        assert match.inliers == 0 and match.query_points.shape == (0, 2)
+    assert draw_matches(flat, photos["ind_000"][0], match_features(restored, textured)).shape[2] == 3
+
+
+def test_bad_inputs_name_the_value() -> None:
+    with pytest.raises(FeatureError, match="uint8"):
+        extract_features(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(FeatureError, match="max_side"):
+        extract_features(np.zeros((10, 10, 3), dtype=np.uint8), max_side=0)
+    empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (10, 10))
+    with pytest.raises(FeatureError, match="ratio"):
+        match_features(empty, empty, ratio=1.5)
+
+
+def test_draw_matches_size(photos) -> None:
+    query, photo = photos["ind_000"][0], cv2.resize(photos["ind_000"][1], (384, 256))
+    match = match_features(extract_features(query), extract_features(photo))
+    canvas = draw_matches(query, photo, match, max_lines=10, labels=("query.png", "ind_000 photo 1"))
+    # 256x256 -> 480x480 and 384x256 -> 720x480, an 8-px gap, a 2 x 30-px caption band
+    assert canvas.dtype == np.uint8 and canvas.shape == (480 + 60, 480 + 8 + 720, 3)
+    assert draw_matches(query, photo, Match(0, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)),
+                        height=200).shape[0] == 200 + 40
+
+
+def test_features_of_a_real_file(tmp_path: Path, photos) -> None:
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), cv2.cvtColor(photos["ind_001"][2], cv2.COLOR_RGB2BGR))
+    features = extract_features(decode_image(path), max_side=128)
+    assert len(features) > 0 and features.keypoints[:, 0].max() < 256
