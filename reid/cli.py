@@ -20,6 +20,10 @@ from reid.errors import ReIDError
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import numpy as np
+    import pandas as pd
+
+    from reid.evaluation import VerifierFactory
+    from reid.verification import Verification
 
     from reid.identify import Threshold
     from reid.inference import Embedder
@@ -88,10 +92,36 @@ def _check_threshold(value: float | None) -> None:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
 
 
-def _threshold_in_force(requested: float | None, embedder: Embedder) -> Threshold:
+def _threshold_in_force(requested: float | None, embedder: Embedder, verify: bool = False) -> Threshold:
+    """The threshold of the scores being compared: fused scores have their own (see reid.verification)."""
     from reid.identify import resolve_threshold
 
+    if verify:
+        return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin)
     return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin)
+
+
+def _wants_verification(requested: bool | None, embedder: Embedder) -> bool:
+    """--verify/--no-verify, else whatever the checkpoint was calibrated for."""
+    if requested and embedder.verification is None:
+        raise ReIDError("--verify needs a checkpoint calibrated for verification: run "
+                        "`reid calibrate --verify --checkpoint C --data TRAINING_PHOTOS` first")
+    return embedder.verification is not None if requested is None else requested
+
+
+def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
+    """Local features of every photo, extracted once, and the verifier of any (gallery rows, query rows) pair.
+
+    ``images`` are the photos a protocol draws its gallery rows from; its query rows index ``queries`` when given
+    (separate query photos, as in `reid predict`), else ``images`` too.
+    """
+    from reid.verification import LocalVerifier, extract_all
+
+    fusion = embedder.verification.fusion
+    features = extract_all(list(images), fusion.max_side, progress=True)
+    query_features = extract_all(list(queries), fusion.max_side, progress=True) if queries else features
+    return lambda gallery_rows, query_rows: LocalVerifier(
+        fusion, lambda i: features[int(gallery_rows[i])], [query_features[int(r)] for r in query_rows])
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -101,15 +131,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
-    report = evaluate(embeddings, records, _threshold_in_force(args.threshold, embedder), args.seed, args.query_fraction, args.unknown_fraction,
-                      args.query_split)
-    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), **report}
+    verify = _wants_verification(args.verify, embedder)
+    report = evaluate(embeddings, records, _threshold_in_force(args.threshold, embedder, verify), args.seed,
+                      args.query_fraction, args.unknown_fraction, args.query_split,
+                      _verifier_factory(embedder, records["path"].tolist()) if verify else None)
+    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report))
         return 0
     closed, open_set = report["closed_set"], report["open_set"]
+    if verify:
+        print(f"answers verified with local features (the {embedder.verification.fusion.candidates} most similar "
+              "photos of each query; --no-verify for similarity alone)")
     print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
           f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
     if open_set is None:
@@ -132,17 +167,47 @@ def _calibrate(args: argparse.Namespace) -> int:
     from reid.inference import write_checkpoint_metadata
 
     records = read_dataset(args.data)
-    _, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split)
     write_checkpoint_metadata(args.checkpoint, threshold=threshold,
                               threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f})",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
+    if args.verify:
+        verification = _calibrate_verification(args, records, embedder, embeddings)
+        write_checkpoint_metadata(args.checkpoint, verification=verification.to_dict())
+        print(f"verification: {verification.threshold_origin}")
     print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     return 0
 
 
+def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, embedder: Embedder,
+                             embeddings: np.ndarray) -> Verification:
+    """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores."""
+    if args.candidates < 1 or args.max_side < 64:
+        raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {args.candidates} and {args.max_side}")
+    from reid.evaluation import calibrate, closed_and_open_protocols
+    from reid.verification import LocalVerifier, Verification, extract_all, fit_fusion
+
+    _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
+                                            args.query_split)
+    features = extract_all(records["path"].tolist(), args.max_side, progress=True)
+    gallery = open_set.gallery
+    fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
+                        [features[i] for i in gallery], args.candidates, args.max_side, progress=True)
+
+    def verifier_for(gallery_rows: np.ndarray, query_rows: np.ndarray) -> LocalVerifier:
+        return LocalVerifier(fusion, lambda i: features[int(gallery_rows[i])], [features[int(r)] for r in query_rows])
+
+    threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
+                                           args.query_split, verifier_for)
+    return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
+                                           f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f})")
+
+
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from reid.data.records import read_dataset
     from reid.evaluation import search_gallery
     from reid.identify import answer_from_ranking
@@ -153,8 +218,13 @@ def _predict(args: argparse.Namespace) -> int:
     queries = read_queries(args.queries)
     embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
-    threshold = _threshold_in_force(args.threshold, embedder)
-    rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5)
+    verify = _wants_verification(args.verify, embedder)
+    threshold = _threshold_in_force(args.threshold, embedder, verify)
+    verifier = None
+    if verify:
+        factory = _verifier_factory(embedder, gallery["path"].tolist(), queries["path"].tolist())
+        verifier = factory(np.arange(len(gallery)), np.arange(len(queries)))
+    rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5, verifier=verifier)
     answers = [answer_from_ranking(ranking, threshold, k=5) for ranking in rankings]
     write_submission(args.out, queries["image_id"].tolist(), [answer.labels for answer in answers])
     if args.report:
@@ -162,6 +232,21 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"wrote {len(queries)} predictions to {args.out}" + (f" and the evidence to {args.report}" if args.report else "")
           + f" (new_turtle threshold: {'none' if threshold.value is None else f'{threshold.value:.4f}'}"
           + (f", from the {threshold.source})" if threshold.source else ")"))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from reid.explain import explain_match
+    from reid.imageio import decode_image
+    from reid.inference import Embedder
+
+    query, photo = decode_image(args.query), decode_image(args.photo)
+    embedder = Embedder.from_checkpoint(args.checkpoint)
+    explanation = explain_match(embedder, query, photo, (f"query: {args.query.name}", f"photo: {args.photo.name}"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(explanation.png)
+    print(f"wrote {args.out}: cosine similarity {explanation.similarity:.4f}, {explanation.inliers} verified "
+          "local-feature matches")
     return 0
 
 
@@ -219,6 +304,12 @@ def _add_protocol(parser: argparse.ArgumentParser, seed: int) -> None:
                              "'none' ignores the column and uses the seeded protocols")
 
 
+def _add_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="verify the top candidates with local features (default: when the checkpoint was "
+                             "calibrated with --verify)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description="Re-identify individual animals from photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -243,11 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    _add_verify(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     calibrate = commands.add_parser("calibrate", help="fit the new_turtle threshold and store it in the checkpoint")
     _add_checkpoint_and_data(calibrate, "dataset whose held-out individuals play the new turtles")
     _add_protocol(calibrate, seed=1)
+    calibrate.add_argument("--verify", action="store_true",
+                           help="also learn local verification (fusion of similarity and inliers, WildFusion-style) "
+                                "and its own threshold; later commands then verify by default")
+    calibrate.add_argument("--candidates", type=int, default=20, help="most similar photos verified per query")
+    calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
     calibrate.set_defaults(handler=_calibrate)
 
     predict = commands.add_parser("predict", help="write a Zindi submission (image_id,prediction1..5)")
@@ -257,10 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Zindi test.csv (images/ beside it), a folder of images, or a dataset")
     predict.add_argument("--out", required=True, type=Path, help="submission CSV to write")
     predict.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
+    _add_verify(predict)
     predict.add_argument("--report", type=Path, help="also write each query's ranked answer with its evidence (the "
                                                     "best-matching gallery photo, its similarity) as JSON")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.set_defaults(handler=_predict)
+
+    explain = commands.add_parser("explain", help="draw a query beside an enrolled photo with the matches that agree")
+    explain.add_argument("--checkpoint", required=True, type=Path)
+    explain.add_argument("--query", required=True, type=Path, help="the photo that was identified")
+    explain.add_argument("--photo", required=True, type=Path, help="the photo it matched (e.g. a prediction's evidence)")
+    explain.add_argument("--out", type=Path, default=Path("explain.png"), help="PNG to write (default: explain.png)")
+    explain.set_defaults(handler=_explain)
 
     score = commands.add_parser("score", help="MAP@5 of a submission, as Zindi scores it")
     score.add_argument("--submission", required=True, type=Path)

@@ -24,6 +24,8 @@ from reid.data.transforms import Preprocess
 from reid.errors import CheckpointError
 from reid.fileio import atomic_target
 from reid.model import Encoder
+from reid.verification import CHECKPOINT_FIELD as VERIFICATION_FIELD
+from reid.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,15 @@ class Embedder:
 
     def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
                  name: str = "", fingerprint: str = "", device: str | None = None,
-                 threshold_origin: str | None = None) -> None:
+                 threshold_origin: str | None = None, verification: Verification | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder = encoder.eval().to(self.device)
         self.preprocess = preprocess
         self.threshold = threshold
         #: how the checkpoint's threshold was fitted (by `reid fit` or `reid calibrate`), for users to read
         self.threshold_origin = threshold_origin
+        #: local verification learnt by `reid calibrate --verify` (None: answers rank by similarity alone)
+        self.verification = verification
         self.name = name
         self.fingerprint = fingerprint
 
@@ -133,12 +137,13 @@ class Embedder:
             state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
             encoder.load_state_dict(state, strict=True)
             preprocess = Preprocess.from_dict(meta["preprocess"])
-        except (KeyError, RuntimeError) as error:
+            verification = Verification.from_dict(meta.get(VERIFICATION_FIELD))
+        except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is incomplete or does not match its metadata: {error}") from error
         threshold = meta.get("threshold")
         return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
                    name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
-                   device=device, threshold_origin=meta.get("threshold_origin"))
+                   device=device, threshold_origin=meta.get("threshold_origin"), verification=verification)
 
     @torch.inference_mode()
     def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32, progress: bool = False,
