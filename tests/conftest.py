@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from PIL import Image
 FIXTURES = Path(__file__).parent / "fixtures"
 
 torch.set_num_threads(2)
+# Local features of dataset photos are cached on disk (reid.verification): keep the tests' out of the user's cache.
+os.environ.setdefault("REID_FEATURE_CACHE", tempfile.mkdtemp(prefix="reid-features-"))
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32), suffix_format: str | None = None) -> Path:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from reid.cli import main
+from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder
+from reid.local_features import extract_features
+from reid.verification import extract_all, feature_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,16 @@ def test_calibrate_verify_stores_fusion_and_its_own_threshold(verified: Path) ->
     assert fusion.candidates == 8 and fusion.max_side == 1024
     # more verified matches never make a pair less likely to be the same individual
     assert list(fusion.inliers([0, 5, 20, 60])) == sorted(fusion.inliers([0, 5, 20, 60]))
+
+
+def test_dataset_features_are_extracted_once_and_read_back(verified: Path, textured: Path) -> None:
+    photos = sorted((textured / "images").glob("*/*.png"))
+    cached = list(feature_cache_dir().rglob("*.bin"))
+    assert len(cached) >= len(photos)  # calibrate extracted every photo once
+    before = {path: path.stat().st_mtime_ns for path in cached}
+    again = extract_all(photos[:3])
+    assert again == [extract_features(decode_image(photo)) for photo in photos[:3]]
+    assert all(path.stat().st_mtime_ns == before[path] for path in cached)  # read back, not written again
 
 
 def test_verification_rescues_an_encoder_that_cannot_tell_individuals_apart(
