@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     from reid.evaluation import VerifierFactory
     from reid.verification import Verification
 
-    from reid.identify import Threshold
     from reid.inference import Embedder
 
 log = logging.getLogger("reid")
@@ -92,15 +91,6 @@ def _check_threshold(value: float | None) -> None:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
 
 
-def _threshold_in_force(requested: float | None, embedder: Embedder, verify: bool = False) -> Threshold:
-    """The threshold of the scores being compared: fused scores have their own (see reid.verification)."""
-    from reid.identify import resolve_threshold
-
-    if verify:
-        return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin)
-    return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin)
-
-
 def _wants_verification(requested: bool | None, embedder: Embedder) -> bool:
     """--verify/--no-verify, else whatever the checkpoint was calibrated for."""
     if requested and embedder.verification is None:
@@ -127,12 +117,13 @@ def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequen
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
+    from reid.identify import threshold_in_force
 
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
     verify = _wants_verification(args.verify, embedder)
-    report = evaluate(embeddings, records, _threshold_in_force(args.threshold, embedder, verify), args.seed,
+    report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verify), args.seed,
                       args.query_fraction, args.unknown_fraction, args.query_split,
                       _verifier_factory(embedder, records["path"].tolist()) if verify else None)
     report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report}
@@ -173,11 +164,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     write_checkpoint_metadata(args.checkpoint, threshold=threshold,
                               threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f})",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
+    print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     if args.verify:
         verification = _calibrate_verification(args, records, embedder, embeddings)
         write_checkpoint_metadata(args.checkpoint, verification=verification.to_dict())
-        print(f"verification: {verification.threshold_origin}")
-    print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
+        print(f"verification with threshold {verification.threshold:.4f} on fused scores written to {args.checkpoint}: "
+              f"{verification.threshold_origin}")
     return 0
 
 
@@ -210,7 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from reid.data.records import read_dataset
     from reid.evaluation import search_gallery
-    from reid.identify import answer_from_ranking
+    from reid.identify import answer_from_ranking, threshold_in_force
     from reid.submission import read_queries, write_report, write_submission
 
     _check_threshold(args.threshold)
@@ -219,7 +211,7 @@ def _predict(args: argparse.Namespace) -> int:
     embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
     verify = _wants_verification(args.verify, embedder)
-    threshold = _threshold_in_force(args.threshold, embedder, verify)
+    threshold = threshold_in_force(args.threshold, embedder, verify)
     verifier = None
     if verify:
         factory = _verifier_factory(embedder, gallery["path"].tolist(), queries["path"].tolist())

@@ -12,6 +12,7 @@ from PIL import Image
 
 from reid.inference import Embedder
 from reid.local_features import LocalFeatures, draw_matches, extract_features, match_features
+from reid.verification import DEFAULT_MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,13 @@ def explain_match(embedder: Embedder, query: np.ndarray, photo: np.ndarray, labe
     """Compare two decoded RGB photos: cosine similarity of their embeddings and verified local-feature matches.
 
     ``photo_features`` are the enrolled photo's cached features, when the caller has them (the service does).
+    Features are extracted at the resolution the checkpoint verifies at, so the count drawn is the count ranked.
     """
     vectors = embedder.embed([query, photo])
     similarity = float(vectors[0] @ vectors[1])
-    match = match_features(extract_features(query), photo_features or extract_features(photo))
+    max_side = embedder.verification.fusion.max_side if embedder.verification else DEFAULT_MAX_SIDE
+    match = match_features(extract_features(query, max_side=max_side),
+                           photo_features or extract_features(photo, max_side=max_side))
     query_label, photo_label = labels
     canvas = draw_matches(query, photo, match, labels=(query_label, f"{photo_label} (cosine {similarity:.3f})"))
     buffer = io.BytesIO()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from reid.gallery import Gallery
 from reid.metrics import NEW_TURTLE, Hit, Ranking, insert_new_turtle, rank_individuals
+
+if TYPE_CHECKING:
+    from reid.inference import Embedder
 
 #: Where the threshold in force came from: the request (or a --threshold flag), the checkpoint, or a default.
 ThresholdSource = Literal["request", "checkpoint", "settings"]
@@ -40,6 +43,19 @@ def resolve_threshold(requested: float | None, checkpoint_value: float | None, c
     if default is not None:
         return Threshold(float(default), "settings")
     return Threshold(None)
+
+
+def threshold_in_force(requested: float | None, embedder: Embedder, verify: bool = False,
+                       default: float | None = None) -> Threshold:
+    """The threshold of the scores being compared, by :func:`resolve_threshold`'s precedence.
+
+    Verified answers rank by fused scores, which are probabilities: they have their own threshold, fitted by
+    ``reid calibrate --verify``, because the checkpoint's similarity threshold does not apply to them.
+    """
+    if verify:
+        return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin,
+                                 default)
+    return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin, default)
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,8 @@ class Identifier:
         """Re-rank one query: its top photos by fused score; individuals found only further down are fused with
         zero inliers, so every answer still names ``k`` individuals when the gallery has them."""
         inliers = np.asarray(self.verifier.inliers(query, image_ids), dtype=np.int64)
-        unverified = [hit for hit in plain if hit.image_id not in set(image_ids.tolist())]
+        verified = set(image_ids.tolist())
+        unverified = [hit for hit in plain if hit.image_id not in verified]
         similarities = np.concatenate([similarities, [hit.score for hit in unverified]]).astype(np.float64)
         image_ids = np.concatenate([image_ids, [hit.image_id for hit in unverified]]).astype(np.int64)
         inliers = np.concatenate([inliers, np.zeros(len(unverified), np.int64)])

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Re-identify individual sea turtles from photos.
 
 Enrol individuals with a few photos each (no retraining), then identify new photos: the answer ranks enrolled
-individuals by their best-matching photo, with `new_turtle` where the similarity is under the threshold.
+individuals by their best-matching photo (its similarity, fused with verified local-feature matches when
+verification is on), with `new_turtle` where the score is under the threshold. `POST /identify/explain` draws the
+matches between a query and an enrolled photo.
 Every error is a JSON body `{"error", "message", "field"}`.
 """
 

@@ -87,6 +87,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--protect-reads", action="store_true", default=None,
                        help="require the API key for identify, listings and photos too")
     serve.add_argument("--index", help="FAISS index: flat (exact, default), hnsw or ivf (approximate)")
+    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                       help="verify identify's top candidates with local features (default: when the checkpoint was "
+                            "calibrated with reid calibrate --verify)")
     serve.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MB)")
     serve.add_argument("--max-pixels", type=int, help="largest decoded image in pixels")
     serve.set_defaults(handler=_serve)

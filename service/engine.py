@@ -3,23 +3,34 @@
 The store (SQLite) is the source of truth; the FAISS gallery is rebuilt from it at start and then follows every
 committed change. Writes hold one lock from the database commit until the gallery has the same change, so an
 enrolment and a deletion that race each other can never leave a deleted photo searchable (or a stored one missing).
-Identification never takes that lock: embedding, the slow part, runs concurrently in as many requests as arrive,
-and the gallery search itself is thread-safe.
+Identification never takes that lock: embedding and local-feature extraction, the slow parts, run concurrently in
+as many requests as arrive.
+
+With verification on, every searchable photo's local features are in memory (read from the store at start, added
+at enrolment before the photo becomes searchable). A verified query looks the gallery up twice and then matches
+its candidates' features, so it holds :class:`SharedLock`'s shared side throughout; a deletion takes the exclusive
+side only to take photos out of the gallery and the feature cache, so no query sees a photo half-removed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from reid.errors import ImageDecodeError
+from reid.errors import CheckpointError, FeatureError, ImageDecodeError
+from reid.explain import Explanation, explain_match
 from reid.gallery import Gallery
-from reid.identify import Answer, Identifier, Threshold, resolve_threshold
+from reid.identify import Answer, Identifier, Threshold, threshold_in_force
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
+from reid.local_features import LocalFeatures, extract_features
+from reid.verification import LocalVerifier, Verification
 from service.errors import NotFoundError, rejected_image
 from service.photos import Photo, read_photo
 from service.schemas import Evidence, IdentifyResponse, Prediction
@@ -28,39 +39,141 @@ from service.store import IndividualMode, ModelRecord, Store, StoredImage
 
 log = logging.getLogger(__name__)
 
+#: Photos whose missing local features are extracted and committed together at start-up (a restart resumes there).
+_FEATURE_BATCH = 32
+
 
 def model_record(embedder: Embedder, checkpoint: str) -> ModelRecord:
     return ModelRecord(embedder.fingerprint, embedder.name, embedder.dim, checkpoint)
 
 
-class Engine:
-    """Everything a request needs: enrol, delete and identify photos against the gallery."""
+def verification_in_force(requested: bool | None, embedder: Embedder, checkpoint: Path) -> Verification | None:
+    """The ``verify`` setting, else whatever the checkpoint was calibrated for (None: answers by similarity alone).
 
-    def __init__(self, settings: Settings, embedder: Embedder, store: Store, gallery: Gallery) -> None:
+    Raises:
+        CheckpointError: verification is asked for but the checkpoint has no fusion to verify with.
+    """
+    if requested and embedder.verification is None:
+        raise CheckpointError(
+            f"verification is on (--verify or REID_VERIFY=true) but checkpoint {checkpoint} was not calibrated for "
+            f"it; run `reid calibrate --verify --checkpoint {checkpoint} --data TRAINING_PHOTOS` first, or start "
+            "without --verify")
+    return None if requested is False else embedder.verification
+
+
+class SharedLock:
+    """Many holders of the shared side at once, or one of the exclusive side. A waiting exclusive holder keeps new
+    shared holders out, so a stream of queries cannot starve a deletion."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._shared -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._waiting += 1
+            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
+def _cached_features(store: Store, photos: dict[int, str], max_side: int) -> dict[int, LocalFeatures]:
+    """Local features of every gallery photo (``photos``: image id → individual), read from the store; photos
+    lacking them (enrolled while verification was off, in a store older than the features table, extracted at
+    another size, or unreadable) get them extracted now and stored, committed batch by batch."""
+    features: dict[int, LocalFeatures] = {}
+    for batch in store.local_features(max_side):
+        for image_id, blob in batch:
+            try:
+                features[image_id] = LocalFeatures.from_bytes(blob)
+            except FeatureError as error:
+                log.warning("local features of image %d will be extracted again: %s", image_id, error)
+    missing = [(image_id, individual) for image_id, individual in photos.items() if image_id not in features]
+    if not missing:
+        return features
+    log.info("extracting the local features of %d photos stored without them (at %d px; ~0.3 s a photo on a CPU)",
+             len(missing), max_side)
+    started = time.monotonic()
+    for start in range(0, len(missing), _FEATURE_BATCH):
+        images = [store.image(individual, image_id) for image_id, individual in missing[start:start + _FEATURE_BATCH]]
+        extracted = [extract_features(store.pixels(image), max_side=max_side) for image in images]
+        store.put_local_features(max_side, [image.image_id for image in images], extracted)
+        features.update((image.image_id, item) for image, item in zip(images, extracted))
+        log.info("local features: %d/%d photos extracted (%.0f s)", start + len(images), len(missing),
+                 time.monotonic() - started)
+    return features
+
+
+class Engine:
+    """Everything a request needs: enrol, delete, identify and explain photos against the gallery."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, store: Store, gallery: Gallery,
+                 verification: Verification | None = None, features: dict[int, LocalFeatures] | None = None) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = store
         self.gallery = gallery
-        self.identifier = Identifier(gallery)
+        #: the fusion and threshold identify verifies with; None when verification is off
+        self.verification = verification
+        self._features: dict[int, LocalFeatures] = features if features is not None else {}
         self._write_lock = threading.Lock()
+        self._searches = SharedLock()
 
     @classmethod
-    def open(cls, settings: Settings) -> "Engine":
-        """Load the model, open the store (refusing one embedded by another model) and index every stored photo."""
+    def open(cls, settings: Settings) -> Engine:
+        """Load the model, open the store (refusing one embedded by another model), index every stored photo and,
+        with verification on, load (or extract once) every photo's local features."""
         embedder = Embedder.from_checkpoint(settings.checkpoint)
+        verification = verification_in_force(settings.verify, embedder, settings.checkpoint)
         store = Store(settings.data_dir)
         store.bind_model(model_record(embedder, str(settings.checkpoint.expanduser().resolve())))
         gallery = Gallery(embedder.dim, kind=settings.index)
+        photos: dict[int, str] = {}
         for batch in store.embeddings(embedder.fingerprint):
             gallery.add(batch.image_ids, batch.vectors, batch.identities)
+            photos.update(zip(batch.image_ids, batch.identities))
         log.info("model %s (fingerprint %s), %d photos of %d individuals in a %s index on %s", embedder.name,
                  embedder.fingerprint, len(gallery), len(gallery.identities()), gallery.kind, gallery.device)
-        return cls(settings, embedder, store, gallery)
+        features: dict[int, LocalFeatures] = {}
+        if verification is None:
+            log.info("verification off: answers rank by embedding similarity alone%s",
+                     " (the checkpoint has verification; --verify or REID_VERIFY=true turns it on)"
+                     if embedder.verification is not None else "")
+        else:
+            features = _cached_features(store, photos, verification.fusion.max_side)
+            log.info("verification on: the %d most similar photos of each query are checked with local features "
+                     "(%d photos' features in memory)", verification.fusion.candidates, len(features))
+        return cls(settings, embedder, store, gallery, verification, features)
+
+    @property
+    def verifying(self) -> bool:
+        return self.verification is not None
 
     def threshold(self, requested: float | None) -> Threshold:
-        """The request's threshold, else the checkpoint's calibrated one, else the configured default."""
-        return resolve_threshold(requested, self.embedder.threshold, self.embedder.threshold_origin,
-                                 self.settings.default_threshold)
+        """The request's threshold, else the checkpoint's calibrated one (its verification threshold when verifying:
+        fused scores are probabilities), else the configured default."""
+        return threshold_in_force(requested, self.embedder, self.verifying, self.settings.default_threshold)
 
     def photo(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
         """Decode one upload, turning a decode failure into a 4xx naming ``field`` and the file."""
@@ -69,29 +182,68 @@ class Engine:
         except ImageDecodeError as error:
             raise rejected_image(error, field, filename) from error
 
+    def _local_features(self, images: Sequence[np.ndarray]) -> list[LocalFeatures]:
+        max_side = self.verification.fusion.max_side
+        return [extract_features(image, max_side=max_side) for image in images]
+
     def enroll(self, individual_id: str, photos: Sequence[Photo], mode: IndividualMode) -> list[StoredImage]:
-        """Embed and store photos of one individual, then make the new ones searchable; all or nothing."""
-        vectors = self.embedder.embed([photo.pixels for photo in photos])
+        """Embed (and with verification on, extract local features of) photos of one individual, store them, then
+        make the new ones searchable; all or nothing."""
+        pixels = [photo.pixels for photo in photos]
+        vectors = self.embedder.embed(pixels)
+        features = self._local_features(pixels) if self.verifying else None
+        max_side = self.verification.fusion.max_side if self.verifying else None
         with self._write_lock:
-            stored = self.store.add_images(individual_id, photos, vectors, self.embedder.fingerprint, mode)
+            stored = self.store.add_images(individual_id, photos, vectors, self.embedder.fingerprint, mode, features,
+                                           max_side)
             new = [i for i, image in enumerate(stored) if not image.already_enrolled]
+            if features is not None:  # before the gallery: a searchable photo always has its features
+                self._features.update((stored[i].image_id, features[i]) for i in new)
             self.gallery.add([stored[i].image_id for i in new], vectors[new], [individual_id] * len(new))
         return stored
 
+    def _forget(self, image_ids: Sequence[int]) -> None:
+        """Take deleted photos out of the gallery and the feature cache, with no verified query in flight."""
+        with self._searches.exclusive():
+            self.gallery.remove(image_ids)
+            for image_id in image_ids:
+                self._features.pop(image_id, None)
+
     def delete_individual(self, individual_id: str) -> None:
         with self._write_lock:
-            self.gallery.remove(self.store.delete_individual(individual_id))
+            self._forget(self.store.delete_individual(individual_id))
 
     def delete_image(self, individual_id: str, image_id: int) -> None:
         with self._write_lock:
             self.store.delete_image(individual_id, image_id)
-            self.gallery.remove([image_id])
+            self._forget([image_id])
 
     def identify(self, images: Sequence[np.ndarray], k: int | None, threshold: float | None) -> list[IdentifyResponse]:
-        """Rank enrolled individuals for each image, with new_turtle placed by the threshold in force."""
-        answers = self.identifier.answer(self.embedder.embed(list(images)), k or self.settings.default_k,
-                                         self.threshold(threshold))
+        """Rank enrolled individuals for each image, with new_turtle placed by the threshold in force; with
+        verification on, the most similar photos are re-scored by their local-feature matches (the query's
+        features are extracted once, the gallery's were extracted at enrolment)."""
+        vectors = self.embedder.embed(list(images))
+        verifier = None
+        if self.verification is not None:
+            verifier = LocalVerifier(self.verification.fusion, self._features.__getitem__,
+                                     self._local_features(images))
+        with self._searches.shared():
+            answers = Identifier(self.gallery, verifier).answer(vectors, k or self.settings.default_k,
+                                                                self.threshold(threshold))
         return [self._response(answer) for answer in answers]
+
+    def explain(self, query: Photo, query_name: str, individual_id: str, image_id: int) -> Explanation:
+        """The query drawn beside an enrolled photo with their verified local-feature matches.
+
+        Raises:
+            NotFoundError: no such individual, or it has no such image (``field`` says which), or its file is gone.
+        """
+        image = self.store.image(individual_id, image_id)
+        if not self.store.path_of(image).is_file():
+            raise NotFoundError(f"the file of image {image_id} is missing from the data folder", "image_id")
+        label = f"{individual_id} image {image_id}" + (f" ({image.view})" if image.view else "")
+        return explain_match(self.embedder, query.pixels, self.store.pixels(image), (f"query: {query_name}", label),
+                             self._features.get(image_id))
 
     def _response(self, answer: Answer) -> IdentifyResponse:
         predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p))

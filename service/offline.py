@@ -14,25 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from reid.data.records import read_dataset
-from reid.errors import DatasetError, ImageDecodeError, ReIDError
-from reid.imageio import DEFAULT_MAX_PIXELS, decode_image
+from reid.errors import DatasetError, ImageDecodeError
+from reid.imageio import DEFAULT_MAX_PIXELS
 from reid.inference import Embedder
+from reid.local_features import extract_features
 from service.engine import model_record
 from service.errors import StoreError
 from service.identifiers import check_individual_id
 from service.photos import Photo, read_photo
-from service.store import DATABASE_NAME, Store, StoredImage
+from service.store import DATABASE_NAME, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: Stored photos were checked against the pixel limit when they were uploaded; re-embedding them must not fail on
-#: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
-_NO_PIXEL_LIMIT = 2**62
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -52,7 +49,9 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
     """Enrol every photo of a dataset (any layout :func:`reid.data.records.read_dataset` reads) into the store.
 
     Re-running it adds only what is new. Unreadable photos are skipped with a warning, so one bad file does not
-    stop a long enrolment; identities that cannot be individual ids stop it before any work is done.
+    stop a long enrolment; identities that cannot be individual ids stop it before any work is done. When the
+    checkpoint was calibrated for verification, each photo's local features are stored with it, so a verifying
+    server does not have to extract them at start-up.
     """
     records = read_dataset(dataset)
     identities = sorted(records["identity"].unique())
@@ -67,6 +66,7 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
     embedder = Embedder.from_checkpoint(checkpoint)
     store = Store(data_dir)
     store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
+    max_side = embedder.verification.fusion.max_side if embedder.verification is not None else None
     added = already = skipped = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
@@ -84,20 +84,13 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
                     skipped += 1
             for chunk in _chunks(photos, batch_size):
                 vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)
-                stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any")
+                features = None if max_side is None else [extract_features(photo.pixels, max_side=max_side)
+                                                          for photo in chunk]
+                stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, max_side)
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
             bar.update(len(rows))
     return EnrollReport(added, already, skipped, len(identities))
-
-
-def _stored_pixels(store: Store, image: StoredImage) -> np.ndarray:
-    try:
-        return decode_image(store.path_of(image), max_pixels=_NO_PIXEL_LIMIT)
-    except ImageDecodeError as error:
-        raise ReIDError(f"cannot re-embed image {image.image_id} of individual {image.individual_id!r}: {error}; "
-                        f"delete it (DELETE /individuals/{image.individual_id}/images/{image.image_id}) and re-run "
-                        "reindex") from error
 
 
 def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bool = True) -> int:
@@ -116,7 +109,7 @@ def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bo
     while True:  # photos enrolled while this runs are picked up by the next round
         todo = store.images_without_embedding(model.fingerprint)
         for chunk in tqdm(_chunks(todo, batch_size), unit="batch", desc="re-embedding", disable=not progress):
-            vectors = embedder.embed([_stored_pixels(store, image) for image in chunk], batch_size=batch_size)
+            vectors = embedder.embed([store.pixels(image) for image in chunk], batch_size=batch_size)
             store.put_embeddings(model.fingerprint, [image.image_id for image in chunk], vectors)
             done += len(chunk)
         if store.switch_model(model):

@@ -68,7 +68,7 @@ class Evidence(BaseModel):
 
     image_id: int
     view: str = Field(description="view label given at enrolment ('' when unknown)")
-    similarity: float = Field(description="cosine similarity between the query and this photo")
+    similarity: float = Field(description="cosine similarity between the query's embedding and this photo's")
     inliers: int | None = Field(None, description="local-feature matches that passed the geometric check "
                                                   "(null: verification did not run)")
     url: str = Field(description="where to fetch the photo")
@@ -76,8 +76,9 @@ class Evidence(BaseModel):
 
 class Prediction(BaseModel):
     individual_id: str = Field(description="an enrolled individual, or 'new_turtle'")
-    score: float = Field(description="score of the individual's best-matching photo, the one the threshold compares "
-                                     "(cosine similarity; for new_turtle: the threshold)")
+    score: float = Field(description="score of the individual's best-matching photo, the one the threshold compares: "
+                                     "cosine similarity, or with verification on the fused probability that the "
+                                     "photos show the same individual (for new_turtle: the threshold)")
     evidence: Evidence | None = Field(None, description="the enrolled photo that matched best (null for new_turtle)")
 
 
@@ -120,6 +121,8 @@ class Health(BaseModel):
     gallery_size: int = Field(description="photos in the search index")
     photos: int = Field(description="photos in the database (equals gallery_size)")
     individuals: int
+    verification: bool = Field(description="identify verifies its most similar photos with local features, and "
+                                           "scores and the threshold are fused probabilities")
     threshold: float | None
     threshold_source: ThresholdSource | None
     threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")

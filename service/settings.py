@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
     index: IndexKind = Field("flat", description="FAISS index: flat (exact), hnsw or ivf (approximate)")
     default_k: int = Field(5, ge=1, le=MAX_K, description="individuals returned by identify when k is not given")
+    verify: bool | None = Field(
+        None, description="verify identify's top candidates with local features; unset: when the checkpoint was "
+                          "calibrated for it (reid calibrate --verify); true with a checkpoint that was not refuses "
+                          "to start",
+    )
     default_threshold: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
         description="new_turtle threshold when neither the request nor the checkpoint gives one; "

@@ -12,6 +12,11 @@ Embeddings are kept per model fingerprint, and ``meta`` names the model whose em
 re-index atomic: new vectors are written beside the old ones, then one transaction switches the fingerprint and drops
 the old ones; a crash before the switch leaves the old embeddings current (and the new ones reusable).
 
+Local features (keypoints and descriptors for verification) are extracted once, when a photo is enrolled, and stored
+in the same transaction as the photo, so no query recomputes them and no crash leaves a photo without them. They do
+not depend on the model, so a re-index keeps them; they do depend on the size they were extracted at, which is
+stored with them.
+
 Every method opens its own short-lived connection, so the store is safe to use from any thread or process.
 """
 
@@ -28,7 +33,10 @@ from typing import Literal
 
 import numpy as np
 
+from reid.errors import ImageDecodeError, ReIDError
 from reid.fileio import write_atomically
+from reid.imageio import decode_image
+from reid.local_features import LocalFeatures
 from service.errors import ConflictError, ModelMismatchError, NotFoundError, StoreError
 from service.photos import Photo
 
@@ -36,7 +44,12 @@ log = logging.getLogger(__name__)
 
 DATABASE_NAME = "reid.sqlite3"
 PHOTOS_DIR = "photos"
-SCHEMA_VERSION = "1"
+#: 1: individuals, images, embeddings, meta. 2: adds local_features. Opening an older store upgrades it in place
+#: (the new tables are created empty); a newer store is refused rather than half understood.
+SCHEMA_VERSION = 2
+#: Stored photos were checked against the pixel limit when they were uploaded; decoding them again must not fail on
+#: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
+_NO_PIXEL_LIMIT = 2**62
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,6 +72,11 @@ CREATE TABLE IF NOT EXISTS embeddings (
     model TEXT NOT NULL,                   -- fingerprint of the encoder weights that made the vector
     vector BLOB NOT NULL,                  -- float32, L2-normalised
     PRIMARY KEY (image_id, model)
+);
+CREATE TABLE IF NOT EXISTS local_features (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    max_side INTEGER NOT NULL,             -- long side (pixels) the photo was extracted at
+    features BLOB NOT NULL                 -- reid.local_features.LocalFeatures.to_bytes()
 );
 """
 
@@ -125,7 +143,7 @@ def _image(row: sqlite3.Row, already_enrolled: bool = False) -> StoredImage:
 
 
 class Store:
-    """Individuals, photos and embeddings under one data folder (``reid.sqlite3`` + ``photos/``)."""
+    """Individuals, photos, embeddings and local features under one data folder (``reid.sqlite3`` + ``photos/``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser()
@@ -137,10 +155,23 @@ class Store:
                 if mode != "wal":
                     log.warning("SQLite refused WAL mode for %s (got %s); writes will block reads", self.database,
                                 mode)
-                connection.executescript(_SCHEMA)
-                connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                self._create_or_upgrade(connection)
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the service's store in {self.root}: {error}") from error
+
+    def _create_or_upgrade(self, connection: sqlite3.Connection) -> None:
+        """Create the tables a store of :data:`SCHEMA_VERSION` has. Every version so far only adds tables, so an
+        older store is upgraded by creating the missing ones (``IF NOT EXISTS`` makes this safe to repeat)."""
+        has_meta = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if has_meta else None
+        version = SCHEMA_VERSION if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store in {self.root} has schema version {version}, newer than the version "
+                             f"{SCHEMA_VERSION} this turtle-reid reads; upgrade turtle-reid")
+        connection.executescript(_SCHEMA)
+        connection.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        if version < SCHEMA_VERSION:
+            log.info("store %s upgraded from schema version %d to %d", self.root, version, SCHEMA_VERSION)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -167,6 +198,20 @@ class Store:
 
     def path_of(self, image: StoredImage) -> Path:
         return self.root / image.file
+
+    def pixels(self, image: StoredImage) -> np.ndarray:
+        """The stored photo decoded to RGB, for work done on it after enrolment (re-embedding, local features).
+
+        Raises:
+            ReIDError: the file is missing or no longer decodes; the message says how to get rid of the photo.
+        """
+        try:
+            return decode_image(self.path_of(image), max_pixels=_NO_PIXEL_LIMIT)
+        except ImageDecodeError as error:
+            raise ReIDError(f"cannot read image {image.image_id} of individual {image.individual_id!r} from "
+                            f"{self.path_of(image)}: {error}; delete it "
+                            f"(DELETE /individuals/{image.individual_id}/images/{image.image_id}) and try again"
+                            ) from error
 
     # -- model -------------------------------------------------------------------------------------------------
 
@@ -218,14 +263,18 @@ class Store:
     # -- writes ------------------------------------------------------------------------------------------------
 
     def add_images(self, individual_id: str, photos: Sequence[Photo], vectors: np.ndarray, fingerprint: str,
-                   mode: IndividualMode) -> list[StoredImage]:
-        """Store photos and their embeddings for one individual, all or nothing, and return them in order.
+                   mode: IndividualMode, features: Sequence[LocalFeatures] | None = None,
+                   max_side: int | None = None) -> list[StoredImage]:
+        """Store photos, their embeddings and (when given) their local features extracted at ``max_side``, for one
+        individual, all or nothing, and return them in order.
 
         A photo already enrolled for this individual (same SHA-256) is returned with ``already_enrolled=True``
         instead of being stored twice, which makes every enrolment safe to retry.
         """
         if len(photos) != len(vectors):
             raise ValueError(f"{len(photos)} photos but {len(vectors)} embeddings")
+        if features is not None and (len(features) != len(photos) or max_side is None):
+            raise ValueError(f"{len(photos)} photos but {len(features)} local features (extracted at {max_side})")
         stored: list[StoredImage] = []
         with self._transaction() as connection:
             self._require_model(connection, fingerprint)
@@ -236,11 +285,14 @@ class Store:
                 raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
             if not exists:
                 connection.execute("INSERT INTO individuals VALUES (?, ?)", (individual_id, _now()))
-            for photo, vector in zip(photos, vectors):
+            for i, (photo, vector) in enumerate(zip(photos, vectors)):
                 row = connection.execute("SELECT * FROM images WHERE individual_id = ? AND sha256 = ?",
                                          (individual_id, photo.sha256)).fetchone()
                 if row is None:
                     row = self._insert_image(connection, individual_id, photo, vector, fingerprint)
+                    if features is not None:
+                        connection.execute("INSERT INTO local_features VALUES (?, ?, ?)",
+                                           (row["id"], max_side, features[i].to_bytes()))
                     stored.append(_image(row))
                 else:
                     stored.append(_image(row, already_enrolled=True))
@@ -350,6 +402,24 @@ class Store:
                 yield EmbeddingBatch([r["id"] for r in rows], [r["individual_id"] for r in rows],
                                      [r["view"] for r in rows],
                                      np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows]))
+
+    # -- local features ----------------------------------------------------------------------------------------
+
+    def local_features(self, max_side: int, batch_size: int = 1000) -> Iterator[list[tuple[int, bytes]]]:
+        """Stored local-feature blobs extracted at ``max_side``, as ``(image_id, blob)`` in image id order, in
+        batches."""
+        with self._connect() as connection:
+            cursor = connection.execute("SELECT image_id, features FROM local_features WHERE max_side = ? "
+                                        "ORDER BY image_id", (max_side,))
+            while rows := cursor.fetchmany(batch_size):
+                yield [(row[0], bytes(row[1])) for row in rows]
+
+    def put_local_features(self, max_side: int, image_ids: Sequence[int], features: Sequence[LocalFeatures]) -> None:
+        """Store (or replace) photos' local features; photos deleted meanwhile are skipped."""
+        with self._transaction() as connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO local_features SELECT id, ?, ? FROM images WHERE id = ?",
+                [(max_side, item.to_bytes(), int(image_id)) for image_id, item in zip(image_ids, features)])
 
     # -- re-indexing -------------------------------------------------------------------------------------------
 

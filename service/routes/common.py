@@ -11,6 +11,9 @@ from service.engine import Engine
 from service.photos import Photo
 from service.schemas import ErrorBody
 
+#: SQLite integers are 64-bit: a larger image id or offset is refused as a field error, not met with an overflow.
+SQLITE_MAX_INTEGER = 2**63 - 1
+
 _DESCRIPTIONS = {
     400: "Malformed request (e.g. a multipart body that cannot be parsed)",
     401: "Missing or wrong X-API-Key",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
 from service.auth import require_key_for_reads
 from service.engine import Engine
 from service.errors import InvalidFieldError, ServiceError
-from service.routes.common import error_responses, get_engine
-from service.schemas import BatchItem, BatchResponse, IdentifyResponse
+from service.routes.common import SQLITE_MAX_INTEGER, error_responses, get_engine
+from service.schemas import BatchItem, BatchResponse, IdentifyResponse, IndividualId
 from service.settings import MAX_K
 
 router = APIRouter(prefix="/identify", tags=["identify"], dependencies=[Depends(require_key_for_reads)])
@@ -53,3 +53,24 @@ def identify_batch(files: Annotated[list[UploadFile], File(description=f"up to {
     for (position, _), answer in zip(decoded, answers):
         items[position].result = answer
     return BatchResponse(results=items)
+
+
+@router.post("/explain", summary="Draw the query beside an enrolled photo, their verified matches joined by lines (PNG)",
+             response_class=Response, responses={
+                 200: {"content": {"image/png": {}},
+                       "description": "both photos side by side, each local-feature match that agrees with one "
+                                      "geometric transform joined by a line, the inlier count in the caption",
+                       "headers": {"X-Similarity": {"description": "cosine similarity of the two embeddings",
+                                                    "schema": {"type": "number"}},
+                                   "X-Inliers": {"description": "verified local-feature matches",
+                                                 "schema": {"type": "integer"}}}},
+                 **error_responses(400, 401, 404, 413, 415, 422)})
+def explain(file: Annotated[UploadFile, File(description="the photo that was identified")],
+            individual_id: Annotated[IndividualId, Form(description="the individual it was matched to")],
+            image_id: Annotated[int, Form(ge=1, le=SQLITE_MAX_INTEGER, description=(
+                "the enrolled photo to compare with, e.g. a prediction's evidence.image_id"))],
+            engine: Engine = Depends(get_engine)) -> Response:
+    photo = engine.photo(file.file.read(), "file", file.filename)
+    explanation = engine.explain(photo, file.filename or "upload", individual_id, image_id)
+    return Response(explanation.png, media_type="image/png",
+                    headers={"X-Similarity": f"{explanation.similarity:.6f}", "X-Inliers": str(explanation.inliers)})

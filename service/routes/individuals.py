@@ -12,7 +12,7 @@ from reid.data.records import normalise_view
 from service.auth import require_key_for_reads, require_key_for_writes
 from service.engine import Engine
 from service.errors import InvalidFieldError, NotFoundError
-from service.routes.common import error_responses, get_engine, read_uploads
+from service.routes.common import SQLITE_MAX_INTEGER, error_responses, get_engine, read_uploads
 from service.schemas import (
     EnrolledImage,
     EnrollResponse,
@@ -25,9 +25,6 @@ from service.schemas import (
 from service.store import IndividualMode, StoredImage
 
 router = APIRouter(prefix="/individuals", tags=["individuals"])
-
-#: SQLite integers are 64-bit: a larger image id or offset is refused as a field error, not met with an overflow.
-SQLITE_MAX_INTEGER = 2**63 - 1
 
 Files = Annotated[list[UploadFile], File(description="one or more photos of the individual")]
 Views = Annotated[list[Annotated[str, StringConstraints(max_length=64)]] | None,

@@ -28,7 +28,8 @@ RSM_PHOTOS_PER_INDIVIDUAL = 20
 _plot_lock = threading.Lock()
 
 
-@router.get("/health", summary="Model, index and gallery size", responses=error_responses(401))
+@router.get("/health", summary="Model, index, gallery size, verification and threshold in force",
+            responses=error_responses(401))
 def health(engine: Engine = Depends(get_engine)) -> Health:
     individuals, photos = engine.store.counts()
     threshold = engine.threshold(None)
@@ -38,7 +39,7 @@ def health(engine: Engine = Depends(get_engine)) -> Health:
                                   dim=engine.embedder.dim),
                   index=IndexInfo(kind=engine.gallery.kind, device=engine.gallery.device),
                   gallery_size=len(engine.gallery), photos=photos, individuals=individuals,
-                  threshold=threshold.value, threshold_source=threshold.source,
+                  verification=engine.verifying, threshold=threshold.value, threshold_source=threshold.source,
                   threshold_origin=threshold.origin, writes_protected=settings.api_key is not None,
                   reads_protected=settings.api_key is not None and settings.protect_reads)
 

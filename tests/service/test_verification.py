@@ -1,0 +1,219 @@
+"""Local verification in the service: a checkpoint calibrated with ``reid calibrate --verify`` makes identify check
+its top candidates with local features cached at enrolment; the evidence carries the inlier count; a restart reads
+the features back instead of extracting them again; an old store gets them; ``POST /identify/explain`` draws them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from reid import cli
+from reid.data.records import read_dataset
+from reid.data.synth import generate_synthetic_dataset
+from reid.imageio import decode_image
+from reid.inference import Embedder, export_encoder
+from service.engine import Engine, SharedLock
+from service.offline import enroll_dataset
+from service.settings import Settings
+from service.store import DATABASE_NAME
+from tests.service.conftest import StartServer
+from tests.service.helpers import enroll, identify, photos
+
+
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random-weight encoder calibrated for verification, and its dataset: 10 synthetic individuals x 6 photos at
+    160 px (big enough for SIFT). About 15-30 s on a 2-core machine, so it is made once for this module."""
+    root = tmp_path_factory.mktemp("verified")
+    torch.manual_seed(0)
+    checkpoint = export_encoder(root / "verified.ckpt", "lcnet_050", pretrained=False, image_size=64)
+    generate_synthetic_dataset(root / "data", individuals=10, images_per_individual=6, seed=0, image_size=160,
+                               progress=False)
+    assert cli.main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(root / "data"), "--verify"]) == 0
+    assert Embedder.from_checkpoint(checkpoint).verification is not None
+    return checkpoint, root / "data"
+
+
+@pytest.fixture(scope="module")
+def verified_records(verified: tuple[Path, Path]) -> pd.DataFrame:
+    return read_dataset(verified[1])
+
+
+def feature_rows(data_dir: Path) -> dict[int, int]:
+    """image id → long side its stored local features were extracted at, read straight from the database."""
+    with sqlite3.connect(data_dir / DATABASE_NAME) as database:
+        return dict(database.execute("SELECT image_id, max_side FROM local_features").fetchall())
+
+
+def explain(client: httpx.Client, query: bytes, individual_id: str, image_id: int) -> httpx.Response:
+    return client.post("/identify/explain", files={"file": ("query.png", query)},
+                       data={"individual_id": individual_id, "image_id": str(image_id)})
+
+
+@pytest.mark.slow
+def test_verified_identify_explain_delete_and_restart(start_server: StartServer, tmp_path: Path,
+                                                      verified: tuple[Path, Path],
+                                                      verified_records: pd.DataFrame) -> None:
+    checkpoint, _ = verified
+    data_dir = tmp_path / "data"
+    server = start_server(checkpoint, data_dir)  # verify unset: on, because the checkpoint was calibrated for it
+    uploads = {f"turtle-{i}": photos(verified_records, f"ind_00{i}") for i in range(5)}
+    enrolled: dict[str, list[int]] = {}
+    with server.client() as client:
+        health = client.get("/health").json()
+        assert health["verification"] is True
+        assert health["threshold_source"] == "checkpoint"
+        assert health["threshold"] == pytest.approx(Embedder.from_checkpoint(checkpoint).verification.threshold)
+        for name, pictures in uploads.items():
+            response = enroll(client, name, pictures[:3])
+            assert response.status_code == 201, response.text
+            enrolled[name] = [image["image_id"] for image in response.json()["images"]]
+        assert sorted(feature_rows(data_dir)) == sorted(i for ids in enrolled.values() for i in ids)
+
+        query = uploads["turtle-0"][3]  # another photo of the first individual, never enrolled
+        answer = identify(client, query)
+        assert answer.status_code == 200, answer.text
+        best = answer.json()["predictions"][0]
+        assert best["individual_id"] == "turtle-0"
+        evidence = best["evidence"]
+        assert evidence["image_id"] in enrolled["turtle-0"] and evidence["inliers"] > 0
+        assert -1.0 <= evidence["similarity"] <= 1.0
+
+        drawn = explain(client, query, "turtle-0", evidence["image_id"])
+        assert drawn.status_code == 200, drawn.text
+        assert drawn.headers["content-type"] == "image/png"
+        assert int(drawn.headers["x-inliers"]) == evidence["inliers"], "the drawing shows the matches identify counted"
+        assert float(drawn.headers["x-similarity"]) == pytest.approx(evidence["similarity"], abs=1e-4)
+        with Image.open(io.BytesIO(drawn.content)) as png:
+            assert png.format == "PNG"
+            width, height = png.size
+        assert height > 480 and width > 2 * 480, "both photos side by side at 480 px high, with a caption band"
+
+        unknown = explain(client, query, "nobody", evidence["image_id"])
+        assert unknown.status_code == 404 and unknown.json()["field"] == "individual_id"
+        assert "'nobody'" in unknown.json()["message"]
+        missing = explain(client, query, "turtle-0", 999_999)
+        assert missing.status_code == 404 and missing.json()["field"] == "image_id"
+        assert "999999" in missing.json()["message"]
+        garbage = explain(client, b"not a photo", "turtle-0", evidence["image_id"])
+        assert garbage.status_code == 422 and garbage.json()["error"] == "invalid_image"
+        assert garbage.json()["field"] == "file"
+
+        gone = enrolled["turtle-1"][0]
+        assert client.delete(f"/individuals/turtle-1/images/{gone}").status_code == 204
+        assert client.delete("/individuals/turtle-2").status_code == 204
+        remaining = feature_rows(data_dir)
+        assert gone not in remaining and not set(enrolled["turtle-2"]) & set(remaining)
+        assert len(remaining) == 15 - 1 - 3
+    server.stop()
+
+    restarted = start_server(checkpoint, data_dir, "--verify")
+    assert "(11 photos' features in memory)" in restarted.log()
+    assert "extracting the local features" not in restarted.log(), "features are read back, not extracted again"
+    assert len(feature_rows(data_dir)) == 11
+    with restarted.client() as client:
+        best = identify(client, uploads["turtle-3"][4]).json()["predictions"][0]
+        assert best["individual_id"] == "turtle-3" and best["evidence"]["inliers"] > 0
+
+
+def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, verified: tuple[Path, Path],
+                                                                verified_records: pd.DataFrame,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    checkpoint, _ = verified
+    data_dir = tmp_path / "data"
+    plain = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir, verify=False))
+    assert not plain.verifying
+    assert plain.threshold(None).value == pytest.approx(Embedder.from_checkpoint(checkpoint).threshold)
+    for i in range(3):
+        plain.enroll(f"turtle-{i}", [plain.photo(data, "files", None) for data in photos(verified_records,
+                                                                                      f"ind_00{i}")[:2]], "new")
+    query = decode_image(photos(verified_records, "ind_001")[3])
+    evidence = [p.evidence for p in plain.identify([query], 3, None)[0].predictions if p.evidence is not None]
+    assert evidence and all(e.inliers is None for e in evidence), "no verification ran"
+    assert feature_rows(data_dir) == {}, "verification off: no features are extracted at enrolment"
+    with sqlite3.connect(data_dir / DATABASE_NAME) as database:  # make it a store from before the features table
+        database.execute("DROP TABLE local_features")
+        database.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+
+    with caplog.at_level(logging.INFO, logger="service"):
+        verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    assert "upgraded from schema version 1 to 2" in caplog.text
+    assert "extracting the local features of 6 photos" in caplog.text and "6/6 photos extracted" in caplog.text
+    max_side = verifying.verification.fusion.max_side
+    assert feature_rows(data_dir) == {image_id: max_side for image_id in range(1, 7)}
+    best = verifying.identify([query], 3, None)[0].predictions[0]
+    assert best.individual_id == "turtle-1" and best.evidence.inliers > 0
+
+
+def test_empty_gallery_and_offline_enrolment_with_verification(tmp_path: Path, verified: tuple[Path, Path],
+                                                               verified_records: pd.DataFrame,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    checkpoint, dataset = verified
+    data_dir = tmp_path / "data"
+    empty = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    answer = empty.identify([decode_image(photos(verified_records, "ind_000")[0])], 5, None)[0]
+    assert answer.new_turtle and [p.individual_id for p in answer.predictions] == ["new_turtle"]
+
+    enroll_dataset(checkpoint, data_dir, dataset, progress=False)
+    assert len(feature_rows(data_dir)) == 60, "offline enrolment stores the features a verifying server needs"
+    with caplog.at_level(logging.INFO, logger="service"):
+        Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    assert "extracting" not in caplog.text and "(60 photos' features in memory)" in caplog.text
+
+
+def test_verify_with_an_uncalibrated_checkpoint_refuses_to_start(tmp_path: Path, checkpoint_a: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    def serve_anyway(*_: object, **__: object) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("uvicorn.run", serve_anyway)
+    monkeypatch.setenv("REID_VERIFY", "true")
+    assert cli.main(["serve", "--checkpoint", str(checkpoint_a), "--data-dir", str(tmp_path / "data")]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("reid: error:") and "Traceback" not in message
+    assert str(checkpoint_a) in message and "REID_VERIFY" in message and "reid calibrate --verify" in message
+    assert not (tmp_path / "data").exists(), "refused before touching the data folder"
+
+
+def test_explain_without_verification_extracts_features_on_the_fly(client: httpx.Client,
+                                                                   records: pd.DataFrame) -> None:
+    pictures = photos(records, "ind_006")
+    image_id = enroll(client, "explained", pictures[:1]).json()["images"][0]["image_id"]
+    drawn = explain(client, pictures[0], "explained", image_id)
+    assert drawn.status_code == 200, drawn.text
+    assert drawn.content.startswith(b"\x89PNG\r\n\x1a\n") and int(drawn.headers["x-inliers"]) >= 0
+    assert float(drawn.headers["x-similarity"]) == pytest.approx(1.0, abs=1e-3), "a photo against itself"
+    assert client.get("/health").json()["verification"] is False
+
+    documented = client.get("/openapi.json").json()["paths"]["/identify/explain"]["post"]["responses"]
+    assert "image/png" in documented["200"]["content"]
+    assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+def test_a_deletion_waits_for_the_verifications_in_flight() -> None:
+    lock = SharedLock()
+    order: list[str] = []
+
+    def delete() -> None:
+        with lock.exclusive():
+            order.append("deleted")
+
+    with lock.shared(), lock.shared():  # two verified queries in flight
+        deletion = threading.Thread(target=delete)
+        deletion.start()
+        time.sleep(0.2)
+        order.append("queries answered")
+    deletion.join(timeout=10)
+    assert order == ["queries answered", "deleted"]
