@@ -101,11 +101,13 @@ def _timm_model(name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
     constructors refuse ``img_size`` with a TypeError, which is the one failure retried without it.
     """
     if image_size is not None:
+        rng = torch.get_rng_state()
         try:
             return timm.create_model(name, num_classes=0, img_size=image_size, **kwargs)
         except TypeError as error:
             if "img_size" not in str(error):
                 raise
+            torch.set_rng_state(rng)  # the refused attempt must not shift a seeded run's random draws
     return timm.create_model(name, num_classes=0, **kwargs)
 
 
@@ -118,14 +120,18 @@ def _from_file(name: str, path: Path, image_size: int | None) -> nn.Module:
     ``backbone.``, ``model.``) are matched by prefix and loaded strictly instead.
     """
     state = read_state_dict(path)
-    backbone = _timm_model(name, image_size)
-    prefix, candidate = _backbone_tensors(backbone, state)
-    if prefix in TIMM_PREFIXES and backbone.state_dict().keys() <= candidate.keys():
+    # Building the model initialises its weights at random; the probe that only checks the keys must not use up
+    # random numbers, or a seeded run would start its head and its batches from other draws.
+    with torch.random.fork_rng():
+        probe = _timm_model(name, image_size)
+    prefix, candidate = _backbone_tensors(probe, state)
+    if prefix in TIMM_PREFIXES and probe.state_dict().keys() <= candidate.keys():
         # ``source=None``: an hf-hub: name's config has source "hf-hub", which makes timm download and ignore the file.
         backbone = _timm_model(name, image_size, pretrained=True,
                                pretrained_cfg_overlay={"file": str(path), "source": None})
         log.info("loaded backbone weights from %s with timm", path)
     else:
+        backbone = probe
         _load_matched(backbone, state, path)
     return backbone
 
