@@ -91,38 +91,25 @@ def _check_threshold(value: float | None) -> None:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
 
 
-def _wants_verification(requested: bool | None, embedder: Embedder) -> bool:
-    """--verify/--no-verify, else whatever the checkpoint was calibrated for."""
-    if requested and embedder.verification is None:
-        raise ReIDError("--verify needs a checkpoint calibrated for verification: run "
-                        "`reid calibrate --verify --checkpoint C --data TRAINING_PHOTOS` first")
-    return embedder.verification is not None if requested is None else requested
-
-
 def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
-    """Local features of every photo, extracted once, and the verifier of any (gallery rows, query rows) pair.
-
-    ``images`` are the photos a protocol draws its gallery rows from; its query rows index ``queries`` when given
-    (separate query photos, as in `reid predict`), else ``images`` too.
-    """
-    from reid.verification import LocalVerifier, extract_all
+    """Local features of every photo (cached on disk after the first run) and the verifier of any protocol."""
+    from reid.verification import extract_all, verifier_factory
 
     fusion = embedder.verification.fusion
     features = extract_all(list(images), fusion.max_side, progress=True)
-    query_features = extract_all(list(queries), fusion.max_side, progress=True) if queries else features
-    return lambda gallery_rows, query_rows: LocalVerifier(
-        fusion, lambda i: features[int(gallery_rows[i])], [query_features[int(r)] for r in query_rows])
+    return verifier_factory(fusion, features, extract_all(list(queries), fusion.max_side, progress=True)
+                            if queries else None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
-    from reid.identify import threshold_in_force
+    from reid.identify import threshold_in_force, verification_in_force
 
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
-    verify = _wants_verification(args.verify, embedder)
+    verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verify), args.seed,
                       args.query_fraction, args.unknown_fraction, args.query_split,
                       _verifier_factory(embedder, records["path"].tolist()) if verify else None)
@@ -179,7 +166,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     if args.candidates < 1 or args.max_side < 64:
         raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {args.candidates} and {args.max_side}")
     from reid.evaluation import calibrate, closed_and_open_protocols
-    from reid.verification import LocalVerifier, Verification, extract_all, fit_fusion
+    from reid.verification import Verification, extract_all, fit_fusion, verifier_factory
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
@@ -187,12 +174,8 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     gallery = open_set.gallery
     fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
                         [features[i] for i in gallery], args.candidates, args.max_side, progress=True)
-
-    def verifier_for(gallery_rows: np.ndarray, query_rows: np.ndarray) -> LocalVerifier:
-        return LocalVerifier(fusion, lambda i: features[int(gallery_rows[i])], [features[int(r)] for r in query_rows])
-
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
-                                           args.query_split, verifier_for)
+                                           args.query_split, verifier_factory(fusion, features))
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
                                            f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f})")
 
@@ -202,7 +185,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from reid.data.records import read_dataset
     from reid.evaluation import search_gallery
-    from reid.identify import answer_from_ranking, threshold_in_force
+    from reid.identify import answer_from_ranking, threshold_in_force, verification_in_force
     from reid.submission import read_queries, write_report, write_submission
 
     _check_threshold(args.threshold)
@@ -210,7 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
     queries = read_queries(args.queries)
     embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
-    verify = _wants_verification(args.verify, embedder)
+    verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     threshold = threshold_in_force(args.threshold, embedder, verify)
     verifier = None
     if verify:

@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
+from reid.errors import CheckpointError
 from reid.gallery import Gallery
 from reid.metrics import NEW_TURTLE, Hit, Ranking, insert_new_turtle, rank_individuals
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from reid.inference import Embedder
+    from reid.verification import Verification
 
 #: Where the threshold in force came from: the request (or a --threshold flag), the checkpoint, or a default.
 ThresholdSource = Literal["request", "checkpoint", "settings"]
@@ -56,6 +60,21 @@ def threshold_in_force(requested: float | None, embedder: Embedder, verify: bool
         return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin,
                                  default)
     return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin, default)
+
+
+def verification_in_force(requested: bool | None, embedder: Embedder, checkpoint: str | Path) -> Verification | None:
+    """``--verify``/``--no-verify`` (or the service's ``verify`` setting), else whatever the checkpoint was calibrated
+    for; None: answers by similarity alone.
+
+    Raises:
+        CheckpointError: verification is asked for but the checkpoint has no fusion to verify with.
+    """
+    if requested and embedder.verification is None:
+        raise CheckpointError(
+            f"verification was asked for (--verify, or REID_VERIFY=true for the service) but checkpoint {checkpoint} "
+            f"was not calibrated for it; run `reid calibrate --verify --checkpoint {checkpoint} --data "
+            "TRAINING_PHOTOS` first, or go without --verify")
+    return None if requested is False else embedder.verification
 
 
 @dataclass(frozen=True)

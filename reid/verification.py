@@ -121,6 +121,19 @@ class LocalVerifier:
         return self.fusion(similarities, inliers)
 
 
+def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
+                     query_features: Sequence[LocalFeatures] | None = None
+                     ) -> Callable[[np.ndarray, np.ndarray], LocalVerifier]:
+    """The verifier of any (gallery rows, query rows) pair of one set of photos whose features are ``features``.
+
+    Query rows index ``query_features`` when the queries are separate photos (as in `reid predict`), else
+    ``features`` too (the protocols of `reid evaluate` and `reid calibrate` draw both sides from one dataset).
+    """
+    queries = features if query_features is None else query_features
+    return lambda gallery_rows, query_rows: LocalVerifier(
+        fusion, lambda i: features[int(gallery_rows[i])], [queries[int(r)] for r in query_rows])
+
+
 def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
                candidates: int = DEFAULT_CANDIDATES, max_side: int = DEFAULT_MAX_SIDE,
                progress: bool = False) -> Fusion:

@@ -19,14 +19,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
-from reid.errors import CheckpointError, FeatureError, ImageDecodeError
+from reid.errors import FeatureError, ImageDecodeError
 from reid.explain import Explanation, explain_match
 from reid.gallery import Gallery
-from reid.identify import Answer, Identifier, Threshold, threshold_in_force
+from reid.identify import Answer, Identifier, Threshold, threshold_in_force, verification_in_force
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
 from reid.local_features import LocalFeatures, extract_features
@@ -45,20 +44,6 @@ _FEATURE_BATCH = 32
 
 def model_record(embedder: Embedder, checkpoint: str) -> ModelRecord:
     return ModelRecord(embedder.fingerprint, embedder.name, embedder.dim, checkpoint)
-
-
-def verification_in_force(requested: bool | None, embedder: Embedder, checkpoint: Path) -> Verification | None:
-    """The ``verify`` setting, else whatever the checkpoint was calibrated for (None: answers by similarity alone).
-
-    Raises:
-        CheckpointError: verification is asked for but the checkpoint has no fusion to verify with.
-    """
-    if requested and embedder.verification is None:
-        raise CheckpointError(
-            f"verification is on (--verify or REID_VERIFY=true) but checkpoint {checkpoint} was not calibrated for "
-            f"it; run `reid calibrate --verify --checkpoint {checkpoint} --data TRAINING_PHOTOS` first, or start "
-            "without --verify")
-    return None if requested is False else embedder.verification
 
 
 class SharedLock:
