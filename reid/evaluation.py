@@ -47,14 +47,22 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
         "top5": top_k_accuracy(predictions, truths, 5),
         "queries": float(len(truths)),
     }
-    unknown = np.array([t == NEW_TURTLE for t in truths])
-    if unknown.any():
-        first = np.array([bool(p) and p[0] == t for p, t in zip(predictions, truths)])
-        metrics["unknown_accuracy"] = float(first[unknown].mean())
-        metrics["known_accuracy"] = float(first[~unknown].mean()) if (~unknown).any() else float("nan")
-        metrics["balanced_accuracy"] = float(np.nanmean([metrics["known_accuracy"], metrics["unknown_accuracy"]]))
-        metrics["auroc"] = new_turtle_auroc(rankings, truths)
+    if NEW_TURTLE in truths:
+        metrics.update(open_set_scores(rankings, predictions, truths))
     return RetrievalResult(rankings, truths, metrics)
+
+
+def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[str]],
+                    truths: Sequence[str]) -> dict[str, float]:
+    """``known_accuracy`` (top-1 right on known individuals), ``unknown_accuracy`` (new_turtle first on unknown
+    ones), their ``balanced_accuracy`` and the ``auroc`` of the new_turtle score."""
+    unknown = np.array([t == NEW_TURTLE for t in truths])
+    first = np.array([bool(p) and p[0] == t for p, t in zip(predictions, truths)])
+    scores = {"unknown_accuracy": float(first[unknown].mean()),
+              "known_accuracy": float(first[~unknown].mean()) if (~unknown).any() else float("nan")}
+    scores["balanced_accuracy"] = float(np.nanmean([scores["known_accuracy"], scores["unknown_accuracy"]]))
+    scores["auroc"] = new_turtle_auroc(rankings, truths)
+    return scores
 
 
 def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[str]) -> float:
@@ -112,15 +120,8 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
         scored_rankings += rankings
         scored_truths += truths
         predictions += [answer_from_ranking(r, Threshold(threshold), k).labels for r in rankings]
-    first = np.array([bool(p) and p[0] == t for p, t in zip(predictions, scored_truths)])
-    unknown = np.array([t == NEW_TURTLE for t in scored_truths])
-    metrics = {
-        "map5": map_at_k(predictions, scored_truths, k),
-        "known_accuracy": float(first[~unknown].mean()),
-        "unknown_accuracy": float(first[unknown].mean()),
-        "auroc": new_turtle_auroc(scored_rankings, scored_truths),
-    }
-    metrics["balanced_accuracy"] = (metrics["known_accuracy"] + metrics["unknown_accuracy"]) / 2
+    metrics = {"map5": map_at_k(predictions, scored_truths, k),
+               **open_set_scores(scored_rankings, predictions, scored_truths)}
     threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k)
     origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}); "
               f"on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUROC {metrics['auroc']:.3f}")
