@@ -26,8 +26,14 @@ class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than the configured limit (decompression-bomb guard)."""
 
 
-class WeightsError(ReIDError):
-    """Backbone weights could not be found, read or matched to the model."""
+class ConfigError(ReIDError):
+    """A setting that cannot work (an impossible batch, an unknown backbone, a bad augmentation...): the one error
+    type for configuration mistakes, whether they come from a YAML file, a flag or Python. The message starts with
+    the key, as the config spells it (``data.individuals_per_batch: ...``)."""
+
+
+class WeightsError(ConfigError):
+    """Backbone weights (``model.pretrained``) could not be found, read or matched to the model."""
 
 
 class CheckpointError(ReIDError):
@@ -36,3 +42,9 @@ class CheckpointError(ReIDError):
 
 class FeatureError(ReIDError):
     """Local features (keypoints and descriptors) cannot be computed from an input or read back from storage."""
+
+
+def require(key: str, value: object, ok: bool, expected: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, ``value`` and what was ``expected`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")

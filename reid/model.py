@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid.data.transforms import Preprocess
-from reid.errors import ReIDError, WeightsError
+from reid.errors import ConfigError, ReIDError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _check_input_size(backbone: nn.Module, name: str, image_size: int) -> None:
         with torch.no_grad():
             backbone(torch.zeros(1, 3, image_size, image_size))
     except Exception as error:  # noqa: BLE001 - shape failures come as AssertionError, RuntimeError, ValueError
-        raise WeightsError(f"backbone {name!r} cannot take {image_size} px input: {error}") from error
+        raise ConfigError(f"model.image_size: backbone {name!r} cannot take {image_size} px input: {error}") from error
     finally:
         backbone.train(training)
 
@@ -164,7 +164,8 @@ def create_backbone(name: str, pretrained: bool | str, image_size: int | None = 
     (square, in pixels) is passed to architectures that are built for one input size, and checked.
     """
     if not (name.startswith(HUB_PREFIX) or timm.is_model(name)):
-        raise WeightsError(f"unknown timm backbone {name!r}; see timm.list_models(), or name a Hugging Face hub "
+        raise ConfigError(f"model.backbone: unknown timm backbone {name!r}; see timm.list_models(), or name a "
+                          f"Hugging Face hub "
                            f"model as '{HUB_PREFIX}owner/name'")
     path = resolve_weights(name, str(pretrained)) if isinstance(pretrained, (str, Path)) and str(pretrained) else None
     try:
@@ -183,7 +184,7 @@ def create_backbone(name: str, pretrained: bool | str, image_size: int | None = 
                     "with model.pretrained false; offline, name the timm architecture and a local weights file")
         elif pretrained is True:
             hint = "; offline, set model.pretrained to a local weights file or to 'imagenet-offline' (mobilenetv2_100)"
-        raise WeightsError(f"could not create backbone {name!r}{size}{source} ({error}){hint}") from error
+        raise ConfigError(f"model.backbone: could not create {name!r}{size}{source} ({error}){hint}") from error
     if image_size is not None:
         _check_input_size(backbone, name, image_size)
     return backbone
@@ -211,7 +212,7 @@ class Encoder(nn.Module):
                  embedding: EmbeddingSource = "backbone", image_size: int | None = None) -> None:
         super().__init__()
         if embedding not in ("backbone", "projection"):
-            raise WeightsError(f"embedding must be 'backbone' or 'projection', got {embedding!r}")
+            raise ConfigError(f"model.embedding must be 'backbone' or 'projection', got {embedding!r}")
         self.backbone = create_backbone(backbone, pretrained, image_size)
         # timm: models with a pre-logits head (LCNet, MobileNetV3) output head_hidden_size, others num_features.
         features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)

@@ -26,7 +26,7 @@ from reid.data.dataset import ImageRecords, identity_batch_sampler
 from reid.data.records import read_dataset
 from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
-from reid.errors import DatasetError
+from reid.errors import DatasetError, require
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
 from reid.model import EmbeddingSource, Encoder
@@ -60,6 +60,8 @@ class ReIDDataModule(L.LightningDataModule):
                  eval_batch_size: int = 64, check_images: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
+        require("data.num_workers", num_workers, num_workers >= 0, ">= 0")
+        require("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1")
         self.root = root
         self.augmentations = list(augmentations or [])
         self.records: pd.DataFrame | None = None
@@ -158,8 +160,17 @@ class ReIDModule(L.LightningModule):
                  warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if loss not in ("ntxent", "supcon", "subcenter_arcface"):
-            raise ValueError(f"loss must be ntxent, supcon or subcenter_arcface, got {loss!r}")
+        require("model.loss", loss, loss in ("ntxent", "supcon", "subcenter_arcface"),
+                "ntxent, supcon or subcenter_arcface")
+        require("model.image_size", image_size, image_size >= 16, "at least 16 (pixels)")
+        require("model.projection_dim", projection_dim, projection_dim >= 1, ">= 1")
+        for key, value in (("temperature", temperature), ("lr", lr), ("arcface_scale", arcface_scale)):
+            require(f"model.{key}", value, value > 0, "> 0")
+        for key, value in (("backbone_lr_scale", backbone_lr_scale), ("weight_decay", weight_decay),
+                           ("arcface_margin", arcface_margin), ("rsm_individuals", rsm_individuals)):
+            require(f"model.{key}", value, value >= 0, ">= 0")
+        require("model.sub_centers", sub_centers, sub_centers >= 1, ">= 1")
+        require("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         self.preprocess: Preprocess = self.encoder.preprocess(image_size)
         self.criterion: torch.nn.Module | None = None

@@ -16,7 +16,7 @@ import pandas as pd
 
 from reid.identify import Answer
 
-from reid.data.records import IMAGE_EXTENSIONS, read_dataset
+from reid.data.records import IMAGE_EXTENSIONS, read_csv_table, read_dataset
 from reid.errors import DatasetError, ReIDError
 from reid.metrics import map_at_k, top_k_accuracy
 
@@ -37,9 +37,7 @@ def read_queries(source: str | Path) -> pd.DataFrame:
     """
     source = Path(source).expanduser().resolve()
     if source.is_file() and source.name != "labels.csv":
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
-        if "image_id" not in frame.columns:
-            raise DatasetError(f"{source}: no image_id column; found {list(frame.columns)}")
+        frame = read_csv_table(source, ["image_id"])
         folder = source.parent / "images"
         images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS} if folder.is_dir() else {}
         missing = [(i, image_id) for i, image_id in enumerate(frame["image_id"]) if image_id not in images]
@@ -106,15 +104,6 @@ def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answ
     return path
 
 
-def _read_table(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise SubmissionError(f"{what} file {path} does not exist")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise SubmissionError(f"{what} file {path} cannot be parsed as CSV ({error})") from error
-
-
 def score_submission(submission: str | Path, truth: str | Path) -> dict[str, float]:
     """Score a submission file against a truth file exactly as Zindi does.
 
@@ -123,11 +112,11 @@ def score_submission(submission: str | Path, truth: str | Path) -> dict[str, flo
     answered, and every answered id must be in the truth.
     """
     submission, truth = Path(submission).expanduser(), Path(truth).expanduser()
-    answers = _read_table(submission, "submission")
+    answers = read_csv_table(submission)
     expected = ["image_id", *PREDICTION_COLUMNS]
     if list(answers.columns) != expected:
         raise SubmissionError(f"{submission}: columns must be {expected}, found {list(answers.columns)}")
-    truths = _read_table(truth, "truth")
+    truths = read_csv_table(truth)
     label = next((c for c in TRUTH_LABEL_COLUMNS if c in truths.columns), None)
     if "image_id" not in truths.columns or label is None:
         raise SubmissionError(f"{truth}: needs image_id and one of {list(TRUTH_LABEL_COLUMNS)}; "

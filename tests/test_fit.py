@@ -70,6 +70,29 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     assert "reid: error: dataset folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    (["--model.lr", "-1"], "model.lr must be > 0, got -1.0"),
+    (["--model.temperature", "0"], "model.temperature must be > 0, got 0.0"),
+    (["--model.image_size", "0"], "model.image_size must be at least 16 (pixels), got 0"),
+    (["--model.backbone", "resnet_nonexistent"], "model.backbone: unknown timm backbone 'resnet_nonexistent'"),
+    (["--model.backbone", "test_maxvit", "--model.image_size", "100"],
+     "model.image_size: backbone 'test_maxvit' cannot take 100 px input"),
+    (["--data.individuals_per_batch", "100"], "data.individuals_per_batch must be at most 8"),
+    (["--data.photos_per_individual", "1"], "data.photos_per_individual must be >= 2"),
+    (["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),
+    (["--data.augmentations", "[{type: NoSuchTransform}]"], "data.augmentations: unknown albumentations transform"),
+])
+def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, override: list[str],
+                                                   message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every impossible setting is one ``reid: error:`` line naming its config key, before any training step."""
+    assert main(_fit_args(tmp_path, synth_dataset, *override)) == 2
+    error = capsys.readouterr().err
+    # (Lightning's log handlers still point at an earlier test's closed stderr, which logging reports; a user's
+    # terminal has no such thing, so only the last line and the absence of our exception's traceback count.)
+    assert error.strip().splitlines()[-1].startswith(f"reid: error: {message}")
+    assert "ConfigError" not in error and "WeightsError" not in error
+
+
 @pytest.mark.parametrize("loss", ["supcon", "subcenter_arcface"])
 def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Path, loss: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from reid.cli import main
-from reid.errors import WeightsError
+from reid.errors import ConfigError, WeightsError
 from reid.inference import Embedder
 from reid.model import Encoder, create_backbone
 
@@ -55,7 +55,7 @@ def test_weights_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_text("not torch")
     with pytest.raises(WeightsError, match="cannot read weights file"):
         create_backbone(BACKBONE, str(tmp_path / "junk.pth"))
-    with pytest.raises(WeightsError, match="unknown timm backbone 'resnet_nonexistent'"):
+    with pytest.raises(ConfigError, match="model.backbone: unknown timm backbone 'resnet_nonexistent'"):
         create_backbone("resnet_nonexistent", False)
 
 
@@ -105,7 +105,7 @@ def test_vit_is_built_for_the_requested_input_size() -> None:
         Encoder(VIT).embed(images)
     vectors = Encoder(VIT, image_size=96).eval().embed(images)
     assert vectors.shape == (2, 96) and torch.allclose(vectors.norm(dim=1), torch.ones(2), atol=1e-5)
-    with pytest.raises(WeightsError, match=r"backbone 'test_maxvit' cannot take 100 px input"):
+    with pytest.raises(ConfigError, match=r"model.image_size: backbone 'test_maxvit' cannot take 100 px input"):
         create_backbone("test_maxvit", False, image_size=100)  # its attention windows do not tile 100 px
 
 
@@ -139,7 +139,7 @@ def test_hf_hub_name_offline_is_an_error_naming_it(tmp_path: Path, offline_hub: 
     name = "hf-hub:BVRA/MegaDescriptor-T-224"
     assert main(["export", "--backbone", name, "--out", str(tmp_path / "mega.ckpt")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"reid: error: could not create backbone '{name}' for 224 px input") and "hub" in error
+    assert error.startswith(f"reid: error: model.backbone: could not create '{name}' for 224 px input") and "hub" in error
 
 
 def test_hf_hub_name_uses_the_hub_cache_and_a_local_file_beats_the_hub(tmp_path: Path, offline_hub: Path) -> None:

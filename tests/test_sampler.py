@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from reid.data.dataset import identity_batch_sampler
-from reid.errors import DatasetError
+from reid.errors import ConfigError
 
 
 def test_every_batch_holds_p_distinct_individuals_with_k_different_photos() -> None:
@@ -38,9 +38,9 @@ def test_individual_with_one_photo_gets_it_twice_for_two_augmentations() -> None
 
 @pytest.mark.parametrize(
     ("p", "k", "message"),
-    [(5, 2, "individuals_per_batch=5 but the training split has only 3"), (3, 1, "photos_per_individual must be >= 2"),
-     (1, 2, "individuals_per_batch must be >= 2")],
+    [(5, 2, r"data.individuals_per_batch must be at most 3, the individuals in the training split, got 5"),
+     (3, 1, "data.photos_per_individual must be >= 2"), (1, 2, "data.individuals_per_batch must be >= 2")],
 )
 def test_impossible_batches_are_explained(p: int, k: int, message: str) -> None:
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(ConfigError, match=message):
         identity_batch_sampler([0, 0, 1, 1, 2, 2], p, k, batches_per_epoch=2)

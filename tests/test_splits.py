@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from reid.data.splits import assign_splits
-from reid.errors import DatasetError
+from reid.errors import ConfigError, DatasetError
 
 
 def _records(counts: dict[str, int], split: str = "") -> pd.DataFrame:
@@ -37,5 +37,5 @@ def test_dataset_split_column_is_used_as_is() -> None:
     assert (assign_splits(records, "auto")["split"] == "test").all()
     with pytest.raises(DatasetError, match="needs a split column"):
         assign_splits(_records({"a": 2}), "column")
-    with pytest.raises(DatasetError, match="val_fraction must be between 0 and 1"):
+    with pytest.raises(ConfigError, match="data.val_fraction must be between 0 and 1"):
         assign_splits(records, "image", val_fraction=1.5)

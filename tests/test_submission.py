@@ -83,6 +83,25 @@ def test_score_rejects_malformed_submissions_with_exit_2(tmp_path: Path, rows: l
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b'image_id\n"ID_1\nID_2\n', "cannot be parsed as CSV"),
+    (b"image_id,x\nID_1,1\nID_2,1,2,3\n", "Expected 2 fields in line 3, saw 4"),
+    (b"\xff\xfe\x00bad", "cannot be parsed as CSV"),
+    (b"", "cannot be parsed as CSV"),
+    (b"id\nID_1\n", "missing column(s) ['image_id']"),
+])
+def test_predict_with_a_malformed_test_csv_exits_2_naming_the_file(tmp_path: Path, checkpoint: Path,
+                                                                   synth_dataset: Path, content: bytes, message: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    queries = tmp_path / "zindi" / "test.csv"
+    queries.parent.mkdir()
+    queries.write_bytes(content)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(synth_dataset),
+                 "--queries", str(queries), "--out", str(tmp_path / "s.csv")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"reid: error: {queries}:") and message in error and "Traceback" not in error
+
+
 def test_predict_with_too_small_gallery_explains(tmp_path: Path, checkpoint: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     for identity in ("a", "b"):

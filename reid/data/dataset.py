@@ -12,7 +12,7 @@ import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import Dataset
 
-from reid.errors import DatasetError
+from reid.errors import require
 from reid.imageio import decode_image
 
 
@@ -59,15 +59,13 @@ def identity_batch_sampler(labels: Sequence[int], individuals_per_batch: int, ph
     replacement: one photo becomes K differently augmented views of itself.
     """
     n_individuals = len(set(int(label) for label in labels))
-    if photos_per_individual < 2:
-        raise DatasetError(f"photos_per_individual must be >= 2 (positives need a pair), got {photos_per_individual}")
-    if individuals_per_batch < 2:
-        raise DatasetError(f"individuals_per_batch must be >= 2 (negatives need another individual), got {individuals_per_batch}")
-    if individuals_per_batch > n_individuals:
-        raise DatasetError(
-            f"individuals_per_batch={individuals_per_batch} but the training split has only {n_individuals} "
-            f"individuals; lower data.individuals_per_batch to at most {n_individuals}"
-        )
+    require("data.photos_per_individual", photos_per_individual, photos_per_individual >= 2,
+            ">= 2 (positives need a pair)")
+    require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch >= 2,
+            ">= 2 (negatives need another individual)")
+    require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch <= n_individuals,
+            f"at most {n_individuals}, the individuals in the training split")
+    require("data.batches_per_epoch", batches_per_epoch, batches_per_epoch >= 1, ">= 1")
     batch_size = individuals_per_batch * photos_per_individual
     return MPerClassSampler(np.asarray(labels), m=photos_per_individual, batch_size=batch_size,
                             length_before_new_iter=batch_size * batches_per_epoch)

@@ -14,6 +14,7 @@ downstream (splits, sampler, training, evaluation, enrolment) reads only that ta
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -29,11 +30,17 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 VALID_SPLITS = frozenset({"", "train", "val", "test"})
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    """Read a CSV as strings, failing with the file name and the missing columns."""
+def read_csv_table(path: Path, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Read any CSV a user hands the project (labels, Zindi tables, submissions) as stripped strings.
+
+    Every way a file can be wrong ends in a :class:`DatasetError` naming it: missing, not a file, unreadable, not
+    UTF-8 text, not CSV (pandas' message names the line), or without the ``required`` columns.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: {'is a folder, not a CSV file' if path.is_dir() else 'no such file'}")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise DatasetError(f"{path}: cannot be parsed as CSV ({error})") from error
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
@@ -56,7 +63,7 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 def _read_labels_csv(root: Path) -> pd.DataFrame:
     labels = root / "labels.csv"
-    frame = _read_csv(labels, ["path", "identity"])
+    frame = read_csv_table(labels, ["path", "identity"])
     paths = [Path(p) if Path(p).is_absolute() else root / p for p in frame["path"]]
     return pd.DataFrame(
         {
@@ -78,7 +85,7 @@ def _read_zindi(root: Path) -> pd.DataFrame:
         csv_path = root / name
         if not csv_path.exists():
             continue
-        frame = _read_csv(csv_path, required)
+        frame = read_csv_table(csv_path, required)
         missing_rows = [i for i, image_id in enumerate(frame["image_id"]) if image_id not in images]
         if missing_rows:
             first = missing_rows[0]

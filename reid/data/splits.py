@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from reid.errors import DatasetError
+from reid.errors import DatasetError, require
 
 SplitMode = Literal["auto", "column", "image", "individual"]
 
@@ -49,8 +49,7 @@ def assign_splits(records: pd.DataFrame, mode: SplitMode = "auto", val_fraction:
     ``auto`` uses the dataset's own ``split`` column when it has one (values kept as they are) and splits by
     image otherwise; ``column`` insists on the dataset's column.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    require("data.val_fraction", val_fraction, 0.0 < val_fraction < 1.0, "between 0 and 1 (exclusive)")
     has_column = bool((records["split"] != "").any())
     result = records.copy()
     if mode == "column" or (mode == "auto" and has_column):

@@ -15,7 +15,7 @@ from typing import Any
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
 
-from reid.errors import ReIDError
+from reid.errors import ConfigError
 
 #: An augmentation is ``{"type": "<albumentations class>", **kwargs}``, e.g. ``{"type": "HorizontalFlip", "p": 0.5}``.
 AugmentationSpec = dict[str, Any]
@@ -59,14 +59,15 @@ def build_augmentation(spec: AugmentationSpec, image_size: int) -> A.BasicTransf
     size when the config leaves it out, so the size is written in one place.
     """
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ReIDError(f"augmentation {spec!r} must be a mapping with a 'type' key, e.g. {{type: HorizontalFlip, p: 0.5}}")
+        raise ConfigError(f"data.augmentations: {spec!r} must be a mapping with a 'type' key, e.g. "
+                          "{type: HorizontalFlip, p: 0.5}")
     kwargs = {k: v for k, v in spec.items() if k != "type"}
     cls = getattr(A, str(spec["type"]), None)
     if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
-        raise ReIDError(f"unknown albumentations transform {spec['type']!r} in augmentations")
+        raise ConfigError(f"data.augmentations: unknown albumentations transform {spec['type']!r}")
     if "size" in inspect.signature(cls.__init__).parameters and "size" not in kwargs:
         kwargs["size"] = (image_size, image_size)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
-        raise ReIDError(f"augmentation {spec!r}: {error}") from error
+        raise ConfigError(f"data.augmentations: {spec!r}: {error}") from error
