@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,17 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ReIDError("invalid service settings: " + "; ".join(problems)) from error
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a busy port is a one-line error at once, not uvicorn's
+    ``[Errno 98]`` after a start-up that looked complete."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ReIDError(f"cannot listen on {host}:{port}: {reason} (is another server using the port? choose "
+                        "another with --port)") from error
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -45,8 +58,29 @@ def _serve(args: argparse.Namespace) -> int:
     from service.engine import Engine
 
     settings = _settings(args)
-    engine = Engine.open(settings)  # before the server starts: a refusal ends the command with a one-line error
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level="info")
+    # Opened before the server starts, so that a refusal (folder in use, wrong model for the store, bad checkpoint,
+    # busy port) ends the command with a one-line error instead of a server traceback.
+    engine = Engine.open(settings)
+    try:
+        listener = _listen(settings.host, settings.port)
+    except ReIDError:
+        engine.close()
+        raise
+
+    class AnnouncingServer(uvicorn.Server):
+        """Says, once it listens, where to go: scripts and people wait for this line (or for /health)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host, port = listener.getsockname()[:2]  # with --port 0, the port the system chose
+                url = f"http://{host}:{port}"
+                individuals, photos = engine.store.counts()
+                print(f"turtle-reid is ready at {url} ({individuals} individuals, {photos} photos): the web page is "
+                      f"{url}/ and the API documentation {url}/docs", flush=True)
+
+    server = AnnouncingServer(uvicorn.Config(create_app(settings, engine), log_level="info"))
+    server.run(sockets=[listener])
     return 0
 
 

@@ -31,6 +31,7 @@ from reid.inference import Embedder
 from reid.local_features import LocalFeatures, extract_features
 from reid.verification import LocalVerifier, Verification
 from service.errors import NotFoundError, rejected_image
+from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo
 from service.schemas import Evidence, IdentifyResponse, Prediction
 from service.settings import Settings
@@ -114,7 +115,8 @@ class Engine:
     """Everything a request needs: enrol, delete, identify and explain photos against the gallery."""
 
     def __init__(self, settings: Settings, embedder: Embedder, store: Store, gallery: Gallery,
-                 verification: Verification | None = None, features: dict[int, LocalFeatures] | None = None) -> None:
+                 verification: Verification | None = None, features: dict[int, LocalFeatures] | None = None,
+                 folder_lock: FolderLock | None = None) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = store
@@ -124,15 +126,30 @@ class Engine:
         self._features: dict[int, LocalFeatures] = features if features is not None else {}
         self._write_lock = threading.Lock()
         self._searches = SharedLock()
+        self._folder_lock = folder_lock
 
     @classmethod
     def open(cls, settings: Settings) -> Engine:
-        """Load the model, open the store (refusing one embedded by another model), index every stored photo and,
-        with verification on, load (or extract once) every photo's local features."""
+        """Load the model, claim the data folder (refusing one another process serves or writes to), open the store
+        (refusing one embedded by another model), sweep what a crash left in it, index every stored photo and, with
+        verification on, load (or extract once) every photo's local features.
+
+        A checkpoint that cannot serve is refused before the data folder is touched."""
         embedder = Embedder.from_checkpoint(settings.checkpoint)
         verification = verification_in_force(settings.verify, embedder, settings.checkpoint)
+        folder_lock = FolderLock(settings.data_dir, "reid serve", f"http://{settings.host}:{settings.port}")
+        try:
+            return cls._open(settings, embedder, verification, folder_lock)
+        except BaseException:
+            folder_lock.release()
+            raise
+
+    @classmethod
+    def _open(cls, settings: Settings, embedder: Embedder, verification: Verification | None,
+              folder_lock: FolderLock) -> Engine:
         store = Store(settings.data_dir)
         store.bind_model(model_record(embedder, str(settings.checkpoint.expanduser().resolve())))
+        store.sweep()
         gallery = Gallery(embedder.dim, kind=settings.index)
         photos: dict[int, str] = {}
         for batch in store.embeddings(embedder.fingerprint):
@@ -149,7 +166,18 @@ class Engine:
             features = _cached_features(store, photos, verification.fusion.max_side)
             log.info("verification on: the %d most similar photos of each query are checked with local features "
                      "(%d photos' features in memory)", verification.fusion.candidates, len(features))
-        return cls(settings, embedder, store, gallery, verification, features)
+        return cls(settings, embedder, store, gallery, verification, features, folder_lock)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the data folder up, for another server or an offline enrolment."""
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     @property
     def verifying(self) -> bool:

@@ -1,8 +1,8 @@
 """Work on a store without the server: enrol a whole dataset, and re-embed every photo with a new model.
 
-Both write through :class:`service.store.Store`, with the same durability and idempotency as the API. A running
-server does not see photos enrolled offline until it restarts (its index is built from the database at start), and
-after a re-index it refuses further enrolments until it is restarted with the new checkpoint.
+Both write through :class:`service.store.Store`, with the same durability and idempotency as the API. Both claim the
+data folder (:class:`service.folder_lock.FolderLock`): while a server runs on it they refuse, naming the server,
+because its index would not see what they write; enrol through the server's API instead, or stop it first.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from reid.data.records import read_dataset
@@ -23,6 +24,7 @@ from reid.inference import Embedder
 from reid.local_features import extract_features
 from service.engine import model_record
 from service.errors import StoreError
+from service.folder_lock import FolderLock
 from service.identifiers import check_individual_id
 from service.photos import Photo, read_photo
 from service.store import DATABASE_NAME, Store
@@ -63,9 +65,18 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
             invalid.append(str(error))
     if invalid:
         raise DatasetError(f"{dataset}: {len(invalid)} identities cannot be individual ids, e.g. {invalid[:3]}")
-    embedder = Embedder.from_checkpoint(checkpoint)
-    store = Store(data_dir)
-    store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
+    with FolderLock(data_dir, "reid enroll"):
+        embedder = Embedder.from_checkpoint(checkpoint)
+        store = Store(data_dir)
+        store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
+        store.sweep()
+        added, already, skipped = _enroll_records(store, embedder, records, batch_size, progress)
+    return EnrollReport(added, already, skipped, len(identities))
+
+
+def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, batch_size: int,
+                    progress: bool) -> tuple[int, int, int]:
+    """Enrol every record's photo, skipping those already stored; returns (added, already enrolled, skipped)."""
     max_side = embedder.verification.fusion.max_side if embedder.verification is not None else None
     added = already = skipped = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
@@ -90,7 +101,7 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
             bar.update(len(rows))
-    return EnrollReport(added, already, skipped, len(identities))
+    return added, already, skipped
 
 
 def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bool = True) -> int:
@@ -102,15 +113,14 @@ def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bo
     """
     if not (Path(data_dir).expanduser() / DATABASE_NAME).is_file():
         raise StoreError(f"{data_dir} holds no service store ({DATABASE_NAME}); nothing to re-index")
-    embedder = Embedder.from_checkpoint(checkpoint)
-    store = Store(data_dir)
-    model = model_record(embedder, str(Path(checkpoint).expanduser().resolve()))
-    done = 0
-    while True:  # photos enrolled while this runs are picked up by the next round
+    with FolderLock(data_dir, "reid reindex"):
+        embedder = Embedder.from_checkpoint(checkpoint)
+        store = Store(data_dir)
+        model = model_record(embedder, str(Path(checkpoint).expanduser().resolve()))
         todo = store.images_without_embedding(model.fingerprint)
         for chunk in tqdm(_chunks(todo, batch_size), unit="batch", desc="re-embedding", disable=not progress):
             vectors = embedder.embed([store.pixels(image) for image in chunk], batch_size=batch_size)
             store.put_embeddings(model.fingerprint, [image.image_id for image in chunk], vectors)
-            done += len(chunk)
-        if store.switch_model(model):
-            return done
+        if not store.switch_model(model):  # only when a writer ignored the folder lock
+            raise StoreError(f"photos were added to {data_dir} while it was re-indexed; run reid reindex again")
+    return len(todo)

@@ -121,6 +121,8 @@ class IndividualRecord:
     individual_id: str
     created: str
     image_count: int
+    #: the individual's first photo, shown beside its name; None when it has none left
+    cover_image_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,25 @@ class Store:
                 if connection.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha256,)).fetchone() is None:
                     (self.root / file).unlink(missing_ok=True)
 
+    def sweep(self) -> int:
+        """Remove what a crash can leave in ``photos/``: temporary files of interrupted writes, and photo files no row
+        refers to (written, but the transaction that was to point at them never committed); returns the count.
+
+        Only the folder's owner (:class:`service.folder_lock.FolderLock`) may sweep: another writer's file, written
+        before its row is committed, would look unreferenced.
+        """
+        with self._connect() as connection:
+            referenced = {row[0] for row in connection.execute("SELECT DISTINCT file FROM images")}
+        removed = 0
+        for path in sorted((self.root / PHOTOS_DIR).rglob("*")):
+            if path.is_file() and path.relative_to(self.root).as_posix() not in referenced:
+                path.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d files a crash left in %s (temporary or unreferenced photo files)", removed,
+                     self.root / PHOTOS_DIR)
+        return removed
+
     # -- reads -------------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -358,17 +379,19 @@ class Store:
                 raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
             images = [_image(r) for r in connection.execute(
                 "SELECT * FROM images WHERE individual_id = ? ORDER BY id", (individual_id,))]
-        return IndividualRecord(row["id"], row["created"], len(images)), images
+        return IndividualRecord(row["id"], row["created"], len(images), images[0].image_id if images else None), images
 
-    def individuals(self, limit: int, offset: int) -> tuple[int, list[IndividualRecord]]:
-        """One page of individuals in id order, and how many there are in all."""
+    def individuals(self, limit: int, offset: int, contains: str = "") -> tuple[int, list[IndividualRecord]]:
+        """One page of individuals in id order whose id contains ``contains`` (any case), and how many match."""
+        pattern = "%" + contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with self._connect() as connection:
-            total = connection.execute("SELECT COUNT(*) FROM individuals").fetchone()[0]
+            total = connection.execute("SELECT COUNT(*) FROM individuals WHERE id LIKE ? ESCAPE '\\'",
+                                       (pattern,)).fetchone()[0]
             rows = connection.execute(
-                "SELECT i.id, i.created, COUNT(im.id) AS images FROM individuals i "
-                "LEFT JOIN images im ON im.individual_id = i.id GROUP BY i.id ORDER BY i.id LIMIT ? OFFSET ?",
-                (limit, offset)).fetchall()
-        return total, [IndividualRecord(r["id"], r["created"], r["images"]) for r in rows]
+                "SELECT i.id, i.created, COUNT(im.id) AS images, MIN(im.id) AS cover FROM individuals i "
+                "LEFT JOIN images im ON im.individual_id = i.id WHERE i.id LIKE ? ESCAPE '\\' "
+                "GROUP BY i.id ORDER BY i.id LIMIT ? OFFSET ?", (pattern, limit, offset)).fetchall()
+        return total, [IndividualRecord(r["id"], r["created"], r["images"], r["cover"]) for r in rows]
 
     def photo_hashes(self, individual_id: str) -> set[str]:
         """SHA-256 of every photo enrolled for an individual (lets a re-run skip them before embedding)."""

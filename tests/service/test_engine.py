@@ -11,6 +11,7 @@ import pytest
 from reid.imageio import decode_image
 from reid.inference import write_checkpoint_metadata
 from service.engine import Engine, Threshold
+from service.folder_lock import FolderInUseError
 from service.settings import Settings
 from tests.service.helpers import photos
 
@@ -33,6 +34,9 @@ def test_approximate_indexes_follow_enrolments_deletions_and_restarts(tmp_path: 
     answer = engine.identify([query], k=50, threshold=None)[0]
     assert "turtle-2" not in [p.individual_id for p in answer.predictions]
 
+    with pytest.raises(FolderInUseError, match=r"in use by reid serve \(pid \d+\) at http://127.0.0.1:8000"):
+        Engine.open(settings)  # one process serves a data folder: a second index would miss the first's writes
+    engine.close()
     reopened = Engine.open(settings)
     assert reopened.gallery.kind == kind and len(reopened.gallery) == 8
     assert reopened.gallery.identities() == {"turtle-0", "turtle-1", "turtle-3"}

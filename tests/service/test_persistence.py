@@ -145,7 +145,7 @@ def test_reindex_that_dies_half_way_leaves_the_old_model_working(tmp_path: Path,
         reindex(checkpoint_b, data_dir, batch_size=8, progress=False)
     assert store.model() == a, "the old model stays current"
     assert sum(len(batch.image_ids) for batch in store.embeddings(a.fingerprint)) == 32
-    Engine.open(Settings(checkpoint=checkpoint_a, data_dir=data_dir))  # and the service still starts with it
+    Engine.open(Settings(checkpoint=checkpoint_a, data_dir=data_dir)).close()  # the service still starts with it
 
     store.path_of(victim).write_bytes(good)
     assert reindex(checkpoint_b, data_dir, batch_size=8, progress=False) == 16, "batches done before are kept"

@@ -146,6 +146,7 @@ def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, 
         database.execute("DROP TABLE local_features")
         database.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
 
+    plain.close()
     with caplog.at_level(logging.INFO, logger="service"):
         verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
     assert "upgraded from schema version 1 to 2" in caplog.text
@@ -165,10 +166,11 @@ def test_empty_gallery_and_offline_enrolment_with_verification(tmp_path: Path, v
     answer = empty.identify([decode_image(photos(verified_records, "ind_000")[0])], 5, None)[0]
     assert answer.new_turtle and [p.individual_id for p in answer.predictions] == ["new_turtle"]
 
+    empty.close()
     enroll_dataset(checkpoint, data_dir, dataset, progress=False)
     assert len(feature_rows(data_dir)) == 60, "offline enrolment stores the features a verifying server needs"
     with caplog.at_level(logging.INFO, logger="service"):
-        Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+        Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir)).close()
     assert "extracting" not in caplog.text and "(60 photos' features in memory)" in caplog.text
 
 
