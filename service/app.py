@@ -13,6 +13,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.routes import identify, individuals, system
+from service.routes.page import install_page_and_docs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ Enrol individuals with a few photos each (no retraining), then identify new phot
 individuals by their best-matching photo (its similarity, fused with verified local-feature matches when
 verification is on), with `new_turtle` where the score is under the threshold. `POST /identify/explain` draws the
 matches between a query and an enrolled photo.
-Every error is a JSON body `{"error", "message", "field"}`.
+Every error is a JSON body `{"error", "message", "field"}`. The web page at `/` does all of this from a browser.
 """
 
 
@@ -40,12 +41,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if settings.api_key is None:
             log.warning("no API key set (--api-key or REID_API_KEY): anyone who can reach %s:%d can enrol and "
                         "delete individuals", settings.host, settings.port)
-        yield
+        try:
+            yield
+        finally:
+            app.state.engine.close()
 
-    app = FastAPI(title="turtle-reid", version=reid.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: install_page_and_docs serves /docs offline.
+    app = FastAPI(title="turtle-reid", version=reid.__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     install_error_handlers(app)
     for module in (individuals, identify, system):
         app.include_router(module.router)
+    install_page_and_docs(app)
     return app

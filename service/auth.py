@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request, Security
+from fastapi import Security
 from fastapi.security import APIKeyHeader
 
+from service.deps import SettingsDep
 from service.errors import UnauthorizedError
 from service.settings import Settings
 
@@ -29,11 +30,10 @@ def _check(settings: Settings, given: str | None) -> None:
         raise UnauthorizedError(f"the API key in the {API_KEY_HEADER} header is wrong", API_KEY_HEADER)
 
 
-def require_key_for_writes(request: Request, api_key: str | None = Security(_api_key)) -> None:
-    _check(request.app.state.settings, api_key)
+def require_key_for_writes(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
+    _check(settings, api_key)
 
 
-def require_key_for_reads(request: Request, api_key: str | None = Security(_api_key)) -> None:
-    settings: Settings = request.app.state.settings
+def require_key_for_reads(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
     if settings.protect_reads:
         _check(settings, api_key)

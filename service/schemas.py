@@ -50,6 +50,7 @@ class IndividualSummary(BaseModel):
     individual_id: str
     created: datetime
     image_count: int
+    cover_url: str | None = Field(description="the individual's first photo (null: it has none left)")
 
 
 class Individual(IndividualSummary):

@@ -1,11 +1,11 @@
-"""What every router shares: the engine dependency, upload decoding, and OpenAPI error documentation."""
+"""What every router shares: upload decoding and OpenAPI error documentation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request, UploadFile
+from fastapi import UploadFile
 
 from service.engine import Engine
 from service.photos import Photo
@@ -29,10 +29,6 @@ _DESCRIPTIONS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the given error statuses, all with the ErrorBody schema."""
     return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
-
-
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
 
 
 def read_uploads(engine: Engine, files: Sequence[UploadFile], field: str,

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
 from service.auth import require_key_for_reads
-from service.engine import Engine
+from service.deps import EngineDep
 from service.errors import InvalidFieldError, ServiceError
-from service.routes.common import SQLITE_MAX_INTEGER, error_responses, get_engine
+from service.routes.common import SQLITE_MAX_INTEGER, error_responses
 from service.schemas import BatchItem, BatchResponse, IdentifyResponse, IndividualId
 from service.settings import MAX_K
 
@@ -27,17 +27,17 @@ ThresholdField = Annotated[float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=Fal
 
 @router.post("", summary="Identify the individual in one photo",
              responses=error_responses(400, 401, 413, 415, 422))
-def identify(file: Annotated[UploadFile, File(description="the photo to identify")], k: K = None,
-             threshold: ThresholdField = None, engine: Engine = Depends(get_engine)) -> IdentifyResponse:
+def identify(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo to identify")], k: K = None,
+             threshold: ThresholdField = None) -> IdentifyResponse:
     photo = engine.photo(file.file.read(), "file", file.filename)
     return engine.identify([photo.pixels], k, threshold)[0]
 
 
 @router.post("/batch", summary="Identify several photos; a bad file gets its own error, the others their answers",
              responses=error_responses(400, 401, 413, 422))
-def identify_batch(files: Annotated[list[UploadFile], File(description=f"up to {MAX_BATCH_FILES} photos")],
-                   k: K = None, threshold: ThresholdField = None,
-                   engine: Engine = Depends(get_engine)) -> BatchResponse:
+def identify_batch(engine: EngineDep,
+                   files: Annotated[list[UploadFile], File(description=f"up to {MAX_BATCH_FILES} photos")],
+                   k: K = None, threshold: ThresholdField = None) -> BatchResponse:
     if len(files) > MAX_BATCH_FILES:
         raise InvalidFieldError(f"files: {len(files)} files is over the batch limit of {MAX_BATCH_FILES}", "files")
     items: list[BatchItem] = []
@@ -65,11 +65,10 @@ def identify_batch(files: Annotated[list[UploadFile], File(description=f"up to {
                                    "X-Inliers": {"description": "verified local-feature matches",
                                                  "schema": {"type": "integer"}}}},
                  **error_responses(400, 401, 404, 413, 415, 422)})
-def explain(file: Annotated[UploadFile, File(description="the photo that was identified")],
+def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo that was identified")],
             individual_id: Annotated[IndividualId, Form(description="the individual it was matched to")],
             image_id: Annotated[int, Form(ge=1, le=SQLITE_MAX_INTEGER, description=(
-                "the enrolled photo to compare with, e.g. a prediction's evidence.image_id"))],
-            engine: Engine = Depends(get_engine)) -> Response:
+                "the enrolled photo to compare with, e.g. a prediction's evidence.image_id"))]) -> Response:
     photo = engine.photo(file.file.read(), "file", file.filename)
     explanation = engine.explain(photo, file.filename or "upload", individual_id, image_id)
     return Response(explanation.png, media_type="image/png",

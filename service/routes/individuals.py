@@ -9,10 +9,13 @@ from fastapi.responses import FileResponse
 from pydantic import StringConstraints
 
 from reid.data.records import normalise_view
+from reid.errors import ReIDError
 from service.auth import require_key_for_reads, require_key_for_writes
+from service.deps import EngineDep
 from service.engine import Engine
 from service.errors import InvalidFieldError, NotFoundError
-from service.routes.common import SQLITE_MAX_INTEGER, error_responses, get_engine, read_uploads
+from service.routes.common import SQLITE_MAX_INTEGER, error_responses, read_uploads
+from service.photos import thumbnail
 from service.schemas import (
     EnrolledImage,
     EnrollResponse,
@@ -35,11 +38,15 @@ Writer = Depends(require_key_for_writes)
 Reader = Depends(require_key_for_reads)
 
 
+def _image_url(individual_id: str, image_id: int) -> str:
+    return f"/individuals/{individual_id}/images/{image_id}"
+
+
 def _image_info(image: StoredImage) -> dict[str, object]:
     return {
         "image_id": image.image_id, "individual_id": image.individual_id, "sha256": image.sha256, "view": image.view,
         "media_type": image.media_type, "width": image.width, "height": image.height, "created": image.created,
-        "url": f"/individuals/{image.individual_id}/images/{image.image_id}",
+        "url": _image_url(image.individual_id, image.image_id),
     }
 
 
@@ -56,59 +63,74 @@ def _enroll(engine: Engine, individual_id: str, files: list[UploadFile], views: 
 
 @router.post("", status_code=201, dependencies=[Writer], summary="Enrol a new individual with its photos",
              responses=error_responses(400, 401, 409, 413, 415, 422, 503))
-def create_individual(individual_id: Annotated[IndividualId, Form(description="id of the new individual")],
-                      files: Files, view: Views = None, engine: Engine = Depends(get_engine)) -> EnrollResponse:
+def create_individual(engine: EngineDep,
+                      individual_id: Annotated[IndividualId, Form(description="id of the new individual")],
+                      files: Files, view: Views = None) -> EnrollResponse:
     return _enroll(engine, individual_id, files, view, "new")
 
 
 @router.post("/{individual_id}/images", status_code=201, dependencies=[Writer],
              summary="Add photos to an individual (re-adding a photo already enrolled changes nothing)",
              responses=error_responses(400, 401, 404, 413, 415, 422, 503))
-def add_images(individual_id: IdInPath, files: Files, view: Views = None,
-               engine: Engine = Depends(get_engine)) -> EnrollResponse:
+def add_images(engine: EngineDep, individual_id: IdInPath, files: Files, view: Views = None) -> EnrollResponse:
     return _enroll(engine, individual_id, files, view, "existing")
 
 
 @router.get("", dependencies=[Reader], summary="List individuals, a page at a time, in id order",
             responses=error_responses(401, 422))
-def list_individuals(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+def list_individuals(engine: EngineDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                      offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INTEGER)] = 0,
-                     engine: Engine = Depends(get_engine)) -> IndividualPage:
-    total, records = engine.store.individuals(limit, offset)
+                     q: Annotated[str, Query(max_length=128, description="only ids containing this (any case)")] = "",
+                     ) -> IndividualPage:
+    total, records = engine.store.individuals(limit, offset, q)
     return IndividualPage(total=total, limit=limit, offset=offset, items=[
-        IndividualSummary(individual_id=r.individual_id, created=r.created, image_count=r.image_count)
+        IndividualSummary(individual_id=r.individual_id, created=r.created, image_count=r.image_count,
+                          cover_url=None if r.cover_image_id is None
+                          else _image_url(r.individual_id, r.cover_image_id))
         for r in records])
 
 
 @router.get("/{individual_id}", dependencies=[Reader], summary="An individual and its photos",
             responses=error_responses(401, 404, 422))
-def get_individual(individual_id: IdInPath, engine: Engine = Depends(get_engine)) -> Individual:
+def get_individual(engine: EngineDep, individual_id: IdInPath) -> Individual:
     record, images = engine.store.individual(individual_id)
     return Individual(individual_id=record.individual_id, created=record.created, image_count=record.image_count,
+                      cover_url=_image_url(individual_id, images[0].image_id) if images else None,
                       images=[ImageInfo(**_image_info(image)) for image in images])
 
 
 @router.delete("/{individual_id}", status_code=204, dependencies=[Writer],
                summary="Delete an individual and all its photos", responses=error_responses(401, 404, 422))
-def delete_individual(individual_id: IdInPath, engine: Engine = Depends(get_engine)) -> Response:
+def delete_individual(engine: EngineDep, individual_id: IdInPath) -> Response:
     engine.delete_individual(individual_id)
     return Response(status_code=204)
 
 
 @router.get("/{individual_id}/images/{image_id}", dependencies=[Reader], response_class=FileResponse,
-            summary="The photo as uploaded", responses={
-                200: {"content": {"image/*": {}}, "description": "the photo bytes, with their media type"},
+            summary="The photo as uploaded, or a small JPEG preview of it (max_side)", responses={
+                200: {"content": {"image/*": {}}, "description": "the photo bytes with their media type, or with "
+                                                                "max_side a JPEG preview, upright"},
                 **error_responses(401, 404, 422)})
-def get_image(individual_id: IdInPath, image_id: ImageIdInPath, engine: Engine = Depends(get_engine)) -> FileResponse:
+def get_image(engine: EngineDep, individual_id: IdInPath, image_id: ImageIdInPath,
+              max_side: Annotated[int | None, Query(ge=16, le=2048, description=(
+                  "return a JPEG preview at most this many pixels on its long side instead of the original"))] = None,
+              ) -> Response:
     image = engine.store.image(individual_id, image_id)
     path = engine.store.path_of(image)
     if not path.is_file():
         raise NotFoundError(f"the file of image {image_id} is missing from the data folder", "image_id")
-    return FileResponse(path, media_type=image.media_type)
+    if max_side is None:
+        return FileResponse(path, media_type=image.media_type)
+    try:
+        pixels = engine.store.pixels(image)
+    except ReIDError as error:  # a stored file damaged on disk since it was enrolled
+        raise NotFoundError(str(error), "image_id") from error
+    return Response(thumbnail(pixels, max_side), media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.delete("/{individual_id}/images/{image_id}", status_code=204, dependencies=[Writer],
                summary="Delete one photo of an individual", responses=error_responses(401, 404, 422))
-def delete_image(individual_id: IdInPath, image_id: ImageIdInPath, engine: Engine = Depends(get_engine)) -> Response:
+def delete_image(engine: EngineDep, individual_id: IdInPath, image_id: ImageIdInPath) -> Response:
     engine.delete_image(individual_id, image_id)
     return Response(status_code=204)

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from reid.rsm import compute_rsm, plot_rsm
 from service.auth import require_key_for_reads
+from service.deps import EngineDep
 from service.engine import Engine
 from service.errors import InvalidFieldError, NotFoundError
 from service.identifiers import check_individual_id
-from service.routes.common import error_responses, get_engine
+from service.routes.common import error_responses
 from service.schemas import Health, IndexInfo, ModelInfo
 
 router = APIRouter(tags=["service"], dependencies=[Depends(require_key_for_reads)])
@@ -30,7 +31,7 @@ _plot_lock = threading.Lock()
 
 @router.get("/health", summary="Model, index, gallery size, verification and threshold in force",
             responses=error_responses(401))
-def health(engine: Engine = Depends(get_engine)) -> Health:
+def health(engine: EngineDep) -> Health:
     individuals, photos = engine.store.counts()
     threshold = engine.threshold(None)
     settings = engine.settings
@@ -72,10 +73,9 @@ def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:
 @router.get("/rsm.png", summary="Representational similarity matrix of enrolled photos (PNG)",
             response_class=Response, responses={200: {"content": {"image/png": {}}, "description": "the heatmap"},
                                                 **error_responses(401, 404, 422)})
-def rsm_png(individuals: Annotated[str | None, Query(max_length=10_000, description=(
+def rsm_png(engine: EngineDep, individuals: Annotated[str | None, Query(max_length=10_000, description=(
                 "comma-separated individual ids (default: all, when there are at most "
-                f"{MAX_RSM_INDIVIDUALS})"))] = None,
-            engine: Engine = Depends(get_engine)) -> Response:
+                f"{MAX_RSM_INDIVIDUALS})"))] = None) -> Response:
     names = _selected_individuals(engine, individuals)
     batches = list(engine.store.embeddings(engine.embedder.fingerprint, names))
     if not batches:

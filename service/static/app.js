@@ -1,0 +1,376 @@
+// The turtle-reid page: identify photos, confirm matches, browse individuals, look at the similarity map.
+// It uses nothing but the public API (documented at /docs), so anything it does a script can do too.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const PAGE_SIZE = 48;
+const KEY_STORAGE = "turtle-reid-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
+let health = null;
+
+/** An element with attributes (on* become listeners) and children (strings become text, never HTML). */
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "className") node.className = value;
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function showMessage(text, kind = "error") {
+  const box = $("message");
+  box.textContent = text;
+  box.className = `message ${kind}`;
+  box.hidden = false;
+}
+
+function clearMessage() {
+  $("message").hidden = true;
+}
+
+/** fetch with the API key; a refusal becomes an Error carrying the service's own message. */
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey) headers.set("X-API-Key", apiKey);
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (error) {
+    throw new Error(`the service cannot be reached (${error.message}); is reid serve still running?`);
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      message = (await response.json()).message || message;
+    } catch (_) { /* not a JSON error body: keep the status line */ }
+    if (response.status === 401) message += ". Enter the service's API key at the top right.";
+    throw new Error(message);
+  }
+  return response;
+}
+
+/** Show a photo served by the API (sent with the key, which an <img src> could not carry). */
+function loadImage(img, path) {
+  api(path)
+    .then((response) => response.blob())
+    .then((blob) => { img.src = URL.createObjectURL(blob); })
+    .catch(() => { img.alt = "photo unavailable"; });
+  return img;
+}
+
+function formatScore(value) {
+  return value === null || value === undefined ? "" : value.toFixed(3);
+}
+
+// -- status and API key ---------------------------------------------------------------------------------------
+
+async function refreshHealth() {
+  try {
+    health = await (await api("/health")).json();
+  } catch (error) {
+    $("status").textContent = `Service unavailable: ${error.message}`;
+    return;
+  }
+  const matching = health.verification ? "embeddings checked with local features" : "embeddings";
+  const threshold = health.threshold === null
+    ? "no new-turtle threshold (every photo gets its closest individuals)"
+    : `new turtle below a score of ${formatScore(health.threshold)}`;
+  $("status").textContent = `${health.individuals} individuals, ${health.photos} photos · matching by ${matching} ` +
+    `· ${threshold}`;
+  $("key-hint").textContent = health.writes_protected
+    ? "This service asks for a key to add or delete" + (health.reads_protected ? " and to look. " : ". ") +
+      "Kept in this browser tab only, never stored by the service."
+    : "This service needs no key. Kept in this browser tab only, never stored by the service.";
+}
+
+$("api-key").value = apiKey;
+$("api-key").addEventListener("change", (event) => {
+  apiKey = event.target.value.trim();
+  sessionStorage.setItem(KEY_STORAGE, apiKey);
+  refreshHealth();
+});
+$("key-form").addEventListener("submit", (event) => event.preventDefault());
+
+// -- tabs -----------------------------------------------------------------------------------------------------
+
+const TABS = ["identify", "individuals", "similarity"];
+
+function selectTab(name) {
+  for (const tab of TABS) {
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+    $(`panel-${tab}`).hidden = tab !== name;
+  }
+  clearMessage();
+  if (name === "individuals") loadIndividuals(true);
+}
+
+for (const tab of TABS) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
+
+// -- identify -------------------------------------------------------------------------------------------------
+
+const drop = $("drop");
+$("identify-files").addEventListener("change", (event) => {
+  identifyFiles([...event.target.files]);
+  event.target.value = "";
+});
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  identifyFiles([...event.dataTransfer.files].filter((file) => file.type.startsWith("image/")));
+});
+
+async function identifyFiles(files) {
+  clearMessage();
+  const cards = files.map((file) => {
+    const card = el("article", { className: "card result", "data-filename": file.name },
+      el("h2", {}, file.name), el("p", { className: "muted" }, "Identifying…"));
+    $("results").prepend(card);
+    return [card, file];
+  });
+  for (const [card, file] of cards) await identifyInto(card, file); // one at a time: the service is often a laptop
+}
+
+async function identifyInto(card, file, note = "") {
+  const form = new FormData();
+  form.append("file", file);
+  form.append("k", "5");
+  try {
+    const answer = await (await api("/identify", { method: "POST", body: form })).json();
+    renderAnswer(card, file, answer, note);
+  } catch (error) {
+    card.replaceChildren(el("h2", {}, file.name), el("p", { className: "message error" }, error.message));
+  }
+}
+
+function renderAnswer(card, file, answer, note) {
+  const known = answer.predictions.filter((p) => p.individual_id !== "new_turtle");
+  const best = known[0];
+  const verdict = answer.new_turtle
+    ? el("p", { className: "verdict new" }, "New turtle: no enrolled photo is similar enough",
+        best ? ` (the closest, ${best.individual_id}, scores ${formatScore(best.score)}; the threshold is ` +
+               `${formatScore(answer.threshold)})` : "")
+    : best
+      ? el("p", { className: "verdict match" }, `Best match: ${best.individual_id} (score ${formatScore(best.score)})`)
+      : el("p", { className: "verdict new" }, "No individual is enrolled yet: enrol this one below.");
+  const query = el("img", { alt: `query photo ${file.name}`, src: URL.createObjectURL(file) });
+  const pair = el("div", { className: "pair" }, el("figure", {}, query, el("figcaption", {}, "Your photo")));
+  if (best && best.evidence) {
+    pair.append(el("figure", {},
+      loadImage(el("img", { alt: `enrolled photo of ${best.individual_id}` }), `${best.evidence.url}?max_side=640`),
+      el("figcaption", {}, `Best-matching enrolled photo of ${best.individual_id}` +
+        (best.evidence.view ? ` (${best.evidence.view} view)` : ""))));
+  }
+  const explain = el("div", { className: "explain" });
+  const verified = answer.predictions.some((p) => p.evidence && p.evidence.inliers !== null);
+  const rows = answer.predictions.map((p, i) => predictionRow(card, file, p, i + 1, explain, verified));
+  const titles = ["Rank", "Individual", "Score", "Matched photo", verified ? "Matching points" : null, ""];
+  const table = el("table", {},
+    el("thead", {}, el("tr", {}, titles.filter((t) => t !== null).map((title) => el("th", {}, title)))),
+    el("tbody", {}, rows));
+  const name = el("input", { type: "text", placeholder: "new individual's id, e.g. t-0421", "aria-label":
+    "id of the new individual", pattern: "[A-Za-z0-9_.\\-]{1,128}", className: "new-id" });
+  const enrol = el("form", { className: "actions", onsubmit: (event) => {
+    event.preventDefault();
+    confirmMatch(card, file, name.value.trim(), true);
+  } }, el("span", {}, "Not any of these?"), name, el("button", { type: "submit" }, "Enrol as a new individual"));
+  card.replaceChildren(el("h2", {}, file.name), note ? el("p", { className: "muted" }, note) : "", verdict, pair,
+    table, enrol, explain);
+}
+
+function predictionRow(card, file, prediction, rank, explain, verified) {
+  if (prediction.individual_id === "new_turtle") {
+    return el("tr", { className: "new-turtle" }, el("td", {}, rank),
+      el("td", { colspan: verified ? 5 : 4 }, `new turtle: every individual below here scores under the threshold ` +
+        `(${formatScore(prediction.score)})`));
+  }
+  const evidence = prediction.evidence;
+  const width = Math.max(2, Math.round(Math.max(0, prediction.score) * 80));
+  const thumb = evidence
+    ? loadImage(el("img", { className: "thumb", alt: `matched photo of ${prediction.individual_id}` }),
+                `${evidence.url}?max_side=128`)
+    : "";
+  const points = evidence && evidence.inliers !== null ? String(evidence.inliers) : "–";
+  const actions = el("div", { className: "actions" });
+  if (evidence) {
+    actions.append(el("button", { className: "secondary", onclick: () => showMatches(explain, file, prediction) },
+      "Show matching points"));
+  }
+  actions.append(el("button", { onclick: () => confirmMatch(card, file, prediction.individual_id, false) },
+    `It is ${prediction.individual_id}: add this photo`));
+  return el("tr", { "data-individual": prediction.individual_id }, el("td", {}, rank),
+    el("td", {}, prediction.individual_id),
+    el("td", {}, el("span", { className: "bar", style: `width:${width}px` }), formatScore(prediction.score)),
+    el("td", {}, thumb), verified ? el("td", {}, points) : null, el("td", {}, actions));
+}
+
+async function showMatches(explain, file, prediction) {
+  explain.replaceChildren(el("p", { className: "muted" }, "Drawing the matching points…"));
+  const form = new FormData();
+  form.append("file", file);
+  form.append("individual_id", prediction.individual_id);
+  form.append("image_id", String(prediction.evidence.image_id));
+  try {
+    const response = await api("/identify/explain", { method: "POST", body: form });
+    const inliers = response.headers.get("X-Inliers");
+    const image = el("img", { alt: `matching points between your photo and ${prediction.individual_id}`,
+                              src: URL.createObjectURL(await response.blob()) });
+    explain.replaceChildren(el("p", {}, `${inliers} points of your photo match points of ` +
+      `${prediction.individual_id}'s photo in a consistent arrangement (lines join them):`), image);
+  } catch (error) {
+    explain.replaceChildren(el("p", { className: "message error" }, error.message));
+  }
+}
+
+/** Save the photo to an individual (a new one, or one it was matched to), then identify it again to show it. */
+async function confirmMatch(card, file, individualId, isNew) {
+  clearMessage();
+  if (!individualId) {
+    showMessage("Type an id for the new individual first (letters, digits, _ . -).");
+    return;
+  }
+  const form = new FormData();
+  form.append("files", file);
+  const path = isNew ? "/individuals" : `/individuals/${encodeURIComponent(individualId)}/images`;
+  if (isNew) form.append("individual_id", individualId);
+  try {
+    const saved = await (await api(path, { method: "POST", body: form })).json();
+    const already = saved.images.every((image) => image.already_enrolled);
+    showMessage(already ? `This photo was already enrolled for ${individualId}.`
+      : isNew ? `Enrolled ${individualId} with this photo.` : `Added this photo to ${individualId}.`, "ok");
+    refreshHealth();
+    await identifyInto(card, file, `Identified again after saving it to ${individualId}:`);
+  } catch (error) {
+    showMessage(`Could not save the photo to ${individualId}: ${error.message}`);
+  }
+}
+
+// -- individuals ----------------------------------------------------------------------------------------------
+
+let listed = 0;
+let searchTimer = null;
+
+$("search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => loadIndividuals(true), 250);
+});
+$("more").addEventListener("click", () => loadIndividuals(false));
+
+async function loadIndividuals(reset) {
+  if (reset) {
+    listed = 0;
+    $("individual-grid").replaceChildren();
+    $("individual-detail").hidden = true;
+  }
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(listed), q: $("search").value.trim() });
+  try {
+    const page = await (await api(`/individuals?${query}`)).json();
+    for (const item of page.items) $("individual-grid").append(individualTile(item));
+    listed += page.items.length;
+    $("individual-count").textContent = page.total === 0
+      ? ($("search").value.trim() ? "No individual matches this search." : "No individual is enrolled yet.")
+      : `${page.total} individual${page.total === 1 ? "" : "s"}`;
+    $("more").hidden = listed >= page.total;
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+function individualTile(item) {
+  const picture = item.cover_url
+    ? loadImage(el("img", { alt: `photo of ${item.individual_id}` }), `${item.cover_url}?max_side=256`)
+    : el("div", { className: "empty" });
+  return el("button", { className: "tile", "data-individual": item.individual_id,
+                        onclick: () => showIndividual(item.individual_id) },
+    picture, el("strong", {}, item.individual_id),
+    el("span", { className: "muted" }, `${item.image_count} photo${item.image_count === 1 ? "" : "s"}`));
+}
+
+async function showIndividual(individualId) {
+  clearMessage();
+  const detail = $("individual-detail");
+  let individual;
+  try {
+    individual = await (await api(`/individuals/${encodeURIComponent(individualId)}`)).json();
+  } catch (error) {
+    showMessage(error.message);
+    return;
+  }
+  const photos = individual.images.map((image) => el("figure", {},
+    loadImage(el("img", { alt: `photo ${image.image_id} of ${individualId}` }), `${image.url}?max_side=320`),
+    el("figcaption", {}, `photo ${image.image_id}` + (image.view ? ` · ${image.view}` : "") +
+      ` · ${image.created.slice(0, 10)}`),
+    el("button", { className: "danger", onclick: () => deletePhoto(individualId, image.image_id) }, "Delete photo")));
+  const adder = el("input", { type: "file", accept: "image/*", multiple: true, "aria-label": "add photos",
+                              onchange: (event) => addPhotos(individualId, [...event.target.files]) });
+  detail.replaceChildren(el("article", { className: "card", id: "individual-card" },
+    el("h2", {}, individualId),
+    el("p", { className: "muted" }, `${individual.image_count} photo${individual.image_count === 1 ? "" : "s"} · enrolled ${individual.created.slice(0, 10)}`),
+    el("div", { className: "photos" }, photos),
+    el("p", { className: "actions" }, el("label", {}, "Add photos: ", adder),
+      el("button", { className: "danger", onclick: () => deleteIndividual(individualId) },
+        `Delete ${individualId} and all its photos`))));
+  detail.hidden = false;
+  detail.scrollIntoView({ behavior: "smooth" });
+}
+
+async function addPhotos(individualId, files) {
+  const form = new FormData();
+  for (const file of files) form.append("files", file);
+  try {
+    await api(`/individuals/${encodeURIComponent(individualId)}/images`, { method: "POST", body: form });
+    showMessage(`Added ${files.length} photo${files.length === 1 ? "" : "s"} to ${individualId}.`, "ok");
+    refreshHealth();
+    await showIndividual(individualId);
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+async function deletePhoto(individualId, imageId) {
+  if (!confirm(`Delete photo ${imageId} of ${individualId}? This cannot be undone.`)) return;
+  try {
+    await api(`/individuals/${encodeURIComponent(individualId)}/images/${imageId}`, { method: "DELETE" });
+    showMessage(`Deleted photo ${imageId} of ${individualId}.`, "ok");
+    refreshHealth();
+    await showIndividual(individualId);
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+async function deleteIndividual(individualId) {
+  if (!confirm(`Delete ${individualId} and all its photos? This cannot be undone.`)) return;
+  try {
+    await api(`/individuals/${encodeURIComponent(individualId)}`, { method: "DELETE" });
+    await loadIndividuals(true);
+    showMessage(`Deleted ${individualId}.`, "ok");
+    refreshHealth();
+  } catch (error) {
+    showMessage(error.message);
+  }
+}
+
+// -- similarity map -------------------------------------------------------------------------------------------
+
+$("rsm-show").addEventListener("click", async () => {
+  clearMessage();
+  const names = $("rsm-individuals").value.split(",").map((name) => name.trim()).filter(Boolean);
+  const query = names.length ? `?${new URLSearchParams({ individuals: names.join(",") })}` : "";
+  try {
+    const blob = await (await api(`/rsm.png${query}`)).blob();
+    $("rsm-image").src = URL.createObjectURL(blob);
+    $("rsm-figure").hidden = false;
+  } catch (error) {
+    showMessage(error.message);
+  }
+});
+
+refreshHealth();

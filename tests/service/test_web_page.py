@@ -1,0 +1,208 @@
+"""The web page at ``/``, driven end to end in a real headless Chromium (Debian's, through Playwright) against a real
+``reid serve``: identify -> matches -> enrol a new individual -> identify again ranks it first -> delete, plus the
+API-key prompt, the similarity map and offline ``/docs``.
+
+A screenshot of each step is kept in ``test-artifacts/web/`` (or ``$REID_TEST_ARTIFACTS/web``) for a person to look
+at. Without a Chromium the test is skipped, unless ``REID_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs
+one) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.service.conftest import API_KEY, Server, StartServer
+from tests.service.helpers import enroll, photo, photos
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(os.environ.get("REID_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts")) / "web"
+#: The flags a locked-down, offline headless Chromium needs (no sandbox: CI containers run as root).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+#: Only exact copies of an enrolled photo reach this with the tests' random-weight model: anything else is new.
+THRESHOLD = "0.999"
+#: An image the page has fetched (with the API key) and shown.
+BLOB = re.compile(r"^blob:")
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if os.environ.get("REID_REQUIRE_BROWSER") == "1":
+        pytest.fail("REID_REQUIRE_BROWSER=1 but no chromium is installed (apt-get install chromium)")
+    pytest.skip("no chromium installed (apt-get install chromium); .ci/run installs it")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Chromium with a fresh profile (Playwright gives every launch its own temporary ``--user-data-dir``)."""
+    executable = _chromium()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+class Steps:
+    """Screenshots named by step, in order, so the folder reads as the story of the test."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.count = 0
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        ARTIFACTS.mkdir(parents=True)
+
+    def shot(self, name: str) -> None:
+        self.count += 1
+        self.page.screenshot(path=ARTIFACTS / f"{self.count:02d}_{name}.png", full_page=True)
+
+
+@pytest.fixture
+def page(browser: Browser, server_with_residents: Server) -> Iterator[Page]:
+    """A fresh tab that records script errors and refuses every request leaving the service (the field has no
+    internet: the page and /docs must not need it)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.errors = []  # type: ignore[attr-defined]
+    opened.outside = []  # type: ignore[attr-defined]
+    opened.on("pageerror", lambda error: opened.errors.append(str(error)))  # type: ignore[attr-defined]
+    service = urlparse(server_with_residents.url).netloc
+
+    def only_the_service(route, request) -> None:  # noqa: ANN001 (Playwright's Route and Request)
+        if urlparse(request.url).scheme in ("http", "https") and urlparse(request.url).netloc != service:
+            opened.outside.append(request.url)  # type: ignore[attr-defined]
+            route.abort()
+        else:
+            route.continue_()
+
+    opened.route("**/*", only_the_service)
+    yield opened
+    context.close()
+
+
+@pytest.fixture
+def server_with_residents(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
+                          records: pd.DataFrame) -> Server:
+    """A server with an API key and a threshold, with three individuals enrolled through the API."""
+    server = start_server(checkpoint_a, tmp_path / "data", "--api-key", API_KEY,
+                          environment={"REID_DEFAULT_THRESHOLD": THRESHOLD})
+    with server.client() as client:
+        for i in range(3):
+            assert enroll(client, f"resident-{i}", photos(records, f"ind_00{i}")[:2]).status_code == 201
+    return server
+
+
+def _upload(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_with_residents: Server,
+                                                          tmp_path: Path, records: pd.DataFrame) -> None:
+    server = server_with_residents
+    steps = Steps(page)
+    with server.client() as client:
+        known_bytes = client.get("/individuals/resident-1").json()["images"][0]["url"]
+        known = _upload(tmp_path, "known.png", client.get(known_bytes).content)
+    stranger = _upload(tmp_path, "stranger.png", photo(records, "ind_005"))
+
+    page.goto(server.url + "/")
+    expect(page.locator("#status")).to_contain_text("3 individuals, 6 photos")
+    expect(page.locator("#key-hint")).to_contain_text("asks for a key to add or delete")
+    steps.shot("home")
+
+    page.set_input_files("#identify-files", [str(known), str(stranger)])
+    known_card = page.locator(".card.result[data-filename='known.png']")
+    stranger_card = page.locator(".card.result[data-filename='stranger.png']")
+    expect(known_card.locator(".verdict")).to_have_text("Best match: resident-1 (score 1.000)")
+    expect(stranger_card.locator(".verdict")).to_contain_text("New turtle: no enrolled photo is similar enough")
+    expect(known_card.locator("tbody tr").first).to_have_attribute("data-individual", "resident-1")
+    expect(known_card.locator("figure img").nth(1)).to_have_attribute("src", BLOB)  # the matched photo shown
+    steps.shot("identified")
+
+    known_card.locator("tr[data-individual='resident-1'] button", has_text="Show matching points").click()
+    expect(known_card.locator(".explain img")).to_have_attribute("src", BLOB)
+    expect(known_card.locator(".explain")).to_contain_text("points of your photo match points of resident-1")
+    steps.shot("matching_points")
+
+    stranger_card.locator("input.new-id").fill("visitor-7")
+    stranger_card.get_by_role("button", name="Enrol as a new individual").click()
+    expect(page.locator("#message")).to_contain_text("needs the API key")
+    steps.shot("key_needed")
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Enter")
+    page.locator("#api-key").blur()  # "change" fires on commit
+    stranger_card.get_by_role("button", name="Enrol as a new individual").click()
+    expect(page.locator("#message")).to_have_text("Enrolled visitor-7 with this photo.")
+    expect(stranger_card).to_contain_text("Identified again after saving it to visitor-7")
+    expect(stranger_card.locator(".verdict")).to_have_text("Best match: visitor-7 (score 1.000)")
+    expect(page.locator("#status")).to_contain_text("4 individuals, 7 photos")
+    steps.shot("enrolled_and_identified_again")
+
+    page.click("#tab-individuals")
+    expect(page.locator("#individual-count")).to_have_text("4 individuals")
+    page.fill("#search", "VISIT")
+    expect(page.locator(".tile")).to_have_count(1)
+    expect(page.locator(".tile")).to_contain_text("visitor-7")
+    expect(page.locator(".tile img")).to_have_attribute("src", BLOB)
+    steps.shot("search")
+    page.locator(".tile[data-individual='visitor-7']").click()
+    expect(page.locator("#individual-card")).to_contain_text("1 photo · enrolled")
+    steps.shot("individual")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete visitor-7 and all its photos").click()
+    expect(page.locator("#message")).to_have_text("Deleted visitor-7.")
+    expect(page.locator("#individual-count")).to_have_text("No individual matches this search.")
+    steps.shot("deleted")
+
+    page.click("#tab-similarity")
+    page.fill("#rsm-individuals", "resident-0, resident-2")
+    page.click("#rsm-show")
+    expect(page.locator("#rsm-image")).to_have_attribute("src", BLOB)
+    steps.shot("similarity_map")
+
+    page.goto(server.url + "/docs")
+    expect(page.locator(".swagger-ui .opblock").first).to_be_visible(timeout=20_000)
+    steps.shot("api_docs")
+
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    assert page.outside == [], f"the page asked for files outside the service: {page.outside}"  # type: ignore
+    with server.client() as client:
+        assert client.get("/individuals/visitor-7").status_code == 404
+        health = client.get("/health").json()
+        assert (health["individuals"], health["photos"], health["gallery_size"]) == (3, 6, 6)
+
+
+def test_delete_a_photo_with_confirmation_and_cancel(page: Page, server_with_residents: Server) -> None:
+    """A cancelled confirmation deletes nothing; an accepted one deletes exactly that photo."""
+    server = server_with_residents
+    page.goto(server.url + "/")
+    page.fill("#api-key", API_KEY)
+    page.locator("#api-key").blur()
+    page.click("#tab-individuals")
+    page.locator(".tile[data-individual='resident-2']").click()
+    photo_buttons = page.locator("#individual-card").get_by_role("button", name="Delete photo")
+    expect(photo_buttons).to_have_count(2)
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    photo_buttons.first.click()
+    expect(photo_buttons).to_have_count(2)
+    page.once("dialog", lambda dialog: dialog.accept())
+    photo_buttons.first.click()
+    expect(page.locator("#message")).to_contain_text("Deleted photo")
+    expect(photo_buttons).to_have_count(1)
+    with server.client() as client:
+        assert client.get("/individuals/resident-2").json()["image_count"] == 1
+        health = client.get("/health").json()
+        assert health["photos"] == health["gallery_size"] == 5
