@@ -1,14 +1,31 @@
-"""The API against a real server: enrol, identify, add, list, fetch, delete, idempotency, batch, RSM, health."""
+"""The API in-process (FastAPI's TestClient, which runs the app's lifespan): enrol, identify, add, list, search,
+fetch, preview, delete, idempotency, batch, RSM, health, the page and offline docs. Persistence, concurrency,
+crashes and the HTTP-level limits are tested against real ``reid serve`` processes in the other modules."""
 
 from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from reid.gallery import gpu_available
-from tests.service.conftest import Server
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import API_KEY
 from tests.service.helpers import add, enroll, identify, photo, photos, top
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, checkpoint_a: Path) -> Iterator[httpx.Client]:
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path_factory.mktemp("api") / "data", api_key=API_KEY)
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as in_process:
+        yield in_process
 
 
 def test_enrolled_photo_identifies_its_individual_first_with_score_one(client: httpx.Client,
@@ -76,6 +93,27 @@ def test_listing_is_paginated_in_id_order(client: httpx.Client, records: pd.Data
     assert [item["individual_id"] for item in page["items"]] == ["page-a", "page-b"]
     assert (page["limit"], page["offset"], page["total"]) == (2, start, everyone["total"])
     assert client.get("/individuals", params={"offset": 10_000}).json()["items"] == []
+
+
+def test_search_by_id_and_cover_photo_previews(client: httpx.Client, records: pd.DataFrame) -> None:
+    uploads = photos(records, "ind_003")[1:3]
+    enrolled = enroll(client, "Search_Me-1", uploads).json()
+    assert enroll(client, "search_me-2", [photo(records, "ind_004", 2)]).status_code == 201
+    assert enroll(client, "searchXme", [photo(records, "ind_004", 3)]).status_code == 201
+    found = client.get("/individuals", params={"q": "SEARCH_ME"}).json()
+    assert found["total"] == 2, "any case, and '_' is a character, not SQL's one-character wildcard"
+    first = found["items"][0]
+    assert first["individual_id"] == "Search_Me-1" and first["image_count"] == 2
+    assert first["cover_url"] == enrolled["images"][0]["url"]
+    assert client.get("/individuals", params={"q": "%"}).json()["total"] == 0
+
+    original = client.get(first["cover_url"])
+    assert original.content == uploads[0]
+    preview = client.get(first["cover_url"], params={"max_side": 32})
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(preview.content)).size) == 32
+    too_small = client.get(first["cover_url"], params={"max_side": 8})
+    assert too_small.status_code == 422 and too_small.json()["field"] == "max_side"
 
 
 def test_deleting_a_photo_and_an_individual(client: httpx.Client, records: pd.DataFrame) -> None:
@@ -146,7 +184,7 @@ def test_rsm_heatmap(client: httpx.Client, records: pd.DataFrame) -> None:
     assert bad.status_code == 422 and "../etc" in bad.json()["message"]
 
 
-def test_health_reports_model_index_and_sizes(client: httpx.Client, server: Server) -> None:
+def test_health_reports_model_index_and_sizes(client: httpx.Client) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok"
     assert health["model"]["name"].startswith("test_efficientnet") and len(health["model"]["fingerprint"]) == 16
@@ -168,4 +206,16 @@ def test_openapi_documents_the_error_responses(client: httpx.Client) -> None:
         responses = paths[path][method]["responses"]
         assert statuses <= set(responses), (path, method, sorted(responses))
         assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "cdn" not in docs.text.lower() and "/swagger/swagger-ui-bundle.js" in docs.text, "works offline"
+    assert client.get("/swagger/swagger-ui-bundle.js").status_code == 200
+
+
+def test_the_page_and_its_files_are_served(client: httpx.Client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Drop turtle photos here" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200, asset
+    assert "/" not in client.get("/openapi.json").json()["paths"], "the page is not part of the API"
