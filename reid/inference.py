@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from reid.verification import Verification
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "reid"
+#: DataLoader workers decoding files for bulk embedding: enough to keep a CPU forward pass fed on a laptop or a
+#: small server without starting more processes than cores.
+BULK_WORKERS = 4
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -146,15 +150,26 @@ class Embedder:
                    device=device, threshold_origin=meta.get("threshold_origin"), verification=verification)
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32, progress: bool = False,
-              num_workers: int = 0) -> np.ndarray:
-        """Embed image files or decoded RGB arrays; returns ``N x dim`` float32, rows L2-normalised."""
+    def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32,
+              progress: bool = False) -> np.ndarray:
+        """Embed image files or decoded RGB arrays; returns ``N x dim`` float32, rows L2-normalised.
+
+        Files are decoded and transformed by DataLoader workers while the model runs, once there is more than one
+        batch (bulk embedding of large photos is decode-bound, and a worker costs a process start). Decoded arrays
+        (the service's queries) skip the DataLoader altogether: building one cost more than a small photo's
+        transform.
+        """
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        loader = DataLoader(Photos(images, self.preprocess.eval_transform()), batch_size=batch_size,
-                            num_workers=num_workers)
-        chunks = [
-            self.encoder.embed(batch.to(self.device)).cpu().numpy()
-            for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress)
-        ]
+        photos = Photos(images, self.preprocess.eval_transform())
+        batches: Iterable[torch.Tensor]
+        if all(isinstance(image, np.ndarray) for image in images):
+            batches = (torch.stack([photos[i] for i in range(start, min(start + batch_size, len(photos)))])
+                       for start in range(0, len(photos), batch_size))
+        else:
+            workers = min(BULK_WORKERS, os.cpu_count() or 1) if len(images) > batch_size else 0
+            batches = DataLoader(photos, batch_size=batch_size, num_workers=workers)
+        total = -(-len(images) // batch_size)
+        chunks = [self.encoder.embed(batch.to(self.device)).cpu().numpy()
+                  for batch in tqdm(batches, total=total, desc="embedding", unit="batch", disable=not progress)]
         return np.concatenate(chunks).astype(np.float32)

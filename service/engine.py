@@ -259,20 +259,19 @@ class Engine:
                              self._features.get(image_id))
 
     def _response(self, answer: Answer) -> IdentifyResponse:
-        predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p))
+        shown = self.store.images([p.image_id for p in answer.predictions if p.image_id is not None])
+        predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p, shown))
                        for p in answer.predictions]
         threshold = answer.threshold
         return IdentifyResponse(predictions=predictions, new_turtle=answer.new_turtle, threshold=threshold.value,
                                 threshold_source=threshold.source, threshold_origin=threshold.origin,
                                 model=self.embedder.fingerprint)
 
-    def _evidence(self, prediction: RankedPrediction) -> Evidence | None:
+    @staticmethod
+    def _evidence(prediction: RankedPrediction, shown: dict[int, StoredImage]) -> Evidence | None:
         """The enrolled photo that matched best; None for new_turtle, or when it was deleted since the search."""
-        if prediction.image_id is None:
-            return None
-        try:
-            image = self.store.image(prediction.individual, prediction.image_id)
-        except NotFoundError:
+        image = shown.get(prediction.image_id) if prediction.image_id is not None else None
+        if image is None:
             return None
         return Evidence(image_id=image.image_id, view=image.view, similarity=prediction.similarity,
                         inliers=prediction.inliers, url=f"/individuals/{image.individual_id}/images/{image.image_id}")
