@@ -77,11 +77,12 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32) -> tuple[Embedder, np.ndarray]:
+def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32,
+           backend: str = "torch") -> tuple[Embedder, np.ndarray]:
     """Load a checkpoint and embed image files with a progress bar: the one path every command shares."""
     from reid.inference import Embedder
 
-    embedder = Embedder.from_checkpoint(checkpoint)
+    embedder = Embedder.from_checkpoint(checkpoint, backend=backend)
     return embedder, embedder.embed(paths, batch_size=batch_size, progress=True)
 
 
@@ -108,7 +109,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
-    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verify), args.seed,
                       args.query_fraction, args.unknown_fraction, args.query_split,
@@ -145,7 +146,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from reid.inference import write_checkpoint_metadata
 
     records = read_dataset(args.data)
-    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size)
+    embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split)
     write_checkpoint_metadata(args.checkpoint, threshold=threshold,
@@ -191,7 +192,7 @@ def _predict(args: argparse.Namespace) -> int:
     _check_threshold(args.threshold)
     gallery = read_dataset(args.gallery)
     queries = read_queries(args.queries)
-    embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size)
+    embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size, args.backend)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
     verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     threshold = threshold_in_force(args.threshold, embedder, verify)
@@ -238,7 +239,7 @@ def _rsm(args: argparse.Namespace) -> int:
     from reid.rsm import dataset_rsm
 
     rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
-                              args.seed, args.batch_size)
+                              args.seed, args.batch_size, args.backend)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=100, bbox_inches="tight")
     print(f"wrote {args.out} ({len(rsm.identities)} photos of {len(set(rsm.identities))} individuals)")
@@ -262,10 +263,19 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: how the encoder runs (shared with the service's commands)."""
+    from reid.onnx_backend import BACKENDS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch, or onnx: ONNX Runtime on the CPU, same embeddings, faster there (see BENCHMARKS.md)")
+
+
 def _add_checkpoint_and_data(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by reid fit or reid export")
     parser.add_argument("--data", required=True, type=Path, help=data_help)
     parser.add_argument("--batch-size", type=int, default=32, help="photos embedded at once")
+    add_backend(parser)
 
 
 def _add_protocol(parser: argparse.ArgumentParser, seed: int) -> None:
@@ -333,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--report", type=Path, help="also write each query's ranked answer with its evidence (the "
                                                     "best-matching gallery photo, its similarity) as JSON")
     predict.add_argument("--batch-size", type=int, default=32)
+    add_backend(predict)
     predict.set_defaults(handler=_predict)
 
     explain = commands.add_parser("explain", help="draw a query beside an enrolled photo with the matches that agree")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 import reid
 from reid.data.dataset import Photos
 from reid.data.transforms import Preprocess
-from reid.errors import CheckpointError
+from reid.errors import CheckpointError, require
 from reid.fileio import atomic_target
 from reid.model import Encoder
+from reid.onnx_backend import BACKENDS, Backend, OnnxEncoder
 from reid.verification import CHECKPOINT_FIELD as VERIFICATION_FIELD
 from reid.verification import Verification
 
@@ -113,9 +114,19 @@ class Embedder:
 
     def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
                  name: str = "", fingerprint: str = "", device: str | None = None,
-                 threshold_origin: str | None = None, verification: Verification | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 threshold_origin: str | None = None, verification: Verification | None = None,
+                 backend: Backend = "torch") -> None:
+        require("backend", backend, backend in BACKENDS, " or ".join(BACKENDS))
+        self.device = torch.device("cpu" if backend == "onnx" else
+                                   device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder = encoder.eval().to(self.device)
+        if backend == "onnx":  # the export is cached by fingerprint: an encoder built in Python gets one too
+            fingerprint = fingerprint or weights_fingerprint(self.encoder.state_dict())
+        #: the forward pass every embedding goes through: the encoder itself, or its ONNX Runtime export
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            OnnxEncoder(self.encoder, preprocess.image_size, fingerprint).embed if backend == "onnx"
+            else self.encoder.embed)
+        self.backend = backend
         self.preprocess = preprocess
         self.threshold = threshold
         #: how the checkpoint's threshold was fitted (by `reid fit` or `reid calibrate`), for users to read
@@ -130,8 +141,9 @@ class Embedder:
         return self.encoder.embedding_dim
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Embedder":
-        """Rebuild the encoder from a checkpoint alone (no config file, no pretrained download)."""
+    def from_checkpoint(cls, path: str | Path, device: str | None = None, backend: Backend = "torch") -> "Embedder":
+        """Rebuild the encoder from a checkpoint alone (no config file, no pretrained download); ``backend`` onnx
+        runs it through ONNX Runtime on the CPU (same embeddings, see :mod:`reid.onnx_backend`)."""
         checkpoint = read_checkpoint(path)
         meta = checkpoint[CHECKPOINT_KEY]
         try:
@@ -147,7 +159,8 @@ class Embedder:
         threshold = meta.get("threshold")
         return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
                    name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
-                   device=device, threshold_origin=meta.get("threshold_origin"), verification=verification)
+                   device=device, threshold_origin=meta.get("threshold_origin"), verification=verification,
+                   backend=backend)
 
     @torch.inference_mode()
     def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32,
@@ -170,6 +183,6 @@ class Embedder:
             workers = min(BULK_WORKERS, os.cpu_count() or 1) if len(images) > batch_size else 0
             batches = DataLoader(photos, batch_size=batch_size, num_workers=workers)
         total = -(-len(images) // batch_size)
-        chunks = [self.encoder.embed(batch.to(self.device)).cpu().numpy()
+        chunks = [self._forward(batch.to(self.device)).cpu().numpy()
                   for batch in tqdm(batches, total=total, desc="embedding", unit="batch", disable=not progress)]
         return np.concatenate(chunks).astype(np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,6 +17,9 @@ matplotlib.use("Agg")  # headless: figures are written to files and loggers, nev
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+if TYPE_CHECKING:
+    from reid.onnx_backend import Backend
 
 
 @dataclass
@@ -97,7 +101,8 @@ def plot_rsm(rsm: RSM, title: str = "Representational similarity", by_view: bool
 
 
 def dataset_rsm(checkpoint: str | Path, data: str | Path, individuals: int | None = 12, per_individual: int | None = 8,
-                by_view: bool = False, seed: int = 0, batch_size: int = 32) -> tuple[RSM, Figure]:
+                by_view: bool = False, seed: int = 0, batch_size: int = 32,
+                backend: Backend = "torch") -> tuple[RSM, Figure]:
     """The RSM of a dataset under a checkpoint, and its heatmap: the one call a notebook needs.
 
     Only the selected photos are embedded, so a large dataset costs no more than the photos shown.
@@ -109,6 +114,7 @@ def dataset_rsm(checkpoint: str | Path, data: str | Path, individuals: int | Non
     chosen = select_photos(records["identity"].tolist(), records["view"].tolist(), individuals, per_individual,
                            by_view, seed)
     records = records.iloc[chosen].reset_index(drop=True)
-    embeddings = Embedder.from_checkpoint(checkpoint).embed(records["path"].tolist(), batch_size, progress=True)
+    embeddings = Embedder.from_checkpoint(checkpoint, backend=backend).embed(records["path"].tolist(), batch_size,
+                                                                             progress=True)
     rsm = compute_rsm(embeddings, records["identity"].tolist(), records["view"].tolist(), by_view=by_view)
     return rsm, plot_rsm(rsm, title=f"RSM of {Path(checkpoint).name}", by_view=by_view)

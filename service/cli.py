@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reid.cli import add_backend
 from reid.errors import ReIDError
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     from service.offline import enroll_dataset
 
-    report = enroll_dataset(args.checkpoint, args.data_dir, args.data, batch_size=args.batch_size)
+    report = enroll_dataset(args.checkpoint, args.data_dir, args.data, batch_size=args.batch_size,
+                            backend=args.backend)
     print(f"enrolled {report.added} new photos of {report.individuals} individuals into {args.data_dir} "
           f"({report.already_enrolled} already enrolled, {report.skipped} skipped)")
     return 0
@@ -128,6 +130,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--protect-reads", action="store_true", default=None,
                        help="require the API key for identify, listings and photos too")
     serve.add_argument("--index", help="FAISS index: flat (exact, default), hnsw or ivf (approximate)")
+    serve.add_argument("--backend", help="how the encoder runs: torch (default), or onnx (ONNX Runtime on the CPU: "
+                                         "the same embeddings, faster there)")
     serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                        help="verify identify's top candidates with local features (default: when the checkpoint was "
                             "calibrated with reid calibrate --verify)")
@@ -140,6 +144,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     enroll.add_argument("--data", type=Path, required=True,
                         help="dataset folder (labels.csv, Zindi layout, or one folder per individual)")
     enroll.add_argument("--batch-size", type=int, default=32)
+    add_backend(enroll)
     enroll.set_defaults(handler=_enroll)
 
     reindex = commands.add_parser("reindex", help="re-embed every stored photo with a new checkpoint (offline)")

@@ -135,7 +135,7 @@ class Engine:
         verification on, load (or extract once) every photo's local features.
 
         A checkpoint that cannot serve is refused before the data folder is touched."""
-        embedder = Embedder.from_checkpoint(settings.checkpoint)
+        embedder = Embedder.from_checkpoint(settings.checkpoint, backend=settings.backend)
         verification = verification_in_force(settings.verify, embedder, settings.checkpoint)
         folder_lock = FolderLock(settings.data_dir, "reid serve", f"http://{settings.host}:{settings.port}")
         try:

@@ -22,6 +22,7 @@ from reid.errors import DatasetError, ImageDecodeError
 from reid.imageio import DEFAULT_MAX_PIXELS
 from reid.inference import Embedder
 from reid.local_features import extract_features
+from reid.onnx_backend import Backend
 from service.engine import model_record
 from service.errors import StoreError
 from service.folder_lock import FolderLock
@@ -47,7 +48,7 @@ class EnrollReport:
 
 
 def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: int = 32,
-                   progress: bool = True) -> EnrollReport:
+                   progress: bool = True, backend: Backend = "torch") -> EnrollReport:
     """Enrol every photo of a dataset (any layout :func:`reid.data.records.read_dataset` reads) into the store.
 
     Re-running it adds only what is new. Unreadable photos are skipped with a warning, so one bad file does not
@@ -66,7 +67,7 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
     if invalid:
         raise DatasetError(f"{dataset}: {len(invalid)} identities cannot be individual ids, e.g. {invalid[:3]}")
     with FolderLock(data_dir, "reid enroll"):
-        embedder = Embedder.from_checkpoint(checkpoint)
+        embedder = Embedder.from_checkpoint(checkpoint, backend=backend)
         store = Store(data_dir)
         store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
         store.sweep()

@@ -108,6 +108,7 @@ class ModelInfo(BaseModel):
     name: str
     fingerprint: str
     dim: int
+    backend: str = Field(description="how the encoder runs: torch or onnx")
 
 
 class IndexInfo(BaseModel):

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reid.gallery import IndexKind
+from reid.onnx_backend import Backend
 from reid.imageio import DEFAULT_MAX_PIXELS
 
 #: Upper bound of ``k`` for identify: a ranking longer than this is never useful to a person and only costs time.
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
     index: IndexKind = Field("flat", description="FAISS index: flat (exact), hnsw or ivf (approximate)")
+    backend: Backend = Field("torch", description="how the encoder runs: torch, or onnx (ONNX Runtime on the CPU: the "
+                                                  "same embeddings, faster there)")
     default_k: int = Field(5, ge=1, le=MAX_K, description="individuals returned by identify when k is not given")
     verify: bool | None = Field(
         None, description="verify identify's top candidates with local features; unset: when the checkpoint was "

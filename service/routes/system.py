@@ -37,7 +37,7 @@ def health(engine: EngineDep) -> Health:
     settings = engine.settings
     return Health(status="ok",
                   model=ModelInfo(name=engine.embedder.name, fingerprint=engine.embedder.fingerprint,
-                                  dim=engine.embedder.dim),
+                                  dim=engine.embedder.dim, backend=engine.embedder.backend),
                   index=IndexInfo(kind=engine.gallery.kind, device=engine.gallery.device),
                   gallery_size=len(engine.gallery), photos=photos, individuals=individuals,
                   verification=engine.verifying, threshold=threshold.value, threshold_source=threshold.source,
