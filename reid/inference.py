@@ -123,7 +123,7 @@ class Embedder:
         if backend == "onnx":  # the export is cached by fingerprint: an encoder built in Python gets one too
             fingerprint = fingerprint or weights_fingerprint(self.encoder.state_dict())
         #: the forward pass every embedding goes through: the encoder itself, or its ONNX Runtime export
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             OnnxEncoder(self.encoder, preprocess.image_size, fingerprint).embed if backend == "onnx"
             else self.encoder.embed)
         self.backend = backend
@@ -183,6 +183,6 @@ class Embedder:
             workers = min(BULK_WORKERS, os.cpu_count() or 1) if len(images) > batch_size else 0
             batches = DataLoader(photos, batch_size=batch_size, num_workers=workers)
         total = -(-len(images) // batch_size)
-        chunks = [self._forward(batch.to(self.device)).cpu().numpy()
+        chunks = [self.forward(batch.to(self.device)).cpu().numpy()
                   for batch in tqdm(batches, total=total, desc="embedding", unit="batch", disable=not progress)]
         return np.concatenate(chunks).astype(np.float32)
