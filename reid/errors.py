@@ -1,8 +1,11 @@
 """User-facing errors.
 
-Every mistake a user can make (a bad dataset, a wrong path, an image that cannot be decoded) raises a subclass
-of :class:`ReIDError` whose message names the offending value. The CLI turns these into one line on stderr and
-exit code 2; the service turns them into 4xx JSON responses. Anything else is a bug and keeps its traceback.
+Every mistake a user can make (a bad dataset, a wrong path, an impossible setting, an image that cannot be decoded)
+raises a subclass of :class:`ReIDError` whose message names the offending value. The CLI turns every one into one
+``reid: error:`` line on stderr and exit code 2. The service answers uploads it cannot decode with 415
+(:class:`UnsupportedImageFormatError`) or 422 (any other :class:`ImageDecodeError`, pixel limit included); its own
+refusals are ``service.errors.ServiceError`` subclasses, each with its HTTP status. Anything else is a bug and keeps
+its traceback (a 500 with a JSON body in the service).
 """
 
 
@@ -38,6 +41,10 @@ class WeightsError(ConfigError):
 
 class CheckpointError(ReIDError):
     """A checkpoint is missing, unreadable or lacks the metadata needed to embed images."""
+
+
+class SubmissionError(ReIDError):
+    """A submission or truth file does not fit the Zindi competition format (the message names the file and row)."""
 
 
 class FeatureError(ReIDError):

@@ -17,16 +17,12 @@ import pandas as pd
 from reid.identify import Answer
 
 from reid.data.records import IMAGE_EXTENSIONS, read_csv_table, read_dataset
-from reid.errors import DatasetError, ReIDError
+from reid.errors import DatasetError, SubmissionError
 from reid.metrics import map_at_k, top_k_accuracy
 
 PREDICTION_COLUMNS = [f"prediction{i}" for i in range(1, 6)]
 #: Columns accepted as the true label in a truth file (Zindi's train.csv says turtle_id; labels.csv identity).
 TRUTH_LABEL_COLUMNS = ("turtle_id", "identity", "label")
-
-
-class SubmissionError(ReIDError):
-    """A submission or truth file does not fit the competition format."""
 
 
 def read_queries(source: str | Path) -> pd.DataFrame:

@@ -188,7 +188,7 @@ class Engine:
         fused scores are probabilities), else the configured default."""
         return threshold_in_force(requested, self.embedder, self.verifying, self.settings.default_threshold)
 
-    def photo(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
+    def decode_upload(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
         """Decode one upload, turning a decode failure into a 4xx naming ``field`` and the file."""
         try:
             return read_photo(data, self.settings.max_pixels, view)

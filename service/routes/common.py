@@ -35,5 +35,5 @@ def read_uploads(engine: Engine, files: Sequence[UploadFile], field: str,
                  views: Sequence[str] | None = None) -> list[Photo]:
     """Decode every upload of a multipart field (``files[0]``, ``files[1]``...), failing on the first bad one."""
     views = list(views) if views else [""] * len(files)
-    return [engine.photo(upload.file.read(), f"{field}[{i}]", upload.filename, view)
+    return [engine.decode_upload(upload.file.read(), f"{field}[{i}]", upload.filename, view)
             for i, (upload, view) in enumerate(zip(files, views))]

@@ -29,7 +29,7 @@ ThresholdField = Annotated[float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=Fal
              responses=error_responses(400, 401, 413, 415, 422))
 def identify(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo to identify")], k: K = None,
              threshold: ThresholdField = None) -> IdentifyResponse:
-    photo = engine.photo(file.file.read(), "file", file.filename)
+    photo = engine.decode_upload(file.file.read(), "file", file.filename)
     return engine.identify([photo.pixels], k, threshold)[0]
 
 
@@ -45,7 +45,7 @@ def identify_batch(engine: EngineDep,
     for i, upload in enumerate(files):
         filename = upload.filename or f"files[{i}]"
         try:
-            decoded.append((len(items), engine.photo(upload.file.read(), f"files[{i}]", upload.filename)))
+            decoded.append((len(items), engine.decode_upload(upload.file.read(), f"files[{i}]", upload.filename)))
             items.append(BatchItem(filename=filename))
         except ServiceError as error:
             items.append(BatchItem(filename=filename, error=error.body()))
@@ -69,7 +69,7 @@ def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the
             individual_id: Annotated[IndividualId, Form(description="the individual it was matched to")],
             image_id: Annotated[int, Form(ge=1, le=SQLITE_MAX_INTEGER, description=(
                 "the enrolled photo to compare with, e.g. a prediction's evidence.image_id"))]) -> Response:
-    photo = engine.photo(file.file.read(), "file", file.filename)
+    photo = engine.decode_upload(file.file.read(), "file", file.filename)
     explanation = engine.explain(photo, file.filename or "upload", individual_id, image_id)
     return Response(explanation.png, media_type="image/png",
                     headers={"X-Similarity": f"{explanation.similarity:.6f}", "X-Inliers": str(explanation.inliers)})

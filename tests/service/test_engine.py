@@ -23,7 +23,7 @@ def test_approximate_indexes_follow_enrolments_deletions_and_restarts(tmp_path: 
     engine = Engine.open(settings)
     uploads = [photos(records, f"ind_00{i}")[:3] for i in range(4)]
     for i, triple in enumerate(uploads):
-        engine.enroll(f"turtle-{i}", [engine.photo(data, "files", None) for data in triple], "new")
+        engine.enroll(f"turtle-{i}", [engine.decode_upload(data, "files", None) for data in triple], "new")
     query = decode_image(uploads[2][1])
     best = engine.identify([query], k=3, threshold=None)[0].predictions[0]
     assert best.individual_id == "turtle-2" and best.score == pytest.approx(1.0, abs=1e-4)

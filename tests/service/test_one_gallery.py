@@ -54,7 +54,7 @@ def test_start_up_sweeps_what_a_crash_left_and_keeps_every_stored_photo(tmp_path
     settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")
     uploads = photos(records, "ind_004")[:2]
     with Engine.open(settings) as engine:
-        stored = engine.enroll("turtle-4", [engine.photo(data, "files", None) for data in uploads], "new")
+        stored = engine.enroll("turtle-4", [engine.decode_upload(data, "files", None) for data in uploads], "new")
     kept = [settings.data_dir / image.file for image in stored]
     folder = settings.data_dir / PHOTOS_DIR / "ab"
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def test_start_up_sweeps_what_a_crash_left_and_keeps_every_stored_photo(tmp_path
         assert not temporary.exists() and not orphan.exists()
         assert all(path.is_file() for path in kept)
         assert len(engine.gallery) == engine.store.counts()[1] == 2
-        best = engine.identify([engine.photo(uploads[1], "file", None).pixels], 1, None)[0].predictions[0]
+        best = engine.identify([engine.decode_upload(uploads[1], "file", None).pixels], 1, None)[0].predictions[0]
         assert (best.individual_id, round(best.score, 4)) == ("turtle-4", 1.0)
 
 
@@ -83,5 +83,5 @@ def test_a_busy_port_is_one_line_and_frees_the_folder(tmp_path: Path, checkpoint
     assert refused.stderr.strip().splitlines()[-1] == (f"reid: error: cannot listen on 127.0.0.1:{port}: {os.strerror(98)} (is "
                                       "another server using the port? choose another with --port)")
     with Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")) as engine:
-        engine.enroll("after", [engine.photo(photos(records, "ind_001")[0], "files", None)], "new")
+        engine.enroll("after", [engine.decode_upload(photos(records, "ind_001")[0], "files", None)], "new")
 

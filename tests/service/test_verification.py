@@ -136,7 +136,7 @@ def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, 
     assert not plain.verifying
     assert plain.threshold(None).value == pytest.approx(Embedder.from_checkpoint(checkpoint).threshold)
     for i in range(3):
-        plain.enroll(f"turtle-{i}", [plain.photo(data, "files", None) for data in photos(verified_records,
+        plain.enroll(f"turtle-{i}", [plain.decode_upload(data, "files", None) for data in photos(verified_records,
                                                                                       f"ind_00{i}")[:2]], "new")
     query = decode_image(photos(verified_records, "ind_001")[3])
     evidence = [p.evidence for p in plain.identify([query], 3, None)[0].predictions if p.evidence is not None]
