@@ -117,26 +117,28 @@ def _store_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="folder the service owns: SQLite database and enrolled photos")
 
 
+def _settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~service.settings.Settings` field, named and described by the field itself, so a new
+    setting gets its flag and every flag says what its environment variable says. Values stay strings here:
+    pydantic converts and validates them with the environment's values, in :func:`_settings`."""
+    from service.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        default = "" if field.is_required() or field.default is None else f" (default {field.default})"
+        help_text = f"{field.description}{default}; or REID_{name.upper()}"
+        if field.annotation in (bool, bool | None):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, metavar=name.upper(), help=help_text)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``enroll`` and ``reindex`` to the ``reid`` command."""
     serve = commands.add_parser("serve", help="run the identification web service",
                                 description="Run the identification service; every flag also reads REID_<NAME> "
                                             "from the environment (see docs/service.md).")
-    _store_arguments(serve, required=False)
-    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--api-key", help="key clients send in X-API-Key for writes (default: writes are open); prefer "
-                            "REID_API_KEY, which other users cannot see in the process list")
-    serve.add_argument("--protect-reads", action="store_true", default=None,
-                       help="require the API key for identify, listings and photos too")
-    serve.add_argument("--index", help="FAISS index: flat (exact, default), hnsw or ivf (approximate)")
-    serve.add_argument("--backend", help="how the encoder runs: torch (default), or onnx (ONNX Runtime on the CPU: "
-                                         "the same embeddings, faster there)")
-    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                       help="verify identify's top candidates with local features (default: when the checkpoint was "
-                            "calibrated with reid calibrate --verify)")
-    serve.add_argument("--max-upload-bytes", type=int, help="largest request body (default 20 MB)")
-    serve.add_argument("--max-pixels", type=int, help="largest decoded image in pixels")
+    _settings_arguments(serve)
     serve.set_defaults(handler=_serve)
 
     enroll = commands.add_parser("enroll", help="enrol a whole dataset into the service's store (offline)")

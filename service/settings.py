@@ -27,10 +27,13 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(description="checkpoint whose encoder embeds every photo")
     data_dir: Path = Field(description="folder the service owns: the SQLite database and the enrolled photos")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="required in X-API-Key for writes; unset leaves writes open")
-    protect_reads: bool = Field(False, description="require the API key for reads too")
+    host: str = Field("127.0.0.1", description="interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                                               "network this machine is on)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(None, description="key clients send in X-API-Key for writes; unset leaves "
+                                                        "writes open. Prefer REID_API_KEY, which other users cannot "
+                                                        "see in the process list")
+    protect_reads: bool = Field(False, description="require the API key for identify, listings and photos too")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
     index: IndexKind = Field("flat", description="FAISS index: flat (exact), hnsw or ivf (approximate)")

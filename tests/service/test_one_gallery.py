@@ -85,3 +85,18 @@ def test_a_busy_port_is_one_line_and_frees_the_folder(tmp_path: Path, checkpoint
     with Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")) as engine:
         engine.enroll("after", [engine.decode_upload(photos(records, "ind_001")[0], "files", None)], "new")
 
+
+
+def test_every_setting_is_a_flag_and_a_wrong_value_names_it(tmp_path: Path, checkpoint_a: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from reid.cli import build_parser
+    from reid.errors import ReIDError
+    from service.cli import _settings
+
+    monkeypatch.setenv("REID_DEFAULT_K", "7")
+    base = ["serve", "--checkpoint", str(checkpoint_a), "--data-dir", str(tmp_path / "data")]
+    settings = _settings(build_parser().parse_args([*base, "--default-threshold", "0.5", "--no-protect-reads"]))
+    assert (settings.default_k, settings.default_threshold, settings.protect_reads) == (7, 0.5, False)
+    assert _settings(build_parser().parse_args([*base, "--default-k", "2"])).default_k == 2, "a flag beats the variable"
+    with pytest.raises(ReIDError, match="--default-k or REID_DEFAULT_K: Input should be less than or equal to 50"):
+        _settings(build_parser().parse_args([*base, "--default-k", "51"]))
