@@ -8,7 +8,9 @@ from the master after a removal.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,14 +22,38 @@ from reid.metrics import Ranking, rank_individuals
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
-#: Search breadth of the approximate indexes, chosen with bench/gallery_search.py (see BENCHMARKS.md): on
-#: 1280-d embeddings FAISS's defaults (efSearch 16, nprobe 1) miss the exact top answer most of the time.
+#: Search breadth of HNSW, chosen with bench/gallery_search.py (see BENCHMARKS.md): FAISS's default (efSearch 16)
+#: misses the exact top answer most of the time.
 HNSW_EF_SEARCH = 256
+#: IVF geometry and search breadth, chosen with bench/gallery_search.py on 1,000,000 structured 512-d photos (see
+#: BENCHMARKS.md, "Gallery search by index kind": recall@5 of individuals >= 0.98 against exact search at ~5 ms a
+#: query on one core, where exact search takes ~0.57 s):
+#:
+#: - about ``IVF_LISTS_PER_ROOT`` * sqrt(n) lists, FAISS's usual lower bound, so the centroids a search compares
+#:   and the photos a list holds both grow as sqrt(n);
+#: - at least ``IVF_MIN_TRAIN_PER_LIST`` training photos a list (FAISS warns below 39) and at most ``ivf_lists``
+#:   lists: k-means time grows with the square of the lists (4096 took 3.5 min on 2 cores);
+#: - k-means sees ``IVF_TRAIN_PER_LIST`` photos a list, not FAISS's 256: on 200k photos 40 and 64 a list gave the
+#:   same recall, and 256 a list would take ~20 min to train 4096 lists on 2 cores;
+#: - a search scans about ``IVF_SCAN_PHOTOS`` photos of the gallery as it was at training (nprobe = that over the
+#:   mean list size, at least ``IVF_MIN_NPROBE``): the cost of a search is fixed rather than the share of lists it
+#:   probes, since finer lists split related individuals' photos over more lists (200k photos, nprobe 32: recall
+#:   0.980 with 1024 lists, 0.966 with 2048). The cost grows with the gallery until it is re-trained (see
+#:   ``IVF_RETRAIN_GROWTH``). At 1M photos (3200 lists) recall levels off near 0.985 (nprobe 40: 0.982, 60: 0.983,
+#:   128: 0.986 at twice the time): the misses are unrelated photos (cosine < 0.26) that rank 2nd-5th when a query
+#:   has a single true match, and such photos lie in any list.
+IVF_LISTS_PER_ROOT = 4
+IVF_MIN_TRAIN_PER_LIST = 39
+IVF_TRAIN_PER_LIST = 40
+IVF_MAX_LISTS = 4096
+IVF_SCAN_PHOTOS = 12_000
 IVF_MIN_NPROBE = 16
-IVF_MAX_NPROBE = 128
 #: An IVF gallery is re-trained when it has grown to this many times the vectors it was trained on, so one
 #: started empty does not keep the handful of lists its first enrolment could support.
 IVF_RETRAIN_GROWTH = 4
+#: Photos re-added to a re-trained IVF index at a time: the vectors are copied out of the gallery a chunk at a time,
+#: not all at once, so re-training a million photos holds the old and new index and not a third copy.
+IVF_READD_CHUNK = 65_536
 
 
 def gpu_available() -> bool:
@@ -43,13 +69,16 @@ class Gallery:
 
     Args:
         dim: embedding dimension.
-        kind: ``flat`` (exact), ``hnsw`` (approximate, no training, good for large galleries) or ``ivf``
-            (approximate; trained on the first vectors added, only worth it beyond ~100k photos).
+        kind: ``flat`` (exact), ``hnsw`` (approximate, no training, but slow to build and rebuilt whole after
+            every removal) or ``ivf`` (approximate; trained on the first vectors added and re-trained as the
+            gallery grows; the choice for galleries of a million photos, where exact search takes ~0.5 s a query).
         use_gpu: ``None`` picks the GPU when FAISS sees one.
+        ivf_lists: the most inverted lists an IVF index gets (it gets about 4 * sqrt(photos) below that).
+        ivf_scan: about how many photos an IVF search scans; sets nprobe at each training.
     """
 
-    def __init__(self, dim: int, kind: IndexKind = "flat", use_gpu: bool | None = None, ivf_lists: int = 1024,
-                 hnsw_neighbours: int = 32) -> None:
+    def __init__(self, dim: int, kind: IndexKind = "flat", use_gpu: bool | None = None,
+                 ivf_lists: int = IVF_MAX_LISTS, ivf_scan: int = IVF_SCAN_PHOTOS, hnsw_neighbours: int = 32) -> None:
         if kind not in ("flat", "hnsw", "ivf"):
             raise ValueError(f"index kind must be flat, hnsw or ivf, got {kind!r}")
         self.dim = dim
@@ -57,12 +86,17 @@ class Gallery:
         # FAISS has no GPU HNSW: an HNSW gallery always searches on the CPU.
         wants_gpu = gpu_available() if use_gpu is None else bool(use_gpu and gpu_available())
         self.use_gpu = wants_gpu and kind != "hnsw"
-        self._requested_ivf_lists = ivf_lists
+        self._max_ivf_lists = ivf_lists
+        self._ivf_scan = ivf_scan
         self._ivf_lists = ivf_lists
+        self._ivf_nprobe = 1
         self._ivf_trained_on = 0
         self._hnsw_neighbours = hnsw_neighbours
         self._lock = threading.RLock()
         self._identity: dict[int, str] = {}
+        # Photos per individual, kept up to date so that a search knows how many individuals there are without
+        # counting a million photos' identities (50 ms a query at 1M photos, more than the IVF search itself).
+        self._photos_of: Counter[str] = Counter()
         # The vectors themselves, kept beside FAISS so that HNSW (no removal) and IVF (re-training) can be rebuilt
         # without asking an index type to reconstruct what it may not store.
         self._vectors: dict[int, np.ndarray] = {}
@@ -79,9 +113,12 @@ class Gallery:
             inner = faiss.IndexHNSWFlat(self.dim, self._hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efSearch = HNSW_EF_SEARCH
         elif self.kind == "ivf":
+            # A flat coarse quantizer, not HNSW: comparing 4096 centroids takes well under a millisecond, and FAISS
+            # clones the quantizer when it mirrors an IVF index on the GPU, which it cannot do for HNSW. (nprobe
+            # stays below the GPU's limit of 1024 or more: at most 308, for galleries of ~24k photos.)
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self._ivf_lists, faiss.METRIC_INNER_PRODUCT)
-            # Visit an eighth of the lists (within bounds): nprobe=1, FAISS's default, misses most neighbours.
-            ivf.nprobe = min(self._ivf_lists, max(IVF_MIN_NPROBE, min(IVF_MAX_NPROBE, self._ivf_lists // 8)))
+            ivf.nprobe = self._ivf_nprobe
+            ivf.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
             # IVF stores ids itself; wrapping it in an IDMap would break removals (IVF does not renumber).
             return ivf
         else:
@@ -93,7 +130,7 @@ class Gallery:
 
     def identities(self) -> set[str]:
         with self._lock:
-            return set(self._identity.values())
+            return set(self._photos_of)
 
     def add(self, ids: Sequence[int], embeddings: np.ndarray, identities: Sequence[str]) -> None:
         """Add photos; ``ids`` must be new (re-adding an id would make FAISS return it twice)."""
@@ -108,33 +145,48 @@ class Gallery:
             if len(vectors) == 0:
                 return
             if self.kind == "ivf" and not self._master.is_trained:
-                self._master = self._trained_ivf(vectors)
+                self._master = self._trained_ivf(len(vectors), vectors)  # k-means samples IVF_TRAIN_PER_LIST a list
             self._master.add_with_ids(vectors, id_array)
             self._identity.update(zip(id_array.tolist(), identities))
+            self._photos_of.update(identities)
             self._vectors.update(zip(id_array.tolist(), vectors))
             if self.kind == "ivf" and len(self._identity) >= IVF_RETRAIN_GROWTH * self._ivf_trained_on:
                 self._retrain_ivf()
             elif self._gpu_index is not None and not self._gpu_stale:
                 self._gpu_index.add_with_ids(vectors, id_array)  # adds need no full copy to the GPU
 
+    def _stacked(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``ids``, as one new array."""
+        return np.stack([self._vectors[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+
     def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         ids = np.array(sorted(self._vectors), dtype=np.int64)
-        vectors = np.stack([self._vectors[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
-        return ids, vectors
+        return ids, self._stacked(ids)
 
-    def _trained_ivf(self, vectors: np.ndarray) -> faiss.Index:
-        """A new, empty IVF index trained on ``vectors``, with as many lists as they support (39 points a list)."""
-        self._ivf_lists = max(1, min(self._requested_ivf_lists, len(vectors) // 39))
+    def _ivf_geometry(self, n: int) -> tuple[int, int]:
+        """Lists and nprobe of an IVF index trained on ``n`` photos (see ``IVF_*``)."""
+        lists = max(1, min(self._max_ivf_lists, round(IVF_LISTS_PER_ROOT * math.sqrt(n)), n // IVF_MIN_TRAIN_PER_LIST))
+        return lists, min(lists, max(IVF_MIN_NPROBE, math.ceil(self._ivf_scan * lists / n)))
+
+    def _trained_ivf(self, n: int, training: np.ndarray) -> faiss.Index:
+        """A new, empty IVF index sized for ``n`` photos, trained on ``training`` (those photos or a sample)."""
+        self._ivf_lists, self._ivf_nprobe = self._ivf_geometry(n)
         index = self._new_master()
-        index.train(vectors)
-        self._ivf_trained_on = len(vectors)
-        log.info("IVF index trained on %d vectors with %d lists", len(vectors), self._ivf_lists)
+        index.train(training)
+        self._ivf_trained_on = n
+        log.info("IVF index trained for %d vectors: %d lists, nprobe %d", n, self._ivf_lists, self._ivf_nprobe)
         return index
 
     def _retrain_ivf(self) -> None:
-        ids, vectors = self._all_vectors()
-        index = self._trained_ivf(vectors)
-        index.add_with_ids(vectors, ids)
+        """Re-train on every photo: k-means on a seeded sample of the size it would keep anyway, then the photos
+        re-added a chunk at a time (see ``IVF_READD_CHUNK``)."""
+        ids = np.array(sorted(self._vectors), dtype=np.int64)
+        lists, _ = self._ivf_geometry(len(ids))
+        sample = np.random.default_rng(0).choice(len(ids), min(len(ids), IVF_TRAIN_PER_LIST * lists), replace=False)
+        index = self._trained_ivf(len(ids), self._stacked(ids[np.sort(sample)]))
+        for start in range(0, len(ids), IVF_READD_CHUNK):
+            chunk = ids[start:start + IVF_READD_CHUNK]
+            index.add_with_ids(self._stacked(chunk), chunk)
         self._master = index
         self._gpu_stale = True
 
@@ -153,7 +205,10 @@ class Gallery:
             else:
                 self._master.remove_ids(id_array)
             for i in id_array.tolist():
-                del self._identity[i]
+                individual = self._identity.pop(i)
+                self._photos_of[individual] -= 1
+                if not self._photos_of[individual]:
+                    del self._photos_of[individual]
                 del self._vectors[i]
             self._gpu_stale = True  # GPU indexes cannot remove ids: the mirror is copied again from the master
 
@@ -192,7 +247,7 @@ class Gallery:
             if total == 0:
                 return [[] for _ in range(len(vectors))]
             index = self._search_index()
-            wanted_individuals = min(k, len(set(self._identity.values())))
+            wanted_individuals = min(k, len(self._photos_of))
             fetch = min(total, max(4 * k, 32))
             while True:
                 scores, ids = index.search(vectors, fetch)

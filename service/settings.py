@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     protect_reads: bool = Field(False, description="require the API key for identify, listings and photos too")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
-    index: IndexKind = Field("flat", description="FAISS index: flat (exact), hnsw or ivf (approximate)")
+    index: IndexKind = Field("flat", description="FAISS index: flat (exact), ivf (approximate, for galleries of "
+                                                  "~100k photos and more) or hnsw (approximate)")
     backend: Backend = Field("torch", description="how the encoder runs: torch, or onnx (ONNX Runtime on the CPU: the "
                                                   "same embeddings, faster there)")
     default_k: int = Field(5, ge=1, le=MAX_K, description="individuals returned by identify when k is not given")
