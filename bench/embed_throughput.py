@@ -21,6 +21,7 @@ import torch
 
 from reid.data.records import IMAGE_EXTENSIONS
 from reid.inference import Embedder, export_encoder
+from reid.onnx_backend import BACKENDS
 
 
 @torch.inference_mode()
@@ -45,7 +46,7 @@ def main() -> None:
                         help="encoder (default: ImageNet MobileNetV2 at 224 px, frozen, made offline)")
     parser.add_argument("--count", type=int, default=256, help="photos to embed")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="how the project path runs it")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="how the project path runs it")
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.count]
     if not paths:

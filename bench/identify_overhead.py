@@ -37,6 +37,7 @@ from PIL import Image
 from service_walkthrough import free_port, wait_until_up
 
 from reid.inference import Embedder, export_encoder
+from reid.onnx_backend import BACKENDS
 from service.engine import model_record
 from service.photos import read_photo
 from service.store import Store
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=10_000, help="photos in the gallery")
     parser.add_argument("--requests", type=int, default=60, help="timed requests per query photo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="how both the server and the raw parts run the encoder")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -33,7 +33,7 @@ from reid.verification import LocalVerifier, Verification
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo
-from service.schemas import Evidence, IdentifyResponse, Prediction
+from service.schemas import Evidence, IdentifyResponse, Prediction, image_url
 from service.settings import Settings
 from service.store import IndividualMode, ModelRecord, Store, StoredImage
 
@@ -84,10 +84,10 @@ class SharedLock:
                 self._condition.notify_all()
 
 
-def _cached_features(store: Store, photos: dict[int, str], max_side: int) -> dict[int, LocalFeatures]:
-    """Local features of every gallery photo (``photos``: image id → individual), read from the store; photos
-    lacking them (enrolled while verification was off, in a store older than the features table, extracted at
-    another size, or unreadable) get them extracted now and stored, committed batch by batch."""
+def _cached_features(store: Store, image_ids: list[int], max_side: int) -> dict[int, LocalFeatures]:
+    """Local features of every gallery photo (``image_ids``), read from the store; photos lacking them (enrolled
+    while verification was off, in a store older than the features table, extracted at another size, or
+    unreadable) get them extracted now and stored, committed batch by batch."""
     features: dict[int, LocalFeatures] = {}
     for batch in store.local_features(max_side):
         for image_id, blob in batch:
@@ -95,14 +95,14 @@ def _cached_features(store: Store, photos: dict[int, str], max_side: int) -> dic
                 features[image_id] = LocalFeatures.from_bytes(blob)
             except FeatureError as error:
                 log.warning("local features of image %d will be extracted again: %s", image_id, error)
-    missing = [(image_id, individual) for image_id, individual in photos.items() if image_id not in features]
+    missing = [image_id for image_id in image_ids if image_id not in features]
     if not missing:
         return features
     log.info("extracting the local features of %d photos stored without them (at %d px; ~0.3 s a photo on a CPU)",
              len(missing), max_side)
     started = time.monotonic()
     for start in range(0, len(missing), _FEATURE_BATCH):
-        images = [store.image(individual, image_id) for image_id, individual in missing[start:start + _FEATURE_BATCH]]
+        images = list(store.images(missing[start:start + _FEATURE_BATCH]).values())
         extracted = [extract_features(store.pixels(image), max_side=max_side) for image in images]
         store.put_local_features(max_side, [image.image_id for image in images], extracted)
         features.update((image.image_id, item) for image, item in zip(images, extracted))
@@ -151,10 +151,10 @@ class Engine:
         store.bind_model(model_record(embedder, str(settings.checkpoint.expanduser().resolve())))
         store.sweep()
         gallery = Gallery(embedder.dim, kind=settings.index)
-        photos: dict[int, str] = {}
+        image_ids: list[int] = []
         for batch in store.embeddings(embedder.fingerprint):
             gallery.add(batch.image_ids, batch.vectors, batch.identities)
-            photos.update(zip(batch.image_ids, batch.identities))
+            image_ids += batch.image_ids
         log.info("model %s (fingerprint %s), %d photos of %d individuals in a %s index on %s", embedder.name,
                  embedder.fingerprint, len(gallery), len(gallery.identities()), gallery.kind, gallery.device)
         features: dict[int, LocalFeatures] = {}
@@ -163,7 +163,7 @@ class Engine:
                      " (the checkpoint has verification; --verify or REID_VERIFY=true turns it on)"
                      if embedder.verification is not None else "")
         else:
-            features = _cached_features(store, photos, verification.fusion.max_side)
+            features = _cached_features(store, image_ids, verification.fusion.max_side)
             log.info("verification on: the %d most similar photos of each query are checked with local features "
                      "(%d photos' features in memory)", verification.fusion.candidates, len(features))
         return cls(settings, embedder, store, gallery, verification, features, folder_lock)
@@ -274,4 +274,4 @@ class Engine:
         if image is None:
             return None
         return Evidence(image_id=image.image_id, view=image.view, similarity=prediction.similarity,
-                        inliers=prediction.inliers, url=f"/individuals/{image.individual_id}/images/{image.image_id}")
+                        inliers=prediction.inliers, url=image_url(image.individual_id, image.image_id))

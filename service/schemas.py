@@ -17,6 +17,11 @@ from service.identifiers import check_individual_id
 IndividualId = Annotated[str, AfterValidator(check_individual_id)]
 
 
+def image_url(individual_id: str, image_id: int) -> str:
+    """Where a client fetches an enrolled photo (``GET``) or deletes it (``DELETE``): every ``url`` field."""
+    return f"/individuals/{individual_id}/images/{image_id}"
+
+
 class ErrorBody(BaseModel):
     """Every 4xx/5xx answer: a stable machine-readable code, a message naming the wrong value, and the field."""
 

@@ -24,8 +24,9 @@ from service.schemas import (
     IndividualId,
     IndividualPage,
     IndividualSummary,
+    image_url,
 )
-from service.store import IndividualMode, StoredImage
+from service.store import IndividualMode, IndividualRecord, StoredImage
 
 router = APIRouter(prefix="/individuals", tags=["individuals"])
 
@@ -38,15 +39,15 @@ Writer = Depends(require_key_for_writes)
 Reader = Depends(require_key_for_reads)
 
 
-def _image_url(individual_id: str, image_id: int) -> str:
-    return f"/individuals/{individual_id}/images/{image_id}"
+def _cover_url(record: IndividualRecord) -> str | None:
+    return None if record.cover_image_id is None else image_url(record.individual_id, record.cover_image_id)
 
 
 def _image_info(image: StoredImage) -> dict[str, object]:
     return {
         "image_id": image.image_id, "individual_id": image.individual_id, "sha256": image.sha256, "view": image.view,
         "media_type": image.media_type, "width": image.width, "height": image.height, "created": image.created,
-        "url": _image_url(image.individual_id, image.image_id),
+        "url": image_url(image.individual_id, image.image_id),
     }
 
 
@@ -85,8 +86,7 @@ def list_individuals(engine: EngineDep, limit: Annotated[int, Query(ge=1, le=100
     total, records = engine.store.individuals(limit, offset, q)
     return IndividualPage(total=total, limit=limit, offset=offset, items=[
         IndividualSummary(individual_id=r.individual_id, created=r.created, image_count=r.image_count,
-                          cover_url=None if r.cover_image_id is None
-                          else _image_url(r.individual_id, r.cover_image_id))
+                          cover_url=_cover_url(r))
         for r in records])
 
 
@@ -95,7 +95,7 @@ def list_individuals(engine: EngineDep, limit: Annotated[int, Query(ge=1, le=100
 def get_individual(engine: EngineDep, individual_id: IdInPath) -> Individual:
     record, images = engine.store.individual(individual_id)
     return Individual(individual_id=record.individual_id, created=record.created, image_count=record.image_count,
-                      cover_url=_image_url(individual_id, images[0].image_id) if images else None,
+                      cover_url=_cover_url(record),
                       images=[ImageInfo(**_image_info(image)) for image in images])
 
 
