@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 from reid.imageio import decode_image
@@ -38,11 +38,21 @@ def test_sixteen_bit_keeps_its_contrast() -> None:
     assert array[..., 0].min() == 0 and array[..., 0].max() == 255  # not clipped to white
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_pixels_are_pillows_whichever_decoder_runs(photo: Image.Image, mode: str) -> None:
+    """RGB and grey JPEGs are decoded by OpenCV (faster): training, evaluation and the service must still see
+    exactly the pixels Pillow gives, or embeddings of stored and new photos would drift apart."""
+    data = _encode(photo.convert(mode), "JPEG", quality=90)
+    assert np.array_equal(decode_image(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
 def test_exif_rotation_is_applied(photo: Image.Image) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
-    array = decode_image(_encode(photo, "JPEG", exif=exif))
+    data = _encode(photo, "JPEG", exif=exif)
+    array = decode_image(data)
     assert array.shape == (40, 30, 3)
+    assert np.array_equal(array, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))
 
 
 @pytest.mark.parametrize(
