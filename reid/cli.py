@@ -23,9 +23,8 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import pandas as pd
 
     from reid.evaluation import VerifierFactory
-    from reid.verification import Verification
-
     from reid.inference import Embedder
+    from reid.verification import Verification
 
 log = logging.getLogger("reid")
 
@@ -43,7 +42,8 @@ def _run_lightning(argv: list[str] | None) -> int:
     from reid.module import ReIDDataModule, ReIDModule
 
     class ReIDLightningCLI(LightningCLI):
-        """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is."""
+        """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from
+        rank 0, under DDP)."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -57,7 +57,7 @@ def _run_lightning(argv: list[str] | None) -> int:
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
-            if callback is not None and callback.best_model_path:
+            if callback is not None and callback.best_model_path and self.trainer.is_global_zero:
                 score = callback.best_model_score
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
                       else f"best checkpoint: {callback.best_model_path}")

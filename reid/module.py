@@ -4,6 +4,10 @@ Training: each batch holds P individuals with K different photos each (K=2 is Si
 that the two views are two *photos* of the turtle), augmented, under a contrastive loss on the projection head.
 Validation: validation photos (queries) are searched against training photos (gallery) exactly as the service
 does, scored by Zindi's MAP@5, and an RSM heatmap of the queries is logged.
+
+Under DDP (``--trainer.strategy ddp``, one process per GPU) each rank draws its own P x K batches
+(:class:`reid.data.dataset.IdentitySampler`) and embeds its shard of the validation photos; the shards are gathered
+and de-duplicated before scoring, so the validation metrics are those of a single process on the same weights.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pytorch_metric_learning import losses
 from torch.utils.data import DataLoader
 
-from reid.data.dataset import ImageRecords, identity_batch_sampler
+from reid.data.dataset import IdentitySampler, ImageRecords
 from reid.data.records import read_dataset
 from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
@@ -47,7 +51,7 @@ class ReIDDataModule(L.LightningDataModule):
         batches_per_epoch: training batches per epoch (the sampler draws with fresh randomness each epoch).
         split: ``auto`` (the dataset's split column if any, else by image), ``column``, ``image`` or ``individual``.
         val_fraction: share of photos (or individuals) held out when splitting here.
-        seed: seed of the split.
+        seed: seed of the split and of the training batches (each epoch, and each DDP rank, draws its own from it).
         augmentations: albumentations transforms, ``[{type: Name, **kwargs}]``, run before resize/normalise.
         num_workers: DataLoader worker processes.
         eval_batch_size: batch size when embedding gallery and query photos.
@@ -117,13 +121,18 @@ class ReIDDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = ImageRecords(self.train_records, self._preprocess().train_transform(self.augmentations), self.label_of)
-        sampler = identity_batch_sampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
-                                         hp.batches_per_epoch)
+        sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
+                                  hp.batches_per_epoch, rank=self.trainer.global_rank,
+                                  world_size=self.trainer.world_size, seed=hp.seed)
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
                             sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform."""
+        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform.
+
+        Under DDP Lightning gives each rank a shard of each through a ``DistributedSampler``, padded with repeated
+        photos; :meth:`ReIDModule.on_validation_epoch_end` gathers the shards and keeps each photo once.
+        """
         transform = self._preprocess().eval_transform()
         size = int(self.hparams.eval_batch_size)
         return [self._loader(ImageRecords(frame, transform, self.label_of), batch_size=size)
@@ -174,7 +183,8 @@ class ReIDModule(L.LightningModule):
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         self.preprocess: Preprocess = self.encoder.preprocess(image_size)
         self.criterion: torch.nn.Module | None = None
-        self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: per validation loader, (embeddings, labels, dataset indices) of each batch this rank embedded
+        self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         #: the new_turtle threshold fitted at the latest validation; saved with the checkpoint of that validation
         self.calibration: HeldOutCalibration | None = None
         if loss != "subcenter_arcface":
@@ -195,58 +205,81 @@ class ReIDModule(L.LightningModule):
         if self.criterion is None:
             # ArcFace learns one weight per individual, so it can only be built once the data is known.
             self.criterion = self._make_criterion(num_classes=len(self.trainer.datamodule.identities))
-
-    def on_fit_start(self) -> None:
         if self.hparams.channels_last:
+            # Here, before DDP wraps the model: its gradient buckets take the strides the weights have then.
             self.encoder.to(memory_format=torch.channels_last)
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels, _ = batch
         _, projections = self.encoder(self._images(images))
         loss = self.criterion(projections.float(), labels)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        self._validation.setdefault(dataloader_idx, []).append((self.encoder.embed(self._images(images)).cpu(), labels.cpu()))
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        images, labels, indices = batch
+        self._validation.setdefault(dataloader_idx, []).append((self.encoder.embed(self._images(images)), labels, indices))
+
+    def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+        """One validation loader's embeddings and labels from every rank, each photo once, in dataset order.
+
+        Under DDP each rank embedded a shard padded with repeats (Lightning's ``DistributedSampler``); keeping the
+        first copy of each dataset index gives exactly the photos, in the order, that one process embeds.
+        The tensors stay on the device until gathered: NCCL gathers GPU tensors only.
+        """
+        embeddings, labels, indices = (self.all_gather(torch.cat(column)) for column in zip(*batches))
+        # one process: all_gather returns the tensors as they are; DDP: (world_size, n, ...) -> (world_size * n, ...)
+        embeddings = embeddings.reshape(-1, embeddings.shape[-1]).cpu().numpy()
+        _, first = np.unique(indices.reshape(-1).cpu().numpy(), return_index=True)
+        return embeddings[first], labels.reshape(-1).cpu().numpy()[first]
+
+    def _log_metric(self, name: str, value: float, prog_bar: bool = False) -> None:
+        """Log a validation metric that every rank computed alike from the gathered photos.
+
+        ``sync_dist`` tells Lightning the ranks agree (every rank needs the value: ``ModelCheckpoint`` monitors it on
+        each); ``max`` over equal numbers gives them back exactly, where a mean could round the last bit.
+        """
+        self.log(name, value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._validation = self._validation, {}
         if self.trainer.sanity_checking or len(outputs) < 2:
             return
-        (gallery, gallery_labels), (queries, query_labels) = (
-            (torch.cat([o[0] for o in outputs[i]]).numpy(), torch.cat([o[1] for o in outputs[i]]).numpy()) for i in (0, 1)
-        )
+        (gallery, gallery_labels), (queries, query_labels) = self._gathered(outputs[0]), self._gathered(outputs[1])
         names = self.trainer.datamodule.identities
         gallery_ids = [names[i] for i in gallery_labels]
         query_ids = [names[i] for i in query_labels]
         result = score_rankings(search_gallery(gallery, gallery_ids, queries), query_ids, known=set(gallery_ids))
-        self.log("val_map5", result.metrics["map5"], prog_bar=True)
-        self.log("val_top1", result.metrics["top1"], prog_bar=True)
-        self.log("val_top5", result.metrics["top5"])
+        self._log_metric("val_map5", result.metrics["map5"], prog_bar=True)
+        self._log_metric("val_top1", result.metrics["top1"], prog_bar=True)
+        self._log_metric("val_top5", result.metrics["top5"])
         self.calibration = calibrate_on_held_out_individuals(gallery, gallery_ids, queries, query_ids,
                                                              seed=int(self.trainer.datamodule.hparams.seed))
+        if self.calibration is not None:
+            self._log_metric("val_open_balanced_accuracy", self.calibration.metrics["balanced_accuracy"])
+            self._log_metric("val_open_auroc", self.calibration.metrics["auroc"])
+        # Trainer.log_dir is a broadcast from rank 0 under DDP: every rank must ask, or rank 0 waits forever.
+        log_dir = self.trainer.log_dir if self.hparams.rsm_individuals > 0 else None
+        if not self.trainer.is_global_zero:
+            return
         if self.calibration is None:
             log.warning("validation has fewer than 2 individuals with both gallery photos and queries: no new_turtle "
                         "threshold can be fitted; this checkpoint will never answer new_turtle until `reid calibrate`")
-        else:
-            self.log("val_open_balanced_accuracy", self.calibration.metrics["balanced_accuracy"])
-            self.log("val_open_auroc", self.calibration.metrics["auroc"])
         if self.hparams.rsm_individuals > 0:
-            self._log_rsm(queries, query_ids)
+            self._log_rsm(queries, query_ids, log_dir)
 
-    def _log_rsm(self, embeddings: np.ndarray, identities: list[str]) -> None:
-        """Log the validation RSM as a figure (TensorBoard) and a PNG beside the logs."""
+    def _log_rsm(self, embeddings: np.ndarray, identities: list[str], log_dir: str | None) -> None:
+        """Log the validation RSM as a figure (TensorBoard) and a PNG in ``log_dir``."""
         rsm = compute_rsm(embeddings, identities, individuals=self.hparams.rsm_individuals, per_individual=8)
         figure = plot_rsm(rsm, title=f"Validation RSM, epoch {self.current_epoch}")
         if isinstance(self.logger, TensorBoardLogger):
             self.logger.experiment.add_figure("val_rsm", figure, global_step=self.global_step)
-        if self.trainer.log_dir:
-            folder = Path(self.trainer.log_dir) / "rsm"
+        if log_dir:
+            folder = Path(log_dir) / "rsm"
             folder.mkdir(parents=True, exist_ok=True)
             figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80, bbox_inches="tight")
         plt.close(figure)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from reid.errors import require
 from reid.imageio import decode_image
@@ -37,7 +36,11 @@ class Photos(Dataset):
 
 
 class ImageRecords(Dataset):
-    """The photos of a record table with an integer label per individual (``label_of`` maps identity → label)."""
+    """The photos of a record table with an integer label per individual (``label_of`` maps identity → label).
+
+    Items are ``(photo, label, index)``: the index lets validation under DDP put the photos gathered from every
+    rank back in table order, and drop the duplicates that a ``DistributedSampler`` pads the shards with.
+    """
 
     def __init__(self, records: pd.DataFrame, transform: A.Compose, label_of: Callable[[str], int]) -> None:
         self.photos = Photos(records["path"].tolist(), transform)
@@ -46,26 +49,74 @@ class ImageRecords(Dataset):
     def __len__(self) -> int:
         return len(self.photos)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.photos[index], int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.photos[index], int(self.labels[index]), index
 
 
-def identity_batch_sampler(labels: Sequence[int], individuals_per_batch: int, photos_per_individual: int,
-                           batches_per_epoch: int) -> MPerClassSampler:
-    """Batches of P distinct individuals with K photos each, from pytorch-metric-learning's MPerClassSampler.
+class IdentitySampler(DistributedSampler):
+    """Batches of P distinct individuals with K photos each, for one rank of a (possibly distributed) run.
 
     Within a batch every individual appears exactly K times and no individual appears in two slots, so the
-    NT-Xent negatives are always other individuals. Individuals with fewer than K photos are sampled with
-    replacement: one photo becomes K differently augmented views of itself.
+    NT-Xent negatives are always other individuals. Each photo of an individual is drawn without replacement;
+    individuals with fewer than K photos are drawn with replacement: one photo becomes K differently augmented
+    views of itself. The sampler yields a flat stream of indices, whole batches in order, for a ``DataLoader``
+    with ``batch_size = P * K`` and ``drop_last=True``.
+
+    Why not pytorch-metric-learning's ``MPerClassSampler`` (the same batches, for one process): it draws from numpy's
+    global generator and knows nothing of ranks. Under DDP every process would draw the *same* batches, and
+    Lightning would wrap it in a ``DistributedSamplerWrapper`` that deals its indices out to the ranks one by
+    one (shuffled, for training), which tears the P x K structure apart. So this sampler knows its rank:
+
+    - At each step all ranks draw together from one generator seeded by ``(seed, epoch)``: P x world_size
+      distinct individuals, P for each rank, so the ranks train on different individuals in the same step
+      (where the training split has fewer than P x world_size individuals, each rank draws its own P, and an
+      individual can be in two ranks' batches, never twice in one). Each rank then picks the photos of its
+      individuals from its own generator, seeded by ``(seed, epoch, rank)``. The same seed, epoch and world size
+      give the same batches, run after run; ``set_epoch`` (Lightning calls it every epoch) gives fresh ones.
+    - It is a ``DistributedSampler``: Lightning leaves a loader whose sampler already is one as it is, whatever
+      ``Trainer(use_distributed_sampler=...)`` says, so no config has to remember to turn the wrapping off.
+
+    Args:
+        labels: the integer label (individual) of every photo of the dataset.
+        individuals_per_batch: P, distinct individuals in each batch of each rank.
+        photos_per_individual: K, photos of each individual in a batch.
+        batches_per_epoch: batches each rank draws per epoch (steps per epoch).
+        rank: this process's rank among ``world_size`` (``Trainer.global_rank``).
+        world_size: processes taking part (``Trainer.world_size``); 1 without DDP.
+        seed: seed of the draws, the same on every rank.
     """
-    n_individuals = len(set(int(label) for label in labels))
-    require("data.photos_per_individual", photos_per_individual, photos_per_individual >= 2,
-            ">= 2 (positives need a pair)")
-    require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch >= 2,
-            ">= 2 (negatives need another individual)")
-    require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch <= n_individuals,
-            f"at most {n_individuals}, the individuals in the training split")
-    require("data.batches_per_epoch", batches_per_epoch, batches_per_epoch >= 1, ">= 1")
-    batch_size = individuals_per_batch * photos_per_individual
-    return MPerClassSampler(np.asarray(labels), m=photos_per_individual, batch_size=batch_size,
-                            length_before_new_iter=batch_size * batches_per_epoch)
+
+    def __init__(self, labels: Sequence[int], individuals_per_batch: int, photos_per_individual: int,
+                 batches_per_epoch: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        individuals = np.unique(labels)
+        require("data.photos_per_individual", photos_per_individual, photos_per_individual >= 2,
+                ">= 2 (positives need a pair)")
+        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch >= 2,
+                ">= 2 (negatives need another individual)")
+        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch <= len(individuals),
+                f"at most {len(individuals)}, the individuals in the training split")
+        require("data.batches_per_epoch", batches_per_epoch, batches_per_epoch >= 1, ">= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
+        super().__init__(labels, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.photos_of = [np.flatnonzero(labels == individual) for individual in individuals]
+        self.individuals_per_batch = individuals_per_batch
+        self.photos_per_individual = photos_per_individual
+        self.batches_per_epoch = batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.individuals_per_batch * self.photos_per_individual
+
+    def __iter__(self) -> Iterator[int]:
+        shared = np.random.default_rng([self.seed, self.epoch])
+        own = np.random.default_rng([self.seed, self.epoch, self.rank])
+        p, k, n, ranks = self.individuals_per_batch, self.photos_per_individual, len(self.photos_of), self.num_replicas
+        for _ in range(self.batches_per_epoch):
+            if p * ranks <= n:
+                mine = shared.permutation(n)[self.rank * p:(self.rank + 1) * p]
+            else:
+                mine = [shared.permutation(n)[:p] for _ in range(ranks)][self.rank]
+            for individual in mine:
+                photos = self.photos_of[individual]
+                yield from own.choice(photos, size=k, replace=len(photos) < k).tolist()
