@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
 
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
+    from reid.module import ReIDDataModule
     from reid.verification import Verification
 
 log = logging.getLogger("reid")
@@ -54,6 +55,10 @@ def _run_lightning(argv: list[str] | None) -> int:
                 "checkpoint.save_last": True,
                 "checkpoint.enable_version_counter": False,
             })
+            parser.add_argument("--verify", type=bool, default=False,
+                                help="after training, learn local verification on the validation photos and store "
+                                     "it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "
+                                     "predict and serve then verify by default (better on real photos; README, Results)")
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
@@ -61,10 +66,31 @@ def _run_lightning(argv: list[str] | None) -> int:
                 score = callback.best_model_score
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
                       else f"best checkpoint: {callback.best_model_path}")
+                if self.config[self.subcommand].get("verify"):
+                    _store_verification(Path(callback.best_model_path), self.datamodule)
 
     ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0)
     return 0
+
+
+def _store_verification(checkpoint: Path, data: ReIDDataModule) -> None:
+    """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
+    from reid.inference import write_checkpoint_metadata
+    from reid.verification import DEFAULT_MAX_SIDE, extract_all, verification_from_validation
+
+    gallery, queries = data.gallery_records, data.query_records
+    paths = gallery["path"].tolist() + queries["path"].tolist()
+    _, embeddings = _embed(checkpoint, paths, int(data.hparams.eval_batch_size))
+    features = extract_all(paths, DEFAULT_MAX_SIDE, progress=True)
+    split = len(gallery)
+    verification, metrics = verification_from_validation(
+        embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
+        queries["identity"].tolist(), features[split:], seed=int(data.hparams.seed), progress=True)
+    write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    print(f"verification written to {checkpoint} (validation with verification: {scores}): "
+          f"{verification.threshold_origin}")
 
 
 def _synth(args: argparse.Namespace) -> int:

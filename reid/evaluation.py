@@ -89,14 +89,16 @@ class HeldOutCalibration:
 
 def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str],
                                       query_embeddings: np.ndarray, query_identities: Sequence[str], folds: int = 4,
-                                      seed: int = 0, k: int = 5) -> HeldOutCalibration | None:
+                                      seed: int = 0, k: int = 5, verifier_for: VerifierFactory | None = None
+                                      ) -> HeldOutCalibration | None:
     """Fit the new_turtle threshold without any photo of a truly new individual, as `reid fit` does.
 
     The individuals with queries are dealt into ``folds`` seeded folds. Removing one fold's photos from the
     gallery turns its queries into new turtles; the threshold for that fold is calibrated on the *other* folds
     and scored on it, so the reported scores never grade a threshold on the individuals that chose it. The
     returned threshold is calibrated on all folds together. ``None`` when fewer than two individuals have both
-    gallery photos and queries (there is nothing to hold out).
+    gallery photos and queries (there is nothing to hold out). ``verifier_for(gallery_rows, query_rows)`` adds
+    local verification (rows of the gallery and query arrays), and the threshold is then one on fused scores.
     """
     gallery_ids = np.asarray(gallery_identities, dtype=object)
     query_ids = np.asarray(query_identities, dtype=object)
@@ -109,7 +111,8 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
     for fold in range(folds):
         held_out = {identity for identity, f in fold_of.items() if f == fold}
         keep = np.array([identity not in held_out for identity in gallery_ids])
-        rankings = search_gallery(gallery_embeddings[keep], gallery_ids[keep].tolist(), query_embeddings, k)
+        verifier = None if verifier_for is None else verifier_for(np.flatnonzero(keep), np.arange(len(query_ids)))
+        rankings = search_gallery(gallery_embeddings[keep], gallery_ids[keep].tolist(), query_embeddings, k, verifier)
         problems.append((rankings, [NEW_TURTLE if t in held_out else t for t in query_ids]))
     scored_rankings: list[Ranking] = []
     scored_truths: list[str] = []

@@ -102,36 +102,53 @@ class LocalVerifier:
     """The :class:`reid.identify.Verifier` of one set of queries against one gallery.
 
     ``gallery_features(image_id)`` returns a gallery photo's cached features; ``query_features[q]`` are the
-    features of query number ``q`` (extracted once per query).
+    features of query number ``q`` (extracted once per query). With a ``memo`` (shared by the verifiers of several
+    protocols over the same photos) and ``pair_key(query, image_id)`` naming a pair in it, a pair already matched
+    by another protocol is not matched again.
     """
 
     def __init__(self, fusion: Fusion, gallery_features: Callable[[int], LocalFeatures],
-                 query_features: Sequence[LocalFeatures]) -> None:
+                 query_features: Sequence[LocalFeatures], memo: dict[tuple[int, int], int] | None = None,
+                 pair_key: Callable[[int, int], tuple[int, int]] | None = None) -> None:
         self.fusion = fusion
         self.candidates = fusion.candidates
         self.gallery_features = gallery_features
         self.query_features = query_features
+        self.memo = memo
+        self.pair_key = pair_key
+
+    def _inliers(self, query: int, image_id: int) -> int:
+        if self.memo is None or self.pair_key is None:
+            return match_features(self.query_features[query], self.gallery_features(image_id)).inliers
+        key = self.pair_key(query, image_id)
+        if key not in self.memo:
+            self.memo[key] = match_features(self.query_features[query], self.gallery_features(image_id)).inliers
+        return self.memo[key]
 
     def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
-        features = self.query_features[query]
-        return np.array([match_features(features, self.gallery_features(int(i))).inliers for i in image_ids],
-                        dtype=np.int64)
+        return np.array([self._inliers(query, int(i)) for i in image_ids], dtype=np.int64)
 
     def fuse(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         return self.fusion(similarities, inliers)
 
 
 def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
-                     query_features: Sequence[LocalFeatures] | None = None
+                     query_features: Sequence[LocalFeatures] | None = None,
+                     memo: dict[tuple[int, int], int] | None = None
                      ) -> Callable[[np.ndarray, np.ndarray], LocalVerifier]:
     """The verifier of any (gallery rows, query rows) pair of one set of photos whose features are ``features``.
 
     Query rows index ``query_features`` when the queries are separate photos (as in `reid predict`), else
     ``features`` too (the protocols of `reid evaluate` and `reid calibrate` draw both sides from one dataset).
+    A ``memo`` keeps every (query row, gallery row) pair's inliers across the verifiers the factory builds.
     """
     queries = features if query_features is None else query_features
-    return lambda gallery_rows, query_rows: LocalVerifier(
-        fusion, lambda i: features[int(gallery_rows[i])], [queries[int(r)] for r in query_rows])
+
+    def build(gallery_rows: np.ndarray, query_rows: np.ndarray) -> LocalVerifier:
+        return LocalVerifier(fusion, lambda i: features[int(gallery_rows[i])], [queries[int(r)] for r in query_rows],
+                             memo, lambda q, i: (int(query_rows[q]), int(gallery_rows[i])))
+
+    return build
 
 
 def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
@@ -159,6 +176,39 @@ def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequ
     log.info("fusion fitted on %d pairs of %d training photos (%d of the same individual)", len(same),
              len(identities), int(np.sum(same)))
     return fusion
+
+
+def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str],
+                                 gallery_features: Sequence[LocalFeatures], query_embeddings: np.ndarray,
+                                 query_identities: Sequence[str], query_features: Sequence[LocalFeatures],
+                                 candidates: int = DEFAULT_CANDIDATES, max_side: int = DEFAULT_MAX_SIDE, seed: int = 0,
+                                 progress: bool = False) -> tuple[Verification, dict[str, float]]:
+    """What `reid fit --verify` stores, from the photos its validation uses (training photos as the gallery).
+
+    The fusion is learnt on the gallery photos alone, each against the others (:func:`fit_fusion`); the new_turtle
+    threshold on fused scores is fitted like fit's similarity threshold, on validation individuals held out of the
+    gallery in turn, so the reported open-set scores never grade a threshold on the individuals that chose it.
+    Returns the verification and the verified validation scores (closed-set MAP@5 and top-1, and the held-out
+    balanced accuracy and AUROC when there were individuals to hold out). Each (query, photo) pair is matched once.
+    """
+    from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
+
+    fusion = fit_fusion(gallery_embeddings, gallery_identities, gallery_features, candidates, max_side, progress)
+    factory = verifier_factory(fusion, gallery_features, query_features, memo={})
+    log.info("verifying %d validation photos against their %d most similar training photos, then again with each "
+             "validation individual held out in turn", len(query_identities), candidates)
+    closed = score_rankings(
+        search_gallery(gallery_embeddings, gallery_identities, query_embeddings, 5,
+                       factory(np.arange(len(gallery_identities)), np.arange(len(query_identities)))),
+        list(query_identities), known=set(gallery_identities))
+    metrics = {"map5": closed.metrics["map5"], "top1": closed.metrics["top1"]}
+    calibration = calibrate_on_held_out_individuals(gallery_embeddings, gallery_identities, query_embeddings,
+                                                    query_identities, seed=seed, verifier_for=factory)
+    origin = f"reid fit --verify, fusion learnt on the {len(gallery_identities)} training photos"
+    if calibration is None:
+        return Verification(fusion, None, f"{origin}; no threshold (fewer than 2 validation individuals)"), metrics
+    metrics.update(balanced_accuracy=calibration.metrics["balanced_accuracy"], auroc=calibration.metrics["auroc"])
+    return Verification(fusion, calibration.threshold, f"{origin}; threshold {calibration.origin}"), metrics
 
 
 #: Key of the verification settings inside a checkpoint's ``reid`` metadata.

@@ -103,3 +103,21 @@ def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Pa
     score = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
     assert float(score) > 0.0
     assert best["reid"]["config"]["model"]["loss"] == loss
+
+
+def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: Path, synth_dataset: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """fit --verify -> evaluate/serve verify by default, with a threshold on fused scores fitted on held-out
+    individuals: no `reid calibrate --verify` step in between."""
+    assert main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--trainer.max_epochs", "1")) == 0
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    assert f"verification written to {best}" in capsys.readouterr().out
+    meta = read_checkpoint(best)["reid"]
+    verification = meta["verification"]
+    assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
+    assert 0.0 <= verification["threshold"] <= 1.0 and "held out of the gallery" in verification["threshold_origin"]
+    assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays
+
+    assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] is True and report["threshold"] == pytest.approx(verification["threshold"])
