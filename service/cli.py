@@ -7,7 +7,6 @@ Registered through the ``reid.commands`` entry point, so the library never impor
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 from pathlib import Path
@@ -18,8 +17,6 @@ from reid.errors import ReIDError
 
 if TYPE_CHECKING:
     from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from service.errors import StoreError
-
-log = logging.getLogger(__name__)
 
 LOCK_NAME = "reid.lock"
 

@@ -231,11 +231,6 @@ class Store:
             ("model_fingerprint", model.fingerprint), ("model_name", model.name), ("model_dim", str(model.dim)),
             ("model_checkpoint", model.checkpoint)])
 
-    def model(self) -> ModelRecord | None:
-        """The model whose embeddings are current, or None for a store that never held one."""
-        with self._connect() as connection:
-            return self._model(connection)
-
     def bind_model(self, model: ModelRecord) -> None:
         """Make ``model`` the store's model, refusing when photos embedded by another model are stored.
 

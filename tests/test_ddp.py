@@ -24,7 +24,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from reid.module import ReIDDataModule, ReIDModule
+from reid.data.datamodule import ReIDDataModule
+from reid.module import ReIDModule
 from tests.test_fit import _fit_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from reid.cli import main
+from reid.data.transforms import Preprocess
 from reid.inference import Embedder, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     meta = checkpoint["reid"]
     assert meta["backbone"] == "lcnet_050" and meta["preprocess"]["image_size"] == 48
     assert meta["config"]["data"]["root"] == str(synth_dataset) and meta["version"]
+    # the data module was given the model's backbone and size (linked), and resolved the model's preprocessing
+    assert (meta["config"]["data"]["backbone"], meta["config"]["data"]["image_size"]) == ("lcnet_050", 48)
+    assert Preprocess.of_backbone("lcnet_050", 48).to_dict() == meta["preprocess"]
     # fit -> serve answers new_turtle with no extra step: the threshold was fitted on held-out individuals
     assert -1.0 <= meta["threshold"] <= 1.0
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch") and "held out" in meta["threshold_origin"]

@@ -12,9 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from reid.cli import main
+from reid.data.datamodule import ReIDDataModule
+from reid.data.transforms import Preprocess
 from reid.errors import ConfigError, WeightsError
 from reid.inference import Embedder
-from reid.model import Encoder, create_backbone
+from reid.model import Encoder
+from reid.weights import create_backbone
 
 BACKBONE = "resnet10t"
 
@@ -155,6 +158,17 @@ def test_hf_hub_name_uses_the_hub_cache_and_a_local_file_beats_the_hub(tmp_path:
     assert all(torch.equal(from_file[k], local[k]) for k in from_file)
 
 
+def test_hub_model_preprocesses_by_its_own_config(tmp_path: Path, offline_hub: Path) -> None:
+    """The data module reads a hub model's mean and std from the hub's config, as the model built from it has them."""
+    model = timm.create_model(VIT)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    _cache_hub_model(offline_hub, "someone/odd-vit", model)
+    name = "hf-hub:someone/odd-vit"
+    data = ReIDDataModule(str(tmp_path), backbone=name, image_size=160)
+    assert data.preprocess() == Encoder(name, image_size=160).preprocess(160) == \
+        Preprocess(160, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
 def test_exported_vit_embeds_and_evaluates_at_its_size(tmp_path: Path, synth_dataset: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "vit96.ckpt"
@@ -164,7 +178,7 @@ def test_exported_vit_embeds_and_evaluates_at_its_size(tmp_path: Path, synth_dat
     assert vectors.shape == (3, 96) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
-    assert 0.0 <= json.loads(capsys.readouterr().out)["map5"] <= 1.0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["closed_set"]["map5"] <= 1.0
 
 
 def test_a_seeded_run_draws_the_same_random_numbers_whatever_the_weight_source(tmp_path: Path) -> None:

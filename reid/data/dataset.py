@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -36,15 +36,16 @@ class Photos(Dataset):
 
 
 class ImageRecords(Dataset):
-    """The photos of a record table with an integer label per individual (``label_of`` maps identity → label).
+    """The photos of a record table with their integer labels (its ``label`` column: one integer per individual,
+    as :class:`reid.data.datamodule.ReIDDataModule` numbers them once for every table it serves).
 
     Items are ``(photo, label, index)``: the index lets validation under DDP put the photos gathered from every
     rank back in table order, and drop the duplicates that a ``DistributedSampler`` pads the shards with.
     """
 
-    def __init__(self, records: pd.DataFrame, transform: A.Compose, label_of: Callable[[str], int]) -> None:
+    def __init__(self, records: pd.DataFrame, transform: A.Compose) -> None:
         self.photos = Photos(records["path"].tolist(), transform)
-        self.labels = np.array([label_of(identity) for identity in records["identity"]], dtype=np.int64)
+        self.labels = records["label"].to_numpy(dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.photos)

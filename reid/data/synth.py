@@ -38,7 +38,7 @@ from reid.errors import DatasetError
 
 __all__ = ["VIEWS", "generate_synthetic_dataset", "identity_name"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Views cycle in this order over an individual's photos, so anyone with >= 3 photos has all three.
 VIEWS: tuple[str, ...] = ("top", "left", "right")
@@ -325,7 +325,7 @@ def generate_synthetic_dataset(
     except OSError as exc:
         raise DatasetError(f"cannot create output folder {str(out)!r}: {exc}") from exc
 
-    logger.info(
+    log.info(
         "generating %d synthetic individuals x %d photos at %d px (seed %d, first ind_%03d) in %s",
         individuals, images_per_individual, image_size, seed, first_individual, out,
     )
@@ -353,5 +353,5 @@ def generate_synthetic_dataset(
         writer.writerow(("path", "identity", "view"))
         writer.writerows(rows)
     os.replace(tmp, labels)  # atomic: readers never see a half-written labels.csv
-    logger.info("wrote %d images and %s", len(rows), labels)
+    log.info("wrote %d images and %s", len(rows), labels)
     return labels

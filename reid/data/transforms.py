@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import albumentations as A
+import timm
 from albumentations.pytorch import ToTensorV2
 
 from reid.errors import ConfigError
@@ -50,6 +51,24 @@ class Preprocess:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocess":
         return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+    @classmethod
+    def of_backbone(cls, backbone: str, image_size: int) -> "Preprocess":
+        """The evaluation transform of a timm backbone at ``image_size``, from its name alone.
+
+        The data module needs the model's preprocessing apart from the model, and building a network to read two
+        triples would cost seconds: this resolves the pretrained config that ``timm.create_model`` attaches to the
+        model (the registry's, for the name's pretrained tag or the architecture's default one; a Hugging Face hub
+        model's own), so it equals :meth:`reid.model.Encoder.preprocess` (tested).
+        """
+        source, name = timm.models.parse_model_name(backbone)
+        if source == "hf-hub":
+            pretrained_cfg, _, _ = timm.models.load_model_config_from_hf(name)
+        else:
+            architecture, tag = timm.models.split_model_name_tag(name)
+            pretrained_cfg = timm.models.resolve_pretrained_cfg(architecture, pretrained_cfg=tag or None).to_dict()
+        config = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg)
+        return cls(int(image_size), tuple(config["mean"]), tuple(config["std"]))
 
 
 def build_augmentation(spec: AugmentationSpec, image_size: int) -> A.BasicTransform:

@@ -1,0 +1,127 @@
+"""The Lightning data module: a dataset read, split, and served as P x K training batches and validation loaders.
+
+Training: each batch holds P individuals with K different photos each (K=2 is SimCLR's two views, except that the
+two views are two *photos* of the turtle), augmented, then resized and normalised exactly as the model embeds.
+Validation: the gallery (training photos) and the queries (validation photos), with the evaluation transform.
+
+The preprocessing is the model's (timm's pretrained config of the backbone, at the model's input size): ``reid fit``
+links ``model.backbone`` and ``model.image_size`` into this module, which resolves it from them alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from reid.data.dataset import IdentitySampler, ImageRecords
+from reid.data.records import read_dataset
+from reid.data.splits import SplitMode, assign_splits, split_by_image
+from reid.data.transforms import AugmentationSpec, Preprocess
+from reid.errors import DatasetError, require
+
+log = logging.getLogger(__name__)
+
+
+class ReIDDataModule(L.LightningDataModule):
+    """Reads a dataset, splits it, and serves P x K training batches plus gallery/query validation loaders.
+
+    Args:
+        root: dataset folder (labels.csv, Zindi folder, or one sub-folder per individual).
+        individuals_per_batch: P, distinct individuals in each training batch.
+        photos_per_individual: K, different photos of each individual in a batch (2 = the SimCLR recipe).
+        batches_per_epoch: training batches per epoch (the sampler draws with fresh randomness each epoch).
+        split: ``auto`` (the dataset's split column if any, else by image), ``column``, ``image`` or ``individual``.
+        val_fraction: share of photos (or individuals) held out when splitting here.
+        seed: seed of the split and of the training batches (each epoch, and each DDP rank, draws its own from it).
+        augmentations: albumentations transforms, ``[{type: Name, **kwargs}]``, run before resize/normalise.
+        num_workers: DataLoader worker processes.
+        eval_batch_size: batch size when embedding gallery and query photos.
+        check_images: open every image header when reading the dataset, to report a broken file up front.
+        backbone: the model's timm backbone, whose pretrained config gives the mean and std (``reid fit`` links it
+            from ``model.backbone``).
+        image_size: the model's input size (linked from ``model.image_size``).
+    """
+
+    def __init__(self, root: str, individuals_per_batch: int = 16, photos_per_individual: int = 2,
+                 batches_per_epoch: int = 50, split: SplitMode = "auto", val_fraction: float = 0.25, seed: int = 0,
+                 augmentations: list[AugmentationSpec] | None = None, num_workers: int = 2,
+                 eval_batch_size: int = 64, check_images: bool = True, *, backbone: str, image_size: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        require("data.num_workers", num_workers, num_workers >= 0, ">= 0")
+        require("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1")
+        require("data.image_size", image_size, image_size >= 16, "at least 16 (pixels)")
+        self.root = root
+        self.augmentations = list(augmentations or [])
+        self.records: pd.DataFrame | None = None
+
+    def preprocess(self) -> Preprocess:
+        """The model's evaluation transform, resolved from ``backbone`` and ``image_size`` without building the model."""
+        return Preprocess.of_backbone(self.hparams.backbone, self.hparams.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.records is not None:
+            return
+        hp = self.hparams
+        records = assign_splits(read_dataset(self.root, check_images=hp.check_images), hp.split, hp.val_fraction, hp.seed)
+        # One integer label per individual over every identity (its index in sorted order), so gallery and query
+        # labels mean the same individual; the loss, the sampler and validation read these integers.
+        labels, identities = pd.factorize(records["identity"], sort=True)
+        self.identities: list[str] = identities.tolist()
+        self.records = records = records.assign(label=labels)
+        self.train_records = records[records["split"] == "train"].reset_index(drop=True)
+        self.val_records = records[records["split"] == "val"].reset_index(drop=True)
+        if self.train_records.empty or self.val_records.empty:
+            raise DatasetError(
+                f"{self.root}: the split gives {len(self.train_records)} training and {len(self.val_records)} "
+                "validation photos; both must be non-empty (give individuals at least 2 photos, or a split column)"
+            )
+        self.gallery_records, self.query_records = self._validation_sets(self.train_records, self.val_records)
+        log.info("training on %d photos of %d individuals; validating %d photos of %d individuals",
+                 len(self.train_records), self.train_records["identity"].nunique(),
+                 len(self.val_records), self.val_records["identity"].nunique())
+
+    def _validation_sets(self, train: pd.DataFrame, val: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Gallery and query photos for validation.
+
+        Validation individuals that have no training photo (an open-set split) are *enrolled*: about half of
+        their photos join the gallery and the rest are queries. Validation then measures what the service
+        does, identifying individuals enrolled without retraining, instead of asking for the impossible.
+        """
+        unseen = val[~val["identity"].isin(set(train["identity"]))]
+        if unseen.empty:
+            return train, val
+        enrolled = split_by_image(unseen, 0.5, int(self.hparams.seed)) == "train"
+        log.info("validation: %d individuals unseen in training are enrolled with %d photos and queried with %d",
+                 unseen["identity"].nunique(), int(enrolled.sum()), int((~enrolled).sum()))
+        gallery = pd.concat([train, unseen[enrolled]], ignore_index=True)
+        queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
+        return gallery, queries
+
+    def _loader(self, dataset: ImageRecords, **kwargs: Any) -> DataLoader:
+        workers = int(self.hparams.num_workers)
+        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        dataset = ImageRecords(self.train_records, self.preprocess().train_transform(self.augmentations))
+        sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
+                                  hp.batches_per_epoch, rank=self.trainer.global_rank,
+                                  world_size=self.trainer.world_size, seed=hp.seed)
+        return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
+                            sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform.
+
+        Under DDP Lightning gives each rank a shard of each through a ``DistributedSampler``, padded with repeated
+        photos; :meth:`reid.module.ReIDModule.on_validation_epoch_end` gathers the shards and keeps each photo once.
+        """
+        transform = self.preprocess().eval_transform()
+        size = int(self.hparams.eval_batch_size)
+        return [self._loader(ImageRecords(frame, transform), batch_size=size)
+                for frame in (self.gallery_records, self.query_records)]

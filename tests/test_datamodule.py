@@ -1,0 +1,28 @@
+"""The data module: the model's preprocessing resolved from the linked model settings, and integer labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reid.data.datamodule import ReIDDataModule
+from reid.model import Encoder
+
+
+@pytest.mark.parametrize("backbone", ["resnet10t", "test_resnet", "test_vit3.r160_in1k"])
+def test_data_module_preprocesses_as_the_model_without_building_it(tmp_path: Path, backbone: str) -> None:
+    """ImageNet statistics, a CNN and a tagged ViT with (0.5, 0.5, 0.5) ones: the name alone gives the model's."""
+    data = ReIDDataModule(str(tmp_path), backbone=backbone, image_size=96)
+    assert data.preprocess() == Encoder(backbone, image_size=96).preprocess(96)
+
+
+def test_labels_are_one_integer_per_individual_across_every_table(synth_dataset: Path) -> None:
+    data = ReIDDataModule(str(synth_dataset), split="individual", check_images=False, backbone="resnet10t",
+                          image_size=64)
+    data.setup("fit")
+    assert data.identities == sorted(data.records["identity"].unique())
+    for frame in (data.records, data.train_records, data.gallery_records, data.query_records):
+        assert frame["label"].dtype == np.int64
+        assert [data.identities[label] for label in frame["label"]] == frame["identity"].tolist()
