@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -180,7 +179,6 @@ class ReIDModule(L.LightningModule):
             folder = Path(log_dir) / "rsm"
             folder.mkdir(parents=True, exist_ok=True)
             figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80, bbox_inches="tight")
-        plt.close(figure)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

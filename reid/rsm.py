@@ -11,14 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are written to files and loggers, never shown
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from reid.onnx_backend import Backend
 
 
@@ -75,10 +72,18 @@ def _blocks(labels: Sequence[str]) -> list[tuple[int, int, str]]:
 
 
 def plot_rsm(rsm: RSM, title: str = "Representational similarity", by_view: bool = False) -> Figure:
-    """Heatmap with one labelled block per individual, thin view separators when ``by_view``, and a colour bar."""
+    """Heatmap with one labelled block per individual, thin view separators when ``by_view``, and a colour bar.
+
+    A bare matplotlib ``Figure``, not pyplot: no global state to close or lock (the service draws from several
+    threads), headless by construction, and matplotlib is imported only when a plot is drawn, which keeps ~1 s
+    out of the service's start-up (BENCHMARKS.md, start-up).
+    """
+    from matplotlib.figure import Figure
+
     n = len(rsm.identities)
     size = min(14.0, 4.0 + n * 0.06)
-    figure, axis = plt.subplots(figsize=(size + 1.5, size))
+    figure = Figure(figsize=(size + 1.5, size))
+    axis = figure.subplots()
     image = axis.imshow(rsm.matrix, cmap="viridis", vmin=float(min(0.0, rsm.matrix.min())), vmax=1.0,
                         interpolation="nearest")
     blocks = _blocks(rsm.identities)

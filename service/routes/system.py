@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import threading
 from typing import Annotated
 
-import matplotlib.pyplot as plt
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Response
 
@@ -25,8 +23,6 @@ router = APIRouter(tags=["service"], dependencies=[Depends(require_key_for_reads
 MAX_RSM_INDIVIDUALS = 50
 #: Photos per individual in the RSM (a random, seeded choice when there are more).
 RSM_PHOTOS_PER_INDIVIDUAL = 20
-#: matplotlib's pyplot keeps global state: one figure at a time.
-_plot_lock = threading.Lock()
 
 
 @router.get("/health", summary="Model, index, gallery size, verification and threshold in force",
@@ -83,10 +79,5 @@ def rsm_png(engine: EngineDep, individuals: Annotated[str | None, Query(max_leng
     rsm = compute_rsm(np.concatenate([b.vectors for b in batches]), [i for b in batches for i in b.identities],
                       [v for b in batches for v in b.views], per_individual=RSM_PHOTOS_PER_INDIVIDUAL, by_view=True)
     buffer = io.BytesIO()
-    with _plot_lock:
-        figure = plot_rsm(rsm, title=f"RSM of {len(rsm.identities)} photos", by_view=True)
-        try:
-            figure.savefig(buffer, format="png", dpi=100)
-        finally:
-            plt.close(figure)
+    plot_rsm(rsm, title=f"RSM of {len(rsm.identities)} photos", by_view=True).savefig(buffer, format="png", dpi=100)
     return Response(buffer.getvalue(), media_type="image/png")
