@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from reid.errors import FeatureError, ImageDecodeError
+from reid.errors import FeatureError, ImageDecodeError, ReIDError
 from reid.explain import Explanation, explain_match
 from reid.gallery import Gallery
 from reid.identify import Answer, Identifier, Threshold, threshold_in_force, verification_in_force
@@ -249,14 +250,29 @@ class Engine:
         """The query drawn beside an enrolled photo with their verified local-feature matches.
 
         Raises:
-            NotFoundError: no such individual, or it has no such image (``field`` says which), or its file is gone.
+            NotFoundError: no such individual, or it has no such image (``field`` says which), or its file is gone
+                or damaged.
         """
         image = self.store.image(individual_id, image_id)
-        if not self.store.path_of(image).is_file():
-            raise NotFoundError(f"the file of image {image_id} is missing from the data folder", "image_id")
         label = f"{individual_id} image {image_id}" + (f" ({image.view})" if image.view else "")
-        return explain_match(self.embedder, query.pixels, self.store.pixels(image), (f"query: {query_name}", label),
+        return explain_match(self.embedder, query.pixels, self.stored_pixels(image), (f"query: {query_name}", label),
                              self._features.get(image_id))
+
+    def stored_file(self, image: StoredImage) -> Path:
+        """The file of an enrolled photo. Raises NotFoundError when it is gone from the data folder."""
+        path = self.store.path_of(image)
+        if not path.is_file():
+            raise NotFoundError(f"the file of image {image.image_id} is missing from the data folder", "image_id")
+        return path
+
+    def stored_pixels(self, image: StoredImage) -> np.ndarray:
+        """An enrolled photo's pixels. Raises NotFoundError when its file is gone, or was damaged on disk since it
+        was enrolled (a 404 naming the image, not a 500: the photo the client asked for cannot be shown)."""
+        self.stored_file(image)
+        try:
+            return self.store.pixels(image)
+        except ReIDError as error:
+            raise NotFoundError(str(error), "image_id") from error
 
     def _response(self, answer: Answer) -> IdentifyResponse:
         shown = self.store.images([p.image_id for p in answer.predictions if p.image_id is not None])

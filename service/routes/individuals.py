@@ -9,11 +9,10 @@ from fastapi.responses import FileResponse
 from pydantic import StringConstraints
 
 from reid.data.records import normalise_view
-from reid.errors import ReIDError
 from service.auth import require_key_for_reads, require_key_for_writes
 from service.deps import EngineDep
 from service.engine import Engine
-from service.errors import InvalidFieldError, NotFoundError
+from service.errors import InvalidFieldError
 from service.routes.common import SQLITE_MAX_INTEGER, error_responses, read_uploads
 from service.photos import thumbnail
 from service.schemas import (
@@ -116,16 +115,9 @@ def get_image(engine: EngineDep, individual_id: IdInPath, image_id: ImageIdInPat
                   "return a JPEG preview at most this many pixels on its long side instead of the original"))] = None,
               ) -> Response:
     image = engine.store.image(individual_id, image_id)
-    path = engine.store.path_of(image)
-    if not path.is_file():
-        raise NotFoundError(f"the file of image {image_id} is missing from the data folder", "image_id")
     if max_side is None:
-        return FileResponse(path, media_type=image.media_type)
-    try:
-        pixels = engine.store.pixels(image)
-    except ReIDError as error:  # a stored file damaged on disk since it was enrolled
-        raise NotFoundError(str(error), "image_id") from error
-    return Response(thumbnail(pixels, max_side), media_type="image/jpeg",
+        return FileResponse(engine.stored_file(image), media_type=image.media_type)
+    return Response(thumbnail(engine.stored_pixels(image), max_side), media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=3600"})
 
 

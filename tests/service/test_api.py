@@ -116,6 +116,22 @@ def test_search_by_id_and_cover_photo_previews(client: httpx.Client, records: pd
     assert too_small.status_code == 422 and too_small.json()["field"] == "max_side"
 
 
+def test_a_photo_damaged_on_disk_is_a_404_naming_it_everywhere(client: httpx.Client, records: pd.DataFrame) -> None:
+    """A stored file corrupted since enrolment cannot be shown: its preview and the match drawing both answer 404
+    with the image named, never a 500."""
+    query = photo(records, "ind_005", 1)
+    image = enroll(client, "damaged-on-disk", [photo(records, "ind_005", 0)]).json()["images"][0]
+    engine = client.app.state.engine
+    path = engine.store.path_of(engine.store.image("damaged-on-disk", image["image_id"]))
+    path.write_bytes(path.read_bytes()[:100])
+    preview = client.get(image["url"], params={"max_side": 64})
+    drawing = client.post("/identify/explain", files={"file": ("q.png", query, "image/png")},
+                          data={"individual_id": "damaged-on-disk", "image_id": str(image["image_id"])})
+    for response in (preview, drawing):
+        assert response.status_code == 404, response.text
+        assert response.json()["field"] == "image_id" and "truncated" in response.json()["message"]
+
+
 def test_deleting_a_photo_and_an_individual(client: httpx.Client, records: pd.DataFrame) -> None:
     kept, removed = photos(records, "ind_006")[:2]
     images = enroll(client, "zeta", [kept, removed]).json()["images"]
