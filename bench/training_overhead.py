@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
 import tempfile
 import time
@@ -32,7 +31,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from reid.data.dataset import IdentitySampler, ImageRecords
 from reid.data.synth import generate_synthetic_dataset
 from reid.data.datamodule import ReIDDataModule
 from reid.module import ReIDModule
@@ -68,29 +66,11 @@ def make_datamodule(args: argparse.Namespace, root: Path) -> ReIDDataModule:
                           augmentations=AUGMENTATIONS, backbone=args.backbone, image_size=args.image_size)
 
 
-def real_loader(args: argparse.Namespace, module: ReIDModule, data: ReIDDataModule) -> DataLoader:
-    """The loader ``ReIDDataModule.train_dataloader`` builds on one process, built without a Trainer."""
-    dataset = ImageRecords(data.train_records, module.preprocess.train_transform(data.augmentations))
-    sampler = IdentitySampler(dataset.labels, args.individuals, 2, args.warmup + args.steps)
-    return DataLoader(dataset, batch_size=args.individuals * 2, sampler=sampler, drop_last=True,
-                      num_workers=args.workers, persistent_workers=args.workers > 0)
-
-
 def plain_loop(module: ReIDModule, batches: Iterable, total_steps: int) -> list[float]:
-    """The training step of ``ReIDModule`` written out by hand, with the same optimiser and schedule."""
-    encoder, criterion, hp = module.encoder, module.criterion, module.hparams
+    """The training step of ``ReIDModule`` written out by hand, with the module's own optimiser and schedule."""
+    encoder, criterion = module.encoder, module.criterion
     encoder.train().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        [{"params": encoder.backbone.parameters(), "lr": hp.lr * hp.backbone_lr_scale},
-         {"params": encoder.projection.parameters(), "lr": hp.lr}], weight_decay=hp.weight_decay)
-    warmup = max(1, int(total_steps * hp.warmup_fraction))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = module.optimizer_and_scheduler(total_steps)
     ends = []
     for images, labels, _ in batches:
         _, projections = encoder(images.contiguous(memory_format=torch.channels_last))
@@ -137,12 +117,11 @@ def main() -> None:
                                    image_size=max(args.image_size, 96), seed=0, progress=False)
         data = make_datamodule(args, root)
         data.setup("fit")
-        module = make_module(args)
-        in_memory = list(real_loader(args, module, data))  # decoded and augmented once, reused by every round
+        in_memory = list(data.train_dataloader())  # decoded and augmented once, reused by every round
 
         variants = {
             "lightning, real loading": lambda: lightning_fit(make_module(args), total, make_datamodule(args, root)),
-            "plain loop, real loading": lambda: plain_loop(make_module(args), real_loader(args, module, data), total),
+            "plain loop, real loading": lambda: plain_loop(make_module(args), data.train_dataloader(), total),
             "lightning, tensors in memory": lambda: lightning_fit(make_module(args), total, batches=in_memory),
             "plain loop, tensors in memory": lambda: plain_loop(make_module(args), in_memory, total),
         }

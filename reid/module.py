@@ -181,6 +181,13 @@ class ReIDModule(L.LightningModule):
             figure.savefig(folder / f"epoch_{self.current_epoch:03d}.png", dpi=80, bbox_inches="tight")
 
     def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = self.optimizer_and_scheduler(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_and_scheduler(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW with the backbone at ``backbone_lr_scale`` of the head's rate, and a per-step schedule: linear
+        warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay. Public so that a plain PyTorch loop
+        (bench/training_overhead.py) trains with exactly what Lightning gets."""
         hp = self.hparams
         head = list(self.encoder.projection.parameters()) + list(self.criterion.parameters())
         optimizer = torch.optim.AdamW(
@@ -188,7 +195,7 @@ class ReIDModule(L.LightningModule):
              {"params": head, "lr": hp.lr}],
             weight_decay=hp.weight_decay,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, total_steps)
         warmup = int(total * hp.warmup_fraction)
 
         def schedule(step: int) -> float:
@@ -196,8 +203,7 @@ class ReIDModule(L.LightningModule):
                 return (step + 1) / warmup
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what is needed to embed images later without the config: see :mod:`reid.inference`."""

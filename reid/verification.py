@@ -102,24 +102,22 @@ class LocalVerifier:
     """The :class:`reid.identify.Verifier` of one set of queries against one gallery.
 
     ``gallery_features(image_id)`` returns a gallery photo's cached features; ``query_features[q]`` are the
-    features of query number ``q`` (extracted once per query). With a ``memo`` (shared by the verifiers of several
-    protocols over the same photos) and ``pair_key(query, image_id)`` naming a pair in it, a pair already matched
-    by another protocol is not matched again.
+    features of query number ``q`` (extracted once per query). Each pair's inlier count is kept in ``memo`` under
+    ``pair_key(query, image_id)``: a factory shares one memo between the verifiers of several protocols over the same
+    photos, so a pair matched by one is not matched again by the next.
     """
 
     def __init__(self, fusion: Fusion, gallery_features: Callable[[int], LocalFeatures],
                  query_features: Sequence[LocalFeatures], memo: dict[tuple[int, int], int] | None = None,
-                 pair_key: Callable[[int, int], tuple[int, int]] | None = None) -> None:
+                 pair_key: Callable[[int, int], tuple[int, int]] = lambda query, image_id: (query, image_id)) -> None:
         self.fusion = fusion
         self.candidates = fusion.candidates
         self.gallery_features = gallery_features
         self.query_features = query_features
-        self.memo = memo
+        self.memo = {} if memo is None else memo
         self.pair_key = pair_key
 
     def _inliers(self, query: int, image_id: int) -> int:
-        if self.memo is None or self.pair_key is None:
-            return match_features(self.query_features[query], self.gallery_features(image_id)).inliers
         key = self.pair_key(query, image_id)
         if key not in self.memo:
             self.memo[key] = match_features(self.query_features[query], self.gallery_features(image_id)).inliers

@@ -107,11 +107,12 @@ class ReIDDataModule(L.LightningDataModule):
         return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        """P x K batches for this rank; one process's batches when no Trainer is attached (a plain training loop)."""
         hp = self.hparams
         dataset = ImageRecords(self.train_records, self.preprocess().train_transform(self.augmentations))
+        rank, world_size = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
         sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
-                                  hp.batches_per_epoch, rank=self.trainer.global_rank,
-                                  world_size=self.trainer.world_size, seed=hp.seed)
+                                  hp.batches_per_epoch, rank=rank, world_size=world_size, seed=hp.seed)
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
                             sampler=sampler, drop_last=True)
 
