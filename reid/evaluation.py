@@ -12,7 +12,7 @@ import pandas as pd
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
 from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
-from reid.metrics import NEW_TURTLE, Ranking, calibrate_threshold, map_at_k, top_k_accuracy
+from reid.metrics import NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, top_k_accuracy
 
 
 @dataclass
@@ -20,18 +20,18 @@ class RetrievalResult:
     """Rankings of every query, the truth each is scored against, and the scores a user reads."""
 
     rankings: list[Ranking]
-    truths: list[str]
+    truths: list[Individual]
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def search_gallery(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str], query_embeddings: np.ndarray,
+def search_gallery(gallery_embeddings: np.ndarray, gallery_identities: Sequence[Individual], query_embeddings: np.ndarray,
                    k: int = 5, verifier: Verifier | None = None) -> list[Ranking]:
     """Rank up to ``k`` individuals for each query through the service's own path (:class:`reid.identify.Identifier`);
     a hit's ``image_id`` is the row of its best-matching photo in ``gallery_embeddings``."""
     return identifier_over(gallery_embeddings, gallery_identities, verifier=verifier).rank(query_embeddings, k)
 
 
-def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], known: set[str],
+def score_rankings(rankings: list[Ranking], query_identities: Sequence[Individual], known: set[Individual],
                    threshold: float | None = None, k: int = 5) -> RetrievalResult:
     """Insert new_turtle by ``threshold`` and score; queries of individuals not in ``known`` must be new_turtle.
 
@@ -52,8 +52,8 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[str], kno
     return RetrievalResult(rankings, truths, metrics)
 
 
-def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[str]],
-                    truths: Sequence[str]) -> dict[str, float]:
+def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[Individual]],
+                    truths: Sequence[Individual]) -> dict[str, float]:
     """``known_accuracy`` (top-1 right on known individuals), ``unknown_accuracy`` (new_turtle first on unknown
     ones), their ``balanced_accuracy`` and the ``auroc`` of the new_turtle score."""
     unknown = np.array([t == NEW_TURTLE for t in truths])
@@ -65,7 +65,7 @@ def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[
     return scores
 
 
-def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[str]) -> float:
+def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[Individual]) -> float:
     """AUROC of the new_turtle score (minus the best individual's score) for telling unknown queries from known
     ones: 1.0 when every unknown query scores under every known one, whatever the threshold (nan: one class)."""
     from sklearn.metrics import roc_auc_score
@@ -87,8 +87,8 @@ class HeldOutCalibration:
     origin: str
 
 
-def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str],
-                                      query_embeddings: np.ndarray, query_identities: Sequence[str], folds: int = 4,
+def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[Individual],
+                                      query_embeddings: np.ndarray, query_identities: Sequence[Individual], folds: int = 4,
                                       seed: int = 0, k: int = 5, verifier_for: VerifierFactory | None = None
                                       ) -> HeldOutCalibration | None:
     """Fit the new_turtle threshold without any photo of a truly new individual, as `reid fit` does.
@@ -107,7 +107,7 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
         return None
     folds = min(folds, len(shared))
     fold_of = {identity: i % folds for i, identity in enumerate(np.random.default_rng(seed).permutation(shared))}
-    problems: list[tuple[list[Ranking], list[str]]] = []
+    problems: list[tuple[list[Ranking], list[Individual]]] = []
     for fold in range(folds):
         held_out = {identity for identity, f in fold_of.items() if f == fold}
         keep = np.array([identity not in held_out for identity in gallery_ids])
@@ -115,8 +115,8 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
         rankings = search_gallery(gallery_embeddings[keep], gallery_ids[keep].tolist(), query_embeddings, k, verifier)
         problems.append((rankings, [NEW_TURTLE if t in held_out else t for t in query_ids]))
     scored_rankings: list[Ranking] = []
-    scored_truths: list[str] = []
-    predictions: list[list[str]] = []
+    scored_truths: list[Individual] = []
+    predictions: list[list[Individual]] = []
     for fold, (rankings, truths) in enumerate(problems):
         others = [problem for f, problem in enumerate(problems) if f != fold]
         threshold, _ = calibrate_threshold([r for p in others for r in p[0]], [t for p in others for t in p[1]], k)

@@ -17,7 +17,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from reid.metrics import Ranking, rank_individuals
+from reid.metrics import Individual, Ranking, rank_individuals
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Gallery:
         self._ivf_trained_on = 0
         self._hnsw_neighbours = hnsw_neighbours
         self._lock = threading.RLock()
-        self._identity: dict[int, str] = {}
+        self._identity: dict[int, Individual] = {}
         # Photos per individual, kept up to date so that a search knows how many individuals there are without
         # counting a million photos' identities (50 ms a query at 1M photos, more than the IVF search itself).
         self._photos_of: Counter[str] = Counter()
@@ -128,11 +128,11 @@ class Gallery:
     def __len__(self) -> int:
         return len(self._identity)
 
-    def identities(self) -> set[str]:
+    def identities(self) -> set[Individual]:
         with self._lock:
             return set(self._photos_of)
 
-    def add(self, ids: Sequence[int], embeddings: np.ndarray, identities: Sequence[str]) -> None:
+    def add(self, ids: Sequence[int], embeddings: np.ndarray, identities: Sequence[Individual]) -> None:
         """Add photos; ``ids`` must be new (re-adding an id would make FAISS return it twice)."""
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
         id_array = np.asarray(ids, dtype=np.int64)
@@ -222,7 +222,7 @@ class Gallery:
             self._gpu_stale = False
         return self._gpu_index
 
-    def identity_of(self, image_id: int) -> str:
+    def identity_of(self, image_id: int) -> Individual:
         """The individual a gallery photo belongs to."""
         with self._lock:
             return self._identity[int(image_id)]

@@ -16,7 +16,7 @@ import numpy as np
 
 from reid.errors import CheckpointError
 from reid.gallery import Gallery
-from reid.metrics import NEW_TURTLE, Hit, Ranking, insert_new_turtle, rank_individuals
+from reid.metrics import NEW_TURTLE, Hit, Individual, Ranking, insert_new_turtle, rank_individuals
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,7 +81,7 @@ def verification_in_force(requested: bool | None, embedder: Embedder, checkpoint
 class Prediction:
     """One line of an answer: an individual (or new_turtle), its score, and the enrolled photo that matched."""
 
-    individual: str
+    individual: Individual
     score: float
     image_id: int | None = None
     similarity: float | None = None
@@ -96,7 +96,7 @@ class Answer:
     threshold: Threshold
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> list[Individual]:
         return [p.individual for p in self.predictions]
 
     @property
@@ -158,7 +158,7 @@ class Identifier:
 
 def answer_from_ranking(ranking: Ranking, threshold: Threshold, k: int) -> Answer:
     """Insert new_turtle where the threshold says and attach each individual's evidence."""
-    hits: dict[str, Hit] = {hit.individual: hit for hit in ranking}
+    hits: dict[Individual, Hit] = {hit.individual: hit for hit in ranking}
     predictions = []
     for label in insert_new_turtle(ranking, threshold.value, k):
         if label == NEW_TURTLE:
@@ -170,7 +170,7 @@ def answer_from_ranking(ranking: Ranking, threshold: Threshold, k: int) -> Answe
     return Answer(predictions, threshold)
 
 
-def identifier_over(embeddings: np.ndarray, identities: Sequence[str], ids: Sequence[int] | None = None,
+def identifier_over(embeddings: np.ndarray, identities: Sequence[Individual], ids: Sequence[int] | None = None,
                     verifier: Verifier | None = None) -> Identifier:
     """An :class:`Identifier` over a gallery made of these embeddings (ids default to row numbers)."""
     gallery = Gallery(int(embeddings.shape[1]))

@@ -14,11 +14,15 @@ import numpy as np
 
 NEW_TURTLE = "new_turtle"
 
+#: An individual as ranking and scoring see it: its name, or the integer label training gives it (validation scores
+#: on those labels directly). Only equality and hashing are used, so names and labels never need converting.
+Individual = str | int
+
 
 class Hit(NamedTuple):
     """One individual in a ranked answer, scored by its best-matching gallery photo, which is kept as evidence."""
 
-    individual: str
+    individual: Individual
     score: float  # what the threshold compares: the similarity, or the fused score when verification ran
     image_id: int = -1  # gallery id of the best-matching photo (-1: unknown)
     similarity: float | None = None  # that photo's cosine similarity (None: same as score)
@@ -29,7 +33,7 @@ class Hit(NamedTuple):
 Ranking = list[Hit]
 
 
-def average_precision_at_k(predicted: Sequence[str], actual: str, k: int = 5) -> float:
+def average_precision_at_k(predicted: Sequence[Individual], actual: Individual, k: int = 5) -> float:
     """Zindi/Kaggle AP@k for one true label: 1/(position of its first occurrence) within the first ``k``.
 
     Positions count every entry, duplicates included, exactly as the competition scorer does; a label repeated
@@ -41,7 +45,7 @@ def average_precision_at_k(predicted: Sequence[str], actual: str, k: int = 5) ->
     return 0.0
 
 
-def map_at_k(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int = 5) -> float:
+def map_at_k(predictions: Sequence[Sequence[Individual]], truths: Sequence[Individual], k: int = 5) -> float:
     """Mean of :func:`average_precision_at_k` over queries (0.0 for no queries)."""
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
@@ -50,14 +54,14 @@ def map_at_k(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int
     return float(np.mean([average_precision_at_k(p, t, k) for p, t in zip(predictions, truths)]))
 
 
-def top_k_accuracy(predictions: Sequence[Sequence[str]], truths: Sequence[str], k: int) -> float:
+def top_k_accuracy(predictions: Sequence[Sequence[Individual]], truths: Sequence[Individual], k: int) -> float:
     """Fraction of queries whose true label is among the first ``k`` answers."""
     if not truths:
         return 0.0
     return float(np.mean([t in list(p)[:k] for p, t in zip(predictions, truths)]))
 
 
-def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int,
+def rank_individuals(scores: np.ndarray, identities: Sequence[Individual], k: int,
                      image_ids: Sequence[int] | None = None) -> Ranking:
     """Collapse one query's photo neighbours (sorted best first) into up to ``k`` distinct individuals.
 
@@ -65,7 +69,7 @@ def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int,
     (from ``image_ids``) is kept as the evidence a person can look at.
     """
     ranking: Ranking = []
-    seen: set[str] = set()
+    seen: set[Individual] = set()
     ids = image_ids if image_ids is not None else [-1] * len(identities)
     for score, identity, image_id in zip(scores, identities, ids):
         if identity in seen:
@@ -77,7 +81,7 @@ def rank_individuals(scores: np.ndarray, identities: Sequence[str], k: int,
     return ranking
 
 
-def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5) -> list[str]:
+def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5) -> list[Individual]:
     """Labels of ``ranking`` with ``new_turtle`` inserted before the first individual scoring under ``threshold``.
 
     With a best score under the threshold ``new_turtle`` comes first; with every score above it, it comes after
@@ -90,7 +94,7 @@ def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5) -> 
     return labels[:k]
 
 
-def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[str], k: int = 5) -> tuple[float, float]:
+def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual], k: int = 5) -> tuple[float, float]:
     """The new_turtle threshold that maximises MAP@k on held-out queries, and that MAP@k.
 
     ``truths`` holds :data:`NEW_TURTLE` for queries of individuals absent from the gallery. Every threshold

@@ -147,9 +147,9 @@ class ReIDModule(L.LightningModule):
         if self.trainer.sanity_checking or len(outputs) < 2:
             return
         (gallery, gallery_labels), (queries, query_labels) = self._gathered(outputs[0]), self._gathered(outputs[1])
-        # The search and the scores speak individuals' names, as the service and `reid evaluate` do.
-        names = np.asarray(self.trainer.datamodule.identities, dtype=object)
-        gallery_ids, query_ids = names[gallery_labels].tolist(), names[query_labels].tolist()
+        # Scored on the integer labels themselves: the ranking code only compares individuals for equality, and the
+        # labels follow the names' sorted order, so the held-out folds are the ones the names would give.
+        gallery_ids, query_ids = gallery_labels.tolist(), query_labels.tolist()
         result = score_rankings(search_gallery(gallery, gallery_ids, queries), query_ids, known=set(gallery_ids))
         self._log_metric("val_map5", result.metrics["map5"], prog_bar=True)
         self._log_metric("val_top1", result.metrics["top1"], prog_bar=True)
@@ -167,7 +167,8 @@ class ReIDModule(L.LightningModule):
             log.warning("validation has fewer than 2 individuals with both gallery photos and queries: no new_turtle "
                         "threshold can be fitted; this checkpoint will never answer new_turtle until `reid calibrate`")
         if self.hparams.rsm_individuals > 0:
-            self._log_rsm(queries, query_ids, log_dir)
+            names = self.trainer.datamodule.identities  # the heatmap's axes name the individuals
+            self._log_rsm(queries, [names[label] for label in query_ids], log_dir)
 
     def _log_rsm(self, embeddings: np.ndarray, identities: list[str], log_dir: str | None) -> None:
         """Log the validation RSM as a figure (TensorBoard) and a PNG in ``log_dir``."""
