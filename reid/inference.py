@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -123,6 +125,9 @@ class Embedder:
             else self.encoder.embed)
         self.backend = backend
         self.preprocess = preprocess
+        #: each thread's own eval transform, built once: building one cost a small query ~1 ms, and albumentations'
+        #: Compose keeps per-call state (its random generator), so the service's threads must not share one
+        self._transforms = threading.local()
         self.threshold = threshold
         #: how the checkpoint's threshold was fitted (by `reid fit` or `reid calibrate`), for users to read
         self.threshold_origin = threshold_origin
@@ -130,6 +135,11 @@ class Embedder:
         self.verification = verification
         self.name = name
         self.fingerprint = fingerprint
+
+    def _eval_transform(self) -> A.Compose:
+        if not hasattr(self._transforms, "compose"):
+            self._transforms.compose = self.preprocess.eval_transform()
+        return self._transforms.compose
 
     @property
     def dim(self) -> int:
@@ -169,7 +179,7 @@ class Embedder:
         """
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        photos = Photos(images, self.preprocess.eval_transform())
+        photos = Photos(images, self._eval_transform())
         batches: Iterable[torch.Tensor]
         if all(isinstance(image, np.ndarray) for image in images):
             batches = (torch.stack([photos[i] for i in range(start, min(start + batch_size, len(photos)))])

@@ -30,10 +30,11 @@ def _check(settings: Settings, given: str | None) -> None:
         raise UnauthorizedError(f"the API key in the {API_KEY_HEADER} header is wrong", API_KEY_HEADER)
 
 
-def require_key_for_writes(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
+# async: they never block, and a plain ``def`` dependency would cost every request a hop through the thread pool
+async def require_key_for_writes(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
     _check(settings, api_key)
 
 
-def require_key_for_reads(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
+async def require_key_for_reads(settings: SettingsDep, api_key: str | None = Security(_api_key)) -> None:
     if settings.protect_reads:
         _check(settings, api_key)

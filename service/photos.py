@@ -1,4 +1,4 @@
-"""Uploaded photos: decoded once through :func:`reid.imageio.decode_image`, kept as the bytes received.
+"""Uploaded photos: decoded once through :func:`reid.imageio.decode_image_with_format`, kept as the bytes received.
 
 The stored file is the upload exactly as received (EXIF included), named by its SHA-256 (see
 :mod:`service.store`), so the same photo is kept once, a re-upload is recognised, and no user-supplied string
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from reid.imageio import decode_image
+from reid.imageio import decode_image_with_format
 
 #: Pillow format → (media type served back, file extension). MPO is a multi-picture JPEG: browsers show it as JPEG.
 MEDIA_TYPES = {
@@ -51,9 +51,7 @@ class Photo:
 
 def read_photo(data: bytes, max_pixels: int, view: str = "") -> Photo:
     """Decode ``data`` (raising :class:`reid.errors.ImageDecodeError` subclasses for anything unusable)."""
-    pixels = decode_image(data, max_pixels=max_pixels)
-    with Image.open(io.BytesIO(data)) as image:  # header only: decode_image has accepted the format already
-        image_format = str(image.format)
+    pixels, image_format = decode_image_with_format(data, max_pixels=max_pixels)
     media_type, extension = MEDIA_TYPES.get(image_format, (Image.MIME.get(image_format, "application/octet-stream"),
                                                            "." + image_format.lower()))
     return Photo(data, hashlib.sha256(data).hexdigest(), media_type, extension, pixels, view)
