@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pytorch_metric_learning import losses
 
 from reid.data.transforms import Preprocess
-from reid.errors import require
+from reid.errors import ConfigError, require
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
 from reid.model import EmbeddingSource, Encoder
@@ -42,7 +42,12 @@ class ReIDModule(L.LightningModule):
     Args:
         backbone: any timm model name (e.g. ``resnet50``, ``mobilenetv2_100``).
         pretrained: ``true`` (timm model hub), ``false``, a local weights file, or ``imagenet-offline``.
-        image_size: square input size of the encoder (stored with the checkpoint).
+        image_size: square input size of the encoder in training (its random crops are resized to it).
+        test_image_size: input size for embedding in validation, evaluation, prediction and serving (stored with the
+            checkpoint); ``None``: ``image_size``. Trained on random crops, a CNN sees a turtle's scales larger than
+            in the whole photo resized to the same size, and testing at a larger size gives them back their apparent
+            size (FixRes, Touvron et al., 2019; timm's ``test_input_size``). Architectures built for one input size
+            (ViTs) must keep it equal to ``image_size``.
         projection_dim: output size of the SimCLR projection head.
         embedding: retrieval vector: ``backbone`` features (default) or ``projection``.
         loss: ``ntxent`` (SimCLR NT-Xent, label-aware), ``supcon`` (supervised contrastive) or
@@ -60,7 +65,7 @@ class ReIDModule(L.LightningModule):
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, image_size: int = 224,
-                 projection_dim: int = 128, embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
+                 test_image_size: int | None = None, projection_dim: int = 128, embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
                  temperature: float = 0.1, arcface_margin: float = 28.6, arcface_scale: float = 64.0,
                  sub_centers: int = 3, lr: float = 1e-3, backbone_lr_scale: float = 1.0, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16) -> None:
@@ -78,7 +83,10 @@ class ReIDModule(L.LightningModule):
         require("model.sub_centers", sub_centers, sub_centers >= 1, ">= 1")
         require("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
-        self.preprocess: Preprocess = self.encoder.preprocess(image_size)
+        if test_image_size is not None and test_image_size != image_size:
+            self._check_input_size(test_image_size)
+        #: how every photo is embedded outside training: saved with the checkpoint, used by evaluate, serve, predict
+        self.preprocess: Preprocess = self.encoder.preprocess(test_image_size or image_size)
         self.criterion: torch.nn.Module | None = None
         #: per validation loader, (embeddings, labels, dataset indices) of each batch this rank embedded
         self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -86,6 +94,21 @@ class ReIDModule(L.LightningModule):
         self.calibration: HeldOutCalibration | None = None
         if loss != "subcenter_arcface":
             self.criterion = self._make_criterion(num_classes=0)
+
+    def _check_input_size(self, size: int) -> None:
+        """Refuse a test size the backbone cannot take (one forward of a blank photo: a fraction of a second), so a
+        ViT built for ``image_size`` fails here, naming the setting, not at the first validation."""
+        require("model.test_image_size", size, size >= 16, "at least 16 (pixels)")
+        training = self.encoder.training
+        try:
+            with torch.no_grad():
+                self.encoder.eval().embed(torch.zeros(1, 3, size, size))
+        except Exception as error:  # noqa: BLE001 - timm architectures fail on a wrong input size in many ways
+            raise ConfigError(f"model.test_image_size: {self.hparams.backbone} cannot embed {size} px photos when "
+                              f"built for model.image_size {self.hparams.image_size} ({error}); set test_image_size "
+                              "to image_size, or leave it out") from error
+        finally:
+            self.encoder.train(training)
 
     def _make_criterion(self, num_classes: int) -> torch.nn.Module:
         hp = self.hparams

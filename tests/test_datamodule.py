@@ -26,3 +26,14 @@ def test_labels_are_one_integer_per_individual_across_every_table(synth_dataset:
     for frame in (data.records, data.train_records, data.gallery_records, data.query_records):
         assert frame["label"].dtype == np.int64
         assert [data.identities[label] for label in frame["label"]] == frame["identity"].tolist()
+
+
+def test_training_crops_at_the_image_size_and_validation_embeds_at_the_test_size(synth_dataset: Path) -> None:
+    data = ReIDDataModule(str(synth_dataset), individuals_per_batch=4, num_workers=0, check_images=False,
+                          backbone="resnet10t", image_size=48, test_image_size=64)
+    data.setup("fit")
+    images, _, _ = next(iter(data.train_dataloader()))
+    assert images.shape[-2:] == (48, 48)
+    for loader in data.val_dataloader():
+        assert next(iter(loader))[0].shape[-2:] == (64, 64)
+    assert data.preprocess().image_size == 64  # what the checkpoint will store

@@ -81,6 +81,8 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--model.backbone", "resnet_nonexistent"], "model.backbone: unknown timm backbone 'resnet_nonexistent'"),
     (["--model.backbone", "test_maxvit", "--model.image_size", "100"],
      "model.image_size: backbone 'test_maxvit' cannot take 100 px input"),
+    (["--model.backbone", "test_vit3", "--model.image_size", "96", "--model.test_image_size", "128"],
+     "model.test_image_size: test_vit3 cannot embed 128 px photos when built for model.image_size 96"),
     (["--data.individuals_per_batch", "100"], "data.individuals_per_batch must be at most 8"),
     (["--data.photos_per_individual", "1"], "data.photos_per_individual must be >= 2"),
     (["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),
@@ -107,6 +109,15 @@ def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Pa
     score = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
     assert float(score) > 0.0
     assert best["reid"]["config"]["model"]["loss"] == loss
+
+
+def test_a_larger_test_size_is_what_validation_and_the_checkpoint_use(tmp_path: Path, synth_dataset: Path) -> None:
+    assert main(_fit_args(tmp_path, synth_dataset, "--model.test_image_size", "64", "--trainer.max_epochs", "1")) == 0
+    meta = read_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt")["reid"]
+    assert meta["preprocess"]["image_size"] == 64 and meta["config"]["model"]["image_size"] == 48
+    assert meta["config"]["data"]["test_image_size"] == 64  # linked from the model
+    assert Embedder.from_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+                                    ).preprocess.image_size == 64
 
 
 def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: Path, synth_dataset: Path,

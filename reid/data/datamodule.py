@@ -43,25 +43,32 @@ class ReIDDataModule(L.LightningDataModule):
         check_images: open every image header when reading the dataset, to report a broken file up front.
         backbone: the model's timm backbone, whose pretrained config gives the mean and std (``reid fit`` links it
             from ``model.backbone``).
-        image_size: the model's input size (linked from ``model.image_size``).
+        image_size: the model's training input size (linked from ``model.image_size``).
+        test_image_size: the size validation embeds at (linked from ``model.test_image_size``; ``None``:
+            ``image_size``), the one the checkpoint is then used at.
     """
 
     def __init__(self, root: str, individuals_per_batch: int = 16, photos_per_individual: int = 2,
                  batches_per_epoch: int = 50, split: SplitMode = "auto", val_fraction: float = 0.25, seed: int = 0,
                  augmentations: list[AugmentationSpec] | None = None, num_workers: int = 2,
-                 eval_batch_size: int = 64, check_images: bool = True, *, backbone: str, image_size: int) -> None:
+                 eval_batch_size: int = 64, check_images: bool = True, *, backbone: str, image_size: int,
+                 test_image_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         require("data.num_workers", num_workers, num_workers >= 0, ">= 0")
         require("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1")
         require("data.image_size", image_size, image_size >= 16, "at least 16 (pixels)")
+        if test_image_size is not None:
+            require("data.test_image_size", test_image_size, test_image_size >= 16, "at least 16 (pixels)")
         self.root = root
         self.augmentations = list(augmentations or [])
         self.records: pd.DataFrame | None = None
 
     def preprocess(self) -> Preprocess:
-        """The model's evaluation transform, resolved from ``backbone`` and ``image_size`` without building the model."""
-        return Preprocess.of_backbone(self.hparams.backbone, self.hparams.image_size)
+        """The model's evaluation transform (what its checkpoint stores), resolved from ``backbone`` and the test
+        size without building the model."""
+        hp = self.hparams
+        return Preprocess.of_backbone(hp.backbone, hp.test_image_size or hp.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.records is not None:
@@ -109,7 +116,8 @@ class ReIDDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """P x K batches for this rank; one process's batches when no Trainer is attached (a plain training loop)."""
         hp = self.hparams
-        dataset = ImageRecords(self.train_records, self.preprocess().train_transform(self.augmentations))
+        preprocess = Preprocess.of_backbone(hp.backbone, hp.image_size)
+        dataset = ImageRecords(self.train_records, preprocess.train_transform(self.augmentations))
         rank, world_size = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
         sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
                                   hp.batches_per_epoch, rank=rank, world_size=world_size, seed=hp.seed)
