@@ -2,7 +2,7 @@
 route declares ``engine: EngineDep`` and gets the engine the app opened at start-up.
 
 They are ``async`` because they only read ``app.state``: FastAPI runs a plain ``def`` dependency in its thread pool,
-and each such hop cost an identify request ~1 ms (bench/identify_overhead.py)."""
+a hop per dependency and request for nothing (BENCHMARKS.md, identify overhead)."""
 
 from __future__ import annotations
 
