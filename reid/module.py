@@ -30,6 +30,7 @@ from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individual
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
 from reid.model import EmbeddingSource, Encoder
 from reid.rsm import compute_rsm, plot_rsm
+from reid.weights import check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class ReIDModule(L.LightningModule):
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, image_size: int = 224,
-                 test_image_size: int | None = None, projection_dim: int = 128, embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
+                 test_image_size: int | None = None, projection_dim: int = 128,
+                 embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
                  temperature: float = 0.1, arcface_margin: float = 28.6, arcface_scale: float = 64.0,
                  sub_centers: int = 3, lr: float = 1e-3, backbone_lr_scale: float = 1.0, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16) -> None:
@@ -84,7 +86,11 @@ class ReIDModule(L.LightningModule):
         require("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         if test_image_size is not None and test_image_size != image_size:
-            self._check_input_size(test_image_size)
+            # a ViT built for image_size fails here, naming the setting, not at the first validation
+            require("model.test_image_size", test_image_size, test_image_size >= 16, "at least 16 (pixels)")
+            check_input_size(self.encoder.backbone, test_image_size, lambda failure: ConfigError(
+                f"model.test_image_size: {backbone} cannot embed {test_image_size} px photos when built for "
+                f"model.image_size {image_size} ({failure}); set test_image_size to image_size, or leave it out"))
         #: how every photo is embedded outside training: saved with the checkpoint, used by evaluate, serve, predict
         self.preprocess: Preprocess = self.encoder.preprocess(test_image_size or image_size)
         self.criterion: torch.nn.Module | None = None
@@ -94,21 +100,6 @@ class ReIDModule(L.LightningModule):
         self.calibration: HeldOutCalibration | None = None
         if loss != "subcenter_arcface":
             self.criterion = self._make_criterion(num_classes=0)
-
-    def _check_input_size(self, size: int) -> None:
-        """Refuse a test size the backbone cannot take (one forward of a blank photo: a fraction of a second), so a
-        ViT built for ``image_size`` fails here, naming the setting, not at the first validation."""
-        require("model.test_image_size", size, size >= 16, "at least 16 (pixels)")
-        training = self.encoder.training
-        try:
-            with torch.no_grad():
-                self.encoder.eval().embed(torch.zeros(1, 3, size, size))
-        except Exception as error:  # noqa: BLE001 - timm architectures fail on a wrong input size in many ways
-            raise ConfigError(f"model.test_image_size: {self.hparams.backbone} cannot embed {size} px photos when "
-                              f"built for model.image_size {self.hparams.image_size} ({error}); set test_image_size "
-                              "to image_size, or leave it out") from error
-        finally:
-            self.encoder.train(training)
 
     def _make_criterion(self, num_classes: int) -> torch.nn.Module:
         hp = self.hparams

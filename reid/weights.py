@@ -143,19 +143,20 @@ def _from_file(name: str, path: Path, image_size: int | None) -> nn.Module:
     return backbone
 
 
-def _check_input_size(backbone: nn.Module, name: str, image_size: int) -> None:
+def check_input_size(backbone: nn.Module, image_size: int, error: Callable[[Exception], ReIDError]) -> None:
     """Embed one blank image, so a size the architecture cannot take fails here and not mid-evaluation.
 
-    A ViT whose patch size does not divide the size, or MaxViT windows that do not tile it, only fail on
-    the first forward pass.
+    A ViT whose patch size does not divide the size, a ViT built for another size, or MaxViT windows that do not
+    tile it, only fail on the first forward pass; that failure is raised as ``error(failure)``, a user error
+    naming the setting.
     """
     training = backbone.training
     backbone.eval()
     try:
         with torch.no_grad():
             backbone(torch.zeros(1, 3, image_size, image_size))
-    except Exception as error:  # noqa: BLE001 - shape failures come as AssertionError, RuntimeError, ValueError
-        raise ConfigError(f"model.image_size: backbone {name!r} cannot take {image_size} px input: {error}") from error
+    except Exception as failure:  # noqa: BLE001 - shape failures come as AssertionError, RuntimeError, ValueError
+        raise error(failure) from failure
     finally:
         backbone.train(training)
 
@@ -192,7 +193,8 @@ def create_backbone(name: str, pretrained: bool | str, image_size: int | None = 
             hint = "; offline, set model.pretrained to a local weights file or to 'imagenet-offline' (mobilenetv2_100)"
         raise ConfigError(f"model.backbone: could not create {name!r}{size}{source} ({error}){hint}") from error
     if image_size is not None:
-        _check_input_size(backbone, name, image_size)
+        check_input_size(backbone, image_size, lambda failure: ConfigError(
+            f"model.image_size: backbone {name!r} cannot take {image_size} px input: {failure}"))
     return backbone
 
 
