@@ -10,9 +10,9 @@ raises a subclass of :class:`ReIDError` whose message names the offending value.
   (:class:`UnsupportedImageFormatError`) or 422: ``image_too_large`` (:class:`ImageTooLargeError`) or
   ``invalid_image`` (any other :class:`ImageDecodeError`). Those and the service's own refusals are
   ``service.errors.ServiceError`` subclasses, each with its status: 401, 404, 409, 415, 422, or 503 (the store's
-  photos were embedded by another model). Any other error raised while answering a request, another :class:`ReIDError` included (such as a stored
-  photo that no longer decodes when ``/explain`` draws it), is answered 500 ``internal_error`` and logged with its
-  traceback.
+  photos were embedded by another model); a stored photo that no longer decodes is a 404 naming the image. Any
+  other error raised while answering a request, another :class:`ReIDError` included, is answered 500
+  ``internal_error`` and logged with its traceback.
 
 Anything that is not a :class:`ReIDError` is a bug and keeps its traceback.
 """

@@ -96,7 +96,7 @@ class Gallery:
         self._identity: dict[int, Individual] = {}
         # Photos per individual, kept up to date so that a search knows how many individuals there are without
         # counting a million photos' identities (50 ms a query at 1M photos, more than the IVF search itself).
-        self._photos_of: Counter[str] = Counter()
+        self._photos_of: Counter[Individual] = Counter()
         # The vectors themselves, kept beside FAISS so that HNSW (no removal) and IVF (re-training) can be rebuilt
         # without asking an index type to reconstruct what it may not store.
         self._vectors: dict[int, np.ndarray] = {}

@@ -137,8 +137,10 @@ class Embedder:
         self.fingerprint = fingerprint
 
     def _eval_transform(self) -> A.Compose:
-        if not hasattr(self._transforms, "compose"):
+        """This thread's eval transform of :attr:`preprocess`, rebuilt only when the preprocessing is replaced."""
+        if getattr(self._transforms, "preprocess", None) != self.preprocess:
             self._transforms.compose = self.preprocess.eval_transform()
+            self._transforms.preprocess = self.preprocess
         return self._transforms.compose
 
     @property
