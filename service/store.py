@@ -17,13 +17,17 @@ in the same transaction as the photo, so no query recomputes them and no crash l
 not depend on the model, so a re-index keeps them; they do depend on the size they were extracted at, which is
 stored with them.
 
-Every method opens its own short-lived connection, so the store is safe to use from any thread or process.
+Every write opens its own short-lived connection, so the store is safe to use from any thread or process. Reads
+go through one read-only connection per thread, kept open: opening a connection costs ~0.3 ms, a visible share of
+identifying a small photo, whose answer reads its evidence photos. In autocommit mode each read statement sees every
+transaction committed before it, so a kept connection never answers from an old snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,6 +154,7 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser()
         self.database = self.root / DATABASE_NAME
+        self._readers = threading.local()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with self._connect() as connection:
@@ -185,6 +190,16 @@ class Store:
             yield connection
         finally:
             connection.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection, opened on its first read and kept (see the module docstring)."""
+        connection = getattr(self._readers, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.database, timeout=60, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA query_only = ON")
+            self._readers.connection = connection
+        return connection
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -367,52 +382,49 @@ class Store:
         """The stored photos among ``image_ids``, by id, in one query (ids deleted meanwhile are left out)."""
         if not image_ids:
             return {}
-        with self._connect() as connection:
-            rows = connection.execute(f"SELECT * FROM images WHERE id IN ({', '.join('?' * len(image_ids))})",
+        rows = self._reader().execute(f"SELECT * FROM images WHERE id IN ({', '.join('?' * len(image_ids))})",
                                       [int(image_id) for image_id in image_ids]).fetchall()
         return {row["id"]: _image(row) for row in rows}
 
     def image(self, individual_id: str, image_id: int) -> StoredImage:
-        with self._connect() as connection:
-            return self._find_image(connection, individual_id, image_id)
+        return self._find_image(self._reader(), individual_id, image_id)
 
     def individual(self, individual_id: str) -> tuple[IndividualRecord, list[StoredImage]]:
-        with self._connect() as connection:
-            row = connection.execute("SELECT * FROM individuals WHERE id = ?", (individual_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
-            images = [_image(r) for r in connection.execute(
-                "SELECT * FROM images WHERE individual_id = ? ORDER BY id", (individual_id,))]
+        connection = self._reader()
+        row = connection.execute("SELECT * FROM individuals WHERE id = ?", (individual_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+        images = [_image(r) for r in connection.execute(
+            "SELECT * FROM images WHERE individual_id = ? ORDER BY id", (individual_id,))]
         return IndividualRecord(row["id"], row["created"], len(images), images[0].image_id if images else None), images
 
     def individuals(self, limit: int, offset: int, contains: str = "") -> tuple[int, list[IndividualRecord]]:
         """One page of individuals in id order whose id contains ``contains`` (any case), and how many match."""
         pattern = "%" + contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        with self._connect() as connection:
-            total = connection.execute("SELECT COUNT(*) FROM individuals WHERE id LIKE ? ESCAPE '\\'",
-                                       (pattern,)).fetchone()[0]
-            rows = connection.execute(
-                "SELECT i.id, i.created, COUNT(im.id) AS images, MIN(im.id) AS cover FROM individuals i "
-                "LEFT JOIN images im ON im.individual_id = i.id WHERE i.id LIKE ? ESCAPE '\\' "
-                "GROUP BY i.id ORDER BY i.id LIMIT ? OFFSET ?", (pattern, limit, offset)).fetchall()
+        connection = self._reader()
+        total = connection.execute("SELECT COUNT(*) FROM individuals WHERE id LIKE ? ESCAPE '\\'",
+                                   (pattern,)).fetchone()[0]
+        rows = connection.execute(
+            "SELECT i.id, i.created, COUNT(im.id) AS images, MIN(im.id) AS cover FROM individuals i "
+            "LEFT JOIN images im ON im.individual_id = i.id WHERE i.id LIKE ? ESCAPE '\\' "
+            "GROUP BY i.id ORDER BY i.id LIMIT ? OFFSET ?", (pattern, limit, offset)).fetchall()
         return total, [IndividualRecord(r["id"], r["created"], r["images"], r["cover"]) for r in rows]
 
     def photo_hashes(self, individual_id: str) -> set[str]:
         """SHA-256 of every photo enrolled for an individual (lets a re-run skip them before embedding)."""
-        with self._connect() as connection:
-            return {row[0] for row in connection.execute("SELECT sha256 FROM images WHERE individual_id = ?",
+        return {row[0] for row in self._reader().execute("SELECT sha256 FROM images WHERE individual_id = ?",
                                                          (individual_id,))}
 
     def missing_individuals(self, individual_ids: Sequence[str]) -> list[str]:
-        with self._connect() as connection:
-            return [i for i in individual_ids
-                    if connection.execute("SELECT 1 FROM individuals WHERE id = ?", (i,)).fetchone() is None]
+        connection = self._reader()
+        return [i for i in individual_ids
+                if connection.execute("SELECT 1 FROM individuals WHERE id = ?", (i,)).fetchone() is None]
 
     def counts(self) -> tuple[int, int]:
         """(individuals, photos)."""
-        with self._connect() as connection:
-            return (connection.execute("SELECT COUNT(*) FROM individuals").fetchone()[0],
-                    connection.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        connection = self._reader()
+        return (connection.execute("SELECT COUNT(*) FROM individuals").fetchone()[0],
+                connection.execute("SELECT COUNT(*) FROM images").fetchone()[0])
 
     def embeddings(self, fingerprint: str, individual_ids: Sequence[str] | None = None,
                    batch_size: int = 10_000) -> Iterator[EmbeddingBatch]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from service.auth import require_key_for_reads
 from service.deps import EngineDep
 from service.errors import InvalidFieldError, ServiceError
-from service.routes.common import SQLITE_MAX_INTEGER, error_responses
+from service.routes.common import SQLITE_MAX_INTEGER, error_responses, json_answer
 from service.schemas import BatchItem, BatchResponse, IdentifyResponse, IndividualId
 from service.settings import MAX_K
 
@@ -25,19 +25,19 @@ ThresholdField = Annotated[float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=Fal
                                                           "calibrated threshold, else the service's default)")]
 
 
-@router.post("", summary="Identify the individual in one photo",
+@router.post("", summary="Identify the individual in one photo", response_model=IdentifyResponse,
              responses=error_responses(400, 401, 413, 415, 422))
 def identify(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo to identify")], k: K = None,
-             threshold: ThresholdField = None) -> IdentifyResponse:
+             threshold: ThresholdField = None) -> Response:
     photo = engine.decode_upload(file.file.read(), "file", file.filename)
-    return engine.identify([photo.pixels], k, threshold)[0]
+    return json_answer(engine.identify([photo.pixels], k, threshold)[0])
 
 
 @router.post("/batch", summary="Identify several photos; a bad file gets its own error, the others their answers",
-             responses=error_responses(400, 401, 413, 422))
+             response_model=BatchResponse, responses=error_responses(400, 401, 413, 422))
 def identify_batch(engine: EngineDep,
                    files: Annotated[list[UploadFile], File(description=f"up to {MAX_BATCH_FILES} photos")],
-                   k: K = None, threshold: ThresholdField = None) -> BatchResponse:
+                   k: K = None, threshold: ThresholdField = None) -> Response:
     if len(files) > MAX_BATCH_FILES:
         raise InvalidFieldError(f"files: {len(files)} files is over the batch limit of {MAX_BATCH_FILES}", "files")
     items: list[BatchItem] = []
@@ -52,7 +52,7 @@ def identify_batch(engine: EngineDep,
     answers = engine.identify([photo.pixels for _, photo in decoded], k, threshold) if decoded else []
     for (position, _), answer in zip(decoded, answers):
         items[position].result = answer
-    return BatchResponse(results=items)
+    return json_answer(BatchResponse(results=items))
 
 
 @router.post("/explain", summary="Draw the query beside an enrolled photo, their verified matches joined by lines (PNG)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -59,3 +60,22 @@ def test_threshold_comes_from_request_then_checkpoint_then_settings(tmp_path: Pa
     first_turtle = with_checkpoint.identify([query], 5, None)[0]  # empty gallery: every turtle is new
     assert first_turtle.new_turtle and [p.individual_id for p in first_turtle.predictions] == ["new_turtle"]
     assert plain.identify([query], 5, None)[0].predictions == []
+
+
+def test_a_thread_that_already_read_sees_every_later_write(tmp_path: Path, checkpoint_a: Path,
+                                                           records: pd.DataFrame) -> None:
+    """Reads keep one connection per thread: a request thread that read before must still see later enrolments and
+    deletions (a kept connection answering from an old snapshot would show deleted photos as evidence)."""
+    engine = Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data"))
+    with ThreadPoolExecutor(max_workers=1) as request_thread:  # one thread: every read below reuses its connection
+        assert request_thread.submit(engine.store.counts).result() == (0, 0)
+        stored = engine.enroll("turtle-0", [engine.decode_upload(data, "files", None)
+                                            for data in photos(records, "ind_000")[:2]], "new")
+        ids = [image.image_id for image in stored]
+        assert request_thread.submit(engine.store.counts).result() == (1, 2)
+        assert set(request_thread.submit(engine.store.images, ids).result()) == set(ids)
+        engine.delete_image("turtle-0", ids[0])
+        assert set(request_thread.submit(engine.store.images, ids).result()) == {ids[1]}
+        engine.delete_individual("turtle-0")
+        assert request_thread.submit(engine.store.individuals, 10, 0).result() == (0, [])
+    engine.close()
