@@ -136,3 +136,19 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verified"] is True and report["threshold"] == pytest.approx(verification["threshold"])
+
+
+def test_weight_averaging_is_what_validation_scores_and_the_checkpoint_embeds(
+        tmp_path: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With Lightning's EMA callback, validation scores the averaged weights, and the checkpoint that evaluate and
+    serve load holds those same weights (not the last step's): evaluate reproduces the score fit kept."""
+    assert main(_fit_args(tmp_path, synth_dataset, "--trainer.callbacks+=EMAWeightAveraging",
+                          "--trainer.callbacks.decay=0.5", "--trainer.max_epochs", "1")) == 0
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    checkpoint = read_checkpoint(best)
+    name = "encoder.projection.2.weight"
+    assert not np.allclose(checkpoint["state_dict"][name], checkpoint["current_model_state"][name])
+    kept = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["closed_set"]["map5"] == pytest.approx(float(kept), abs=1e-6)
