@@ -73,14 +73,15 @@ def _run_lightning(argv: list[str] | None) -> int:
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
                       else f"best checkpoint: {callback.best_model_path}")
                 if self.config[self.subcommand].get("verify"):
-                    _store_verification(Path(callback.best_model_path), self.datamodule)
+                    _store_verification(Path(callback.best_model_path), self.datamodule,
+                                        float(self.model.hparams.runner_up_weight))
 
     ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0)
     return 0
 
 
-def _store_verification(checkpoint: Path, data: ReIDDataModule) -> None:
+def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float) -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
     from reid.verification import DEFAULT_MAX_SIDE, extract_all, verification_from_validation
@@ -92,7 +93,8 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule) -> None:
     split = len(gallery)
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
-        queries["identity"].tolist(), features[split:], seed=int(data.hparams.seed), progress=True)
+        queries["identity"].tolist(), features[split:], seed=int(data.hparams.seed), progress=True,
+        runner_up_weight=runner_up_weight)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
@@ -177,12 +179,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     from reid.evaluation import calibrate
     from reid.inference import write_checkpoint_metadata
 
+    if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
+        raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
+    if args.runner_up_weight is None:
+        args.runner_up_weight = embedder.runner_up_weight
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
-                                           args.query_split)
-    write_checkpoint_metadata(args.checkpoint, threshold=threshold,
-                              threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f})",
+                                           args.query_split, runner_up_weight=args.runner_up_weight)
+    write_checkpoint_metadata(args.checkpoint, threshold=threshold, runner_up_weight=args.runner_up_weight,
+                              threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f}"
+                                               + _runner_up_note(args.runner_up_weight) + ")",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
     print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     if args.verify:
@@ -208,9 +215,14 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
                         [features[i] for i in gallery], args.candidates, args.max_side, progress=True)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
-                                           args.query_split, verifier_factory(fusion, features))
+                                           args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
-                                           f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f})")
+                                           f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f}"
+                                           f"{_runner_up_note(args.runner_up_weight)})", args.runner_up_weight)
+
+
+def _runner_up_note(weight: float) -> str:
+    return f"; bar raised by {weight:g} x the runner-up's score" if weight else ""
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -362,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and its own threshold; later commands then verify by default")
     calibrate.add_argument("--candidates", type=int, default=20, help="most similar photos verified per query")
     calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
+    calibrate.add_argument("--runner-up-weight", type=float,
+                           help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
+                                "score (default: the checkpoint's, as reid fit stored it; 0 for older checkpoints)")
     calibrate.set_defaults(handler=_calibrate)
 
     predict = commands.add_parser("predict", help="write a Zindi submission (image_id,prediction1..5)")

@@ -12,7 +12,8 @@ import pandas as pd
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
 from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
-from reid.metrics import NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, top_k_accuracy
+from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, runner_up_score,
+                          top_k_accuracy)
 
 
 @dataclass
@@ -32,7 +33,7 @@ def search_gallery(gallery_embeddings: np.ndarray, gallery_identities: Sequence[
 
 
 def score_rankings(rankings: list[Ranking], query_identities: Sequence[Individual], known: set[Individual],
-                   threshold: float | None = None, k: int = 5) -> RetrievalResult:
+                   threshold: float | None = None, k: int = 5, runner_up_weight: float = 0.0) -> RetrievalResult:
     """Insert new_turtle by ``threshold`` and score; queries of individuals not in ``known`` must be new_turtle.
 
     Reported: ``map5``, ``top1``, ``top5`` over all queries, and when some queries are unknown individuals,
@@ -40,7 +41,8 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[Individua
     ones) and their ``balanced_accuracy``.
     """
     truths = [identity if identity in known else NEW_TURTLE for identity in query_identities]
-    predictions = [answer_from_ranking(ranking, Threshold(threshold), k).labels for ranking in rankings]
+    predictions = [answer_from_ranking(ranking, Threshold(threshold, runner_up_weight=runner_up_weight), k).labels
+                   for ranking in rankings]
     metrics = {
         "map5": map_at_k(predictions, truths, k),
         "top1": top_k_accuracy(predictions, truths, 1),
@@ -48,12 +50,12 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[Individua
         "queries": float(len(truths)),
     }
     if NEW_TURTLE in truths:
-        metrics.update(open_set_scores(rankings, predictions, truths))
+        metrics.update(open_set_scores(rankings, predictions, truths, runner_up_weight))
     return RetrievalResult(rankings, truths, metrics)
 
 
 def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[Individual]],
-                    truths: Sequence[Individual]) -> dict[str, float]:
+                    truths: Sequence[Individual], runner_up_weight: float = 0.0) -> dict[str, float]:
     """``known_accuracy`` (top-1 right on known individuals), ``unknown_accuracy`` (new_turtle first on unknown
     ones), their ``balanced_accuracy`` and the ``auroc`` of the new_turtle score."""
     unknown = np.array([t == NEW_TURTLE for t in truths])
@@ -61,19 +63,21 @@ def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[
     scores = {"unknown_accuracy": float(first[unknown].mean()),
               "known_accuracy": float(first[~unknown].mean()) if (~unknown).any() else float("nan")}
     scores["balanced_accuracy"] = float(np.nanmean([scores["known_accuracy"], scores["unknown_accuracy"]]))
-    scores["auroc"] = new_turtle_auroc(rankings, truths)
+    scores["auroc"] = new_turtle_auroc(rankings, truths, runner_up_weight)
     return scores
 
 
-def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[Individual]) -> float:
-    """AUROC of the new_turtle score (minus the best individual's score) for telling unknown queries from known
-    ones: 1.0 when every unknown query scores under every known one, whatever the threshold (nan: one class)."""
+def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[Individual], runner_up_weight: float = 0.0) -> float:
+    """AUROC of the new_turtle score (minus the best individual's score, less ``runner_up_weight`` times the
+    runner-up's) for telling unknown queries from known ones: 1.0 when every unknown query scores under every known
+    one, whatever the threshold (nan: one class)."""
     from sklearn.metrics import roc_auc_score
 
     unknown = np.array([t == NEW_TURTLE for t in truths])
     if unknown.all() or not unknown.any():
         return float("nan")
-    best = np.array([ranking[0].score if ranking else -np.inf for ranking in rankings])
+    best = np.array([ranking[0].score - runner_up_weight * runner_up_score(ranking) if ranking else -np.inf
+                     for ranking in rankings])
     return float(roc_auc_score(unknown, -np.nan_to_num(best, neginf=-2.0)))
 
 
@@ -89,8 +93,8 @@ class HeldOutCalibration:
 
 def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[Individual],
                                       query_embeddings: np.ndarray, query_identities: Sequence[Individual], folds: int = 4,
-                                      seed: int = 0, k: int = 5, verifier_for: VerifierFactory | None = None
-                                      ) -> HeldOutCalibration | None:
+                                      seed: int = 0, k: int = 5, verifier_for: VerifierFactory | None = None,
+                                      runner_up_weight: float = 0.0) -> HeldOutCalibration | None:
     """Fit the new_turtle threshold without any photo of a truly new individual, as `reid fit` does.
 
     The individuals with queries are dealt into ``folds`` seeded folds. Removing one fold's photos from the
@@ -119,15 +123,19 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
     predictions: list[list[Individual]] = []
     for fold, (rankings, truths) in enumerate(problems):
         others = [problem for f, problem in enumerate(problems) if f != fold]
-        threshold, _ = calibrate_threshold([r for p in others for r in p[0]], [t for p in others for t in p[1]], k)
+        threshold, _ = calibrate_threshold([r for p in others for r in p[0]], [t for p in others for t in p[1]], k,
+                                           runner_up_weight)
         scored_rankings += rankings
         scored_truths += truths
-        predictions += [answer_from_ranking(r, Threshold(threshold), k).labels for r in rankings]
+        predictions += [answer_from_ranking(r, Threshold(threshold, runner_up_weight=runner_up_weight), k).labels
+                        for r in rankings]
     metrics = {"map5": map_at_k(predictions, scored_truths, k),
-               **open_set_scores(scored_rankings, predictions, scored_truths)}
-    threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k)
-    origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}); "
-              f"on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUROC {metrics['auroc']:.3f}")
+               **open_set_scores(scored_rankings, predictions, scored_truths, runner_up_weight)}
+    threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k, runner_up_weight)
+    origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}"
+              + (f", bar raised by {runner_up_weight:g} x the runner-up's score" if runner_up_weight else "")
+              + f"); on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+              f"AUROC {metrics['auroc']:.3f}")
     return HeldOutCalibration(threshold, metrics, origin)
 
 
@@ -206,29 +214,31 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold
         "threshold": threshold.value,
         "threshold_source": threshold.source,
         "threshold_origin": threshold.origin,
+        "runner_up_weight": threshold.runner_up_weight,
         "oracle_threshold": None,
     }
     open_plain = run_protocol(embeddings, identities.tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if NEW_TURTLE not in open_plain.truths:
         return report
-    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths)
+    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths, runner_up_weight=threshold.runner_up_weight)
     if threshold.value is None:
         report.update(threshold=oracle, threshold_source="oracle",
                       threshold_origin="the best threshold for this very data (optimistic): the checkpoint has none")
     open_result = score_rankings(open_plain.rankings, identities[open_set.queries].tolist(),
-                                 known=set(identities[open_set.gallery]), threshold=report["threshold"])
+                                 known=set(identities[open_set.gallery]), threshold=report["threshold"],
+                                 runner_up_weight=threshold.runner_up_weight)
     report.update(open_set={**open_result.metrics, "protocol": open_set.description}, oracle_threshold=oracle)
     return report
 
 
 def calibrate(embeddings: np.ndarray, records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
-              unknown_fraction: float = 0.25, query_split: str = "test",
-              verifier_for: VerifierFactory | None = None) -> tuple[float, float, str]:
+              unknown_fraction: float = 0.25, query_split: str = "test", verifier_for: VerifierFactory | None = None,
+              runner_up_weight: float = 0.0) -> tuple[float, float, str]:
     """The new_turtle threshold that maximises open-set MAP@5 on ``records``: (threshold, MAP@5, protocol)."""
     _, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
     result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if all(t != NEW_TURTLE for t in result.truths):
         raise DatasetError("calibration needs queries of individuals absent from the gallery; this data has none "
                            "(use a dataset without a split column, or test photos of individuals not in train/val)")
-    threshold, score = calibrate_threshold(result.rankings, result.truths)
+    threshold, score = calibrate_threshold(result.rankings, result.truths, runner_up_weight=runner_up_weight)
     return threshold, score, open_set.description

@@ -16,7 +16,7 @@ import numpy as np
 
 from reid.errors import CheckpointError
 from reid.gallery import Gallery
-from reid.metrics import NEW_TURTLE, Hit, Individual, Ranking, insert_new_turtle, rank_individuals
+from reid.metrics import NEW_TURTLE, Hit, Individual, Ranking, insert_new_turtle, new_turtle_bar, rank_individuals
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,23 +30,29 @@ ThresholdSource = Literal["request", "checkpoint", "settings"]
 
 @dataclass(frozen=True)
 class Threshold:
-    """The new_turtle threshold in force, where it came from, and how it was obtained (None: never new_turtle)."""
+    """The new_turtle threshold in force, where it came from, and how it was obtained (None: never new_turtle).
+
+    ``runner_up_weight`` raises each answer's bar by that share of its runner-up's score
+    (:func:`reid.metrics.new_turtle_bar`); it belongs to the scores, so it comes from the checkpoint whatever the
+    threshold's source.
+    """
 
     value: float | None
     source: ThresholdSource | None = None
     origin: str | None = None  # e.g. how `reid fit` or `reid calibrate` fitted a checkpoint's threshold
+    runner_up_weight: float = 0.0
 
 
 def resolve_threshold(requested: float | None, checkpoint_value: float | None, checkpoint_origin: str | None = None,
-                      default: float | None = None) -> Threshold:
+                      default: float | None = None, runner_up_weight: float = 0.0) -> Threshold:
     """The request's threshold, else the checkpoint's calibrated one, else the configured default, else none."""
     if requested is not None:
-        return Threshold(float(requested), "request")
+        return Threshold(float(requested), "request", runner_up_weight=runner_up_weight)
     if checkpoint_value is not None:
-        return Threshold(float(checkpoint_value), "checkpoint", checkpoint_origin)
+        return Threshold(float(checkpoint_value), "checkpoint", checkpoint_origin, runner_up_weight)
     if default is not None:
-        return Threshold(float(default), "settings")
-    return Threshold(None)
+        return Threshold(float(default), "settings", runner_up_weight=runner_up_weight)
+    return Threshold(None, runner_up_weight=runner_up_weight)
 
 
 def threshold_in_force(requested: float | None, embedder: Embedder, verify: bool = False,
@@ -58,8 +64,9 @@ def threshold_in_force(requested: float | None, embedder: Embedder, verify: bool
     """
     if verify:
         return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin,
-                                 default)
-    return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin, default)
+                                 default, embedder.verification.runner_up_weight)
+    return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin, default,
+                             embedder.runner_up_weight)
 
 
 def verification_in_force(requested: bool | None, embedder: Embedder, checkpoint: str | Path) -> Verification | None:
@@ -152,17 +159,21 @@ class Identifier:
                 for hit in ranking]
 
     def answer(self, queries: np.ndarray, k: int, threshold: Threshold) -> list[Answer]:
-        """Ranked individuals with new_turtle placed by ``threshold``, cut to ``k``, each with its evidence."""
-        return [answer_from_ranking(ranking, threshold, k) for ranking in self.rank(queries, k)]
+        """Ranked individuals with new_turtle placed by ``threshold``, cut to ``k``, each with its evidence (ranked
+        two deep at least when the bar depends on the runner-up, so that ``k`` does not change where new_turtle goes)."""
+        depth = max(k, 2) if threshold.runner_up_weight else k
+        return [answer_from_ranking(ranking, threshold, k) for ranking in self.rank(queries, depth)]
 
 
 def answer_from_ranking(ranking: Ranking, threshold: Threshold, k: int) -> Answer:
-    """Insert new_turtle where the threshold says and attach each individual's evidence."""
+    """Insert new_turtle where the threshold says and attach each individual's evidence; new_turtle's score is its
+    bar in this answer (the threshold, plus the runner-up's share when ``threshold.runner_up_weight`` is set)."""
     hits: dict[Individual, Hit] = {hit.individual: hit for hit in ranking}
     predictions = []
-    for label in insert_new_turtle(ranking, threshold.value, k):
-        if label == NEW_TURTLE:
-            predictions.append(Prediction(NEW_TURTLE, float(threshold.value)))
+    for label in insert_new_turtle(ranking, threshold.value, k, threshold.runner_up_weight):
+        if label == NEW_TURTLE:  # scored by its bar, so the answer stays in score order
+            predictions.append(Prediction(NEW_TURTLE, new_turtle_bar(ranking, threshold.value,
+                                                                     threshold.runner_up_weight)))
             continue
         hit = hits[label]
         predictions.append(Prediction(label, hit.score, None if hit.image_id < 0 else hit.image_id,

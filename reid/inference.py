@@ -64,7 +64,7 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str, projection_dim: int,
                         config: dict[str, Any] | None = None, threshold: float | None = None,
-                        threshold_origin: str | None = None) -> dict[str, Any]:
+                        threshold_origin: str | None = None, runner_up_weight: float = 0.0) -> dict[str, Any]:
     """The ``reid`` entry of a checkpoint: everything :meth:`Embedder.from_checkpoint` needs, as plain values."""
     return {
         "format": 1,
@@ -76,6 +76,7 @@ def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str,
         "preprocess": preprocess.to_dict(),
         "threshold": threshold,
         "threshold_origin": threshold_origin,
+        "runner_up_weight": float(runner_up_weight),
         "config": config or {},
     }
 
@@ -112,7 +113,7 @@ class Embedder:
     def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
                  name: str = "", fingerprint: str = "", device: str | None = None,
                  threshold_origin: str | None = None, verification: Verification | None = None,
-                 backend: Backend = "torch") -> None:
+                 backend: Backend = "torch", runner_up_weight: float = 0.0) -> None:
         require("backend", backend, backend in BACKENDS, " or ".join(BACKENDS))
         self.device = torch.device("cpu" if backend == "onnx" else
                                    device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -131,6 +132,9 @@ class Embedder:
         self.threshold = threshold
         #: how the checkpoint's threshold was fitted (by `reid fit` or `reid calibrate`), for users to read
         self.threshold_origin = threshold_origin
+        #: how much the runner-up's score raises the threshold's bar (reid.metrics.new_turtle_bar); 0 in checkpoints
+        #: written before it existed, whose thresholds were fitted without it
+        self.runner_up_weight = runner_up_weight
         #: local verification learnt by `reid calibrate --verify` (None: answers rank by similarity alone)
         self.verification = verification
         self.name = name
@@ -167,7 +171,7 @@ class Embedder:
         return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
                    name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
                    device=device, threshold_origin=meta.get("threshold_origin"), verification=verification,
-                   backend=backend)
+                   backend=backend, runner_up_weight=float(meta.get("runner_up_weight", 0.0)))
 
     @torch.inference_mode()
     def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32,

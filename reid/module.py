@@ -63,6 +63,9 @@ class ReIDModule(L.LightningModule):
         warmup_fraction: fraction of all steps spent warming the learning rate up.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
         rsm_individuals: individuals shown in the RSM heatmap logged each validation (0 disables it).
+        runner_up_weight: how much the second individual's score raises the new_turtle threshold's bar in each
+            answer (:func:`reid.metrics.new_turtle_bar`); the threshold fitted at validation, and the one ``verify``
+            fits on fused scores, are fitted with it and stored with it. 0: the plain threshold.
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, image_size: int = 224,
@@ -70,7 +73,8 @@ class ReIDModule(L.LightningModule):
                  embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
                  temperature: float = 0.1, arcface_margin: float = 28.6, arcface_scale: float = 64.0,
                  sub_centers: int = 3, lr: float = 1e-3, backbone_lr_scale: float = 1.0, weight_decay: float = 1e-4,
-                 warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16) -> None:
+                 warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16,
+                 runner_up_weight: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         require("model.loss", loss, loss in ("ntxent", "supcon", "subcenter_arcface"),
@@ -84,6 +88,7 @@ class ReIDModule(L.LightningModule):
             require(f"model.{key}", value, value >= 0, ">= 0")
         require("model.sub_centers", sub_centers, sub_centers >= 1, ">= 1")
         require("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")
+        require("model.runner_up_weight", runner_up_weight, 0 <= runner_up_weight <= 1, "in [0, 1]")
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         if test_image_size is not None and test_image_size != image_size:
             # a ViT built for image_size fails here, naming the setting, not at the first validation
@@ -169,7 +174,8 @@ class ReIDModule(L.LightningModule):
         self._log_metric("val_top1", result.metrics["top1"], prog_bar=True)
         self._log_metric("val_top5", result.metrics["top5"])
         self.calibration = calibrate_on_held_out_individuals(gallery, gallery_ids, queries, query_ids,
-                                                             seed=int(self.trainer.datamodule.hparams.seed))
+                                                             seed=int(self.trainer.datamodule.hparams.seed),
+                                                             runner_up_weight=self.hparams.runner_up_weight)
         if self.calibration is not None:
             self._log_metric("val_open_balanced_accuracy", self.calibration.metrics["balanced_accuracy"])
             self._log_metric("val_open_auroc", self.calibration.metrics["auroc"])
@@ -234,4 +240,5 @@ class ReIDModule(L.LightningModule):
             threshold=None if calibration is None else calibration.threshold,
             threshold_origin=None if calibration is None else
             f"reid fit, validation of epoch {self.current_epoch}: {calibration.origin}",
+            runner_up_weight=hp.runner_up_weight,
         )

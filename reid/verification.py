@@ -180,7 +180,8 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
                                  gallery_features: Sequence[LocalFeatures], query_embeddings: np.ndarray,
                                  query_identities: Sequence[str], query_features: Sequence[LocalFeatures],
                                  candidates: int = DEFAULT_CANDIDATES, max_side: int = DEFAULT_MAX_SIDE, seed: int = 0,
-                                 progress: bool = False) -> tuple[Verification, dict[str, float]]:
+                                 progress: bool = False, runner_up_weight: float = 0.0
+                                 ) -> tuple[Verification, dict[str, float]]:
     """What `reid fit --verify` stores, from the photos its validation uses (training photos as the gallery).
 
     The fusion is learnt on the gallery photos alone, each against the others (:func:`fit_fusion`); the new_turtle
@@ -201,12 +202,15 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
         list(query_identities), known=set(gallery_identities))
     metrics = {"map5": closed.metrics["map5"], "top1": closed.metrics["top1"]}
     calibration = calibrate_on_held_out_individuals(gallery_embeddings, gallery_identities, query_embeddings,
-                                                    query_identities, seed=seed, verifier_for=factory)
+                                                    query_identities, seed=seed, verifier_for=factory,
+                                                    runner_up_weight=runner_up_weight)
     origin = f"reid fit --verify, fusion learnt on the {len(gallery_identities)} training photos"
     if calibration is None:
-        return Verification(fusion, None, f"{origin}; no threshold (fewer than 2 validation individuals)"), metrics
+        return Verification(fusion, None, f"{origin}; no threshold (fewer than 2 validation individuals)",
+                            runner_up_weight), metrics
     metrics.update(balanced_accuracy=calibration.metrics["balanced_accuracy"], auroc=calibration.metrics["auroc"])
-    return Verification(fusion, calibration.threshold, f"{origin}; threshold {calibration.origin}"), metrics
+    return Verification(fusion, calibration.threshold, f"{origin}; threshold {calibration.origin}",
+                        runner_up_weight), metrics
 
 
 #: Key of the verification settings inside a checkpoint's ``reid`` metadata.
@@ -221,9 +225,12 @@ class Verification:
     fusion: Fusion
     threshold: float | None = None
     threshold_origin: str | None = None
+    #: how much the runner-up's fused score raises the threshold's bar (reid.metrics.new_turtle_bar)
+    runner_up_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fusion": self.fusion.to_dict(), "threshold": self.threshold, "threshold_origin": self.threshold_origin}
+        return {"fusion": self.fusion.to_dict(), "threshold": self.threshold, "threshold_origin": self.threshold_origin,
+                "runner_up_weight": self.runner_up_weight}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Verification | None:
@@ -231,4 +238,4 @@ class Verification:
             return None
         threshold = data.get("threshold")
         return cls(Fusion.from_dict(data["fusion"]), None if threshold is None else float(threshold),
-                   data.get("threshold_origin"))
+                   data.get("threshold_origin"), float(data.get("runner_up_weight", 0.0)))

@@ -280,6 +280,7 @@ class Engine:
                        for p in answer.predictions]
         threshold = answer.threshold
         return IdentifyResponse(predictions=predictions, new_turtle=answer.new_turtle, threshold=threshold.value,
+                                runner_up_weight=threshold.runner_up_weight,
                                 threshold_source=threshold.source, threshold_origin=threshold.origin,
                                 model=self.embedder.fingerprint)
 

@@ -84,16 +84,20 @@ class Prediction(BaseModel):
     individual_id: str = Field(description="an enrolled individual, or 'new_turtle'")
     score: float = Field(description="score of the individual's best-matching photo, the one the threshold compares: "
                                      "cosine similarity, or with verification on the fused probability that the "
-                                     "photos show the same individual (for new_turtle: the threshold)")
+                                     "photos show the same individual (for new_turtle: its bar in this answer, the "
+                                     "threshold plus runner_up_weight x the second individual's score)")
     evidence: Evidence | None = Field(None, description="the enrolled photo that matched best (null for new_turtle)")
 
 
 class IdentifyResponse(BaseModel):
     predictions: list[Prediction] = Field(description="individuals ranked by best-matching photo, each once, with "
                                                       "new_turtle in its Zindi place when a threshold applies")
-    new_turtle: bool = Field(description="true when new_turtle ranks first: no enrolled photo scores at least "
-                                         "the threshold")
+    new_turtle: bool = Field(description="true when new_turtle ranks first: no enrolled photo reaches new_turtle's "
+                                         "bar (the threshold, raised by runner_up_weight x the runner-up's score)")
     threshold: float | None = Field(description="the new_turtle threshold used (null: none, never new_turtle)")
+    runner_up_weight: float = Field(0.0, description="share of the second individual's score added to the threshold: "
+                                                     "a photo that resembles several individuals alike is more "
+                                                     "likely a new turtle (stored in the checkpoint; 0: plain threshold)")
     threshold_source: ThresholdSource | None = Field(description="where the threshold came from")
     threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")
     model: str = Field(description="fingerprint of the model that embedded the query")

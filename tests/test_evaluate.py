@@ -42,6 +42,21 @@ def test_calibrate_writes_threshold_that_later_commands_use(checkpoint: Path, sy
     assert report["threshold_origin"].startswith(f"reid calibrate on {synth_dataset}")
 
 
+def test_calibrate_keeps_the_checkpoints_runner_up_weight_unless_told(checkpoint: Path, synth_dataset: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset),
+                 "--runner-up-weight", "0.5"]) == 0
+    assert Embedder.from_checkpoint(checkpoint).runner_up_weight == 0.5
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset)]) == 0
+    embedder = Embedder.from_checkpoint(checkpoint)  # recalibrating keeps what the threshold is fitted for
+    assert embedder.runner_up_weight == 0.5 and "0.5 x the runner-up's score" in embedder.threshold_origin
+    capsys.readouterr()
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset),
+                 "--runner-up-weight", "1.5"]) == 2
+    assert "--runner-up-weight must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert Embedder.from_checkpoint(checkpoint).threshold == pytest.approx(embedder.threshold)  # nothing lost
+
+
 def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--threshold", "1.5"]) == 2

@@ -83,6 +83,7 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
      "model.image_size: backbone 'test_maxvit' cannot take 100 px input"),
     (["--model.backbone", "test_vit3", "--model.image_size", "96", "--model.test_image_size", "128"],
      "model.test_image_size: test_vit3 cannot embed 128 px photos when built for model.image_size 96"),
+    (["--model.runner_up_weight", "2"], "model.runner_up_weight must be in [0, 1], got 2.0"),
     (["--data.individuals_per_batch", "100"], "data.individuals_per_batch must be at most 8"),
     (["--data.photos_per_individual", "1"], "data.photos_per_individual must be >= 2"),
     (["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),
@@ -123,8 +124,10 @@ def test_a_larger_test_size_is_what_validation_and_the_checkpoint_use(tmp_path: 
 def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: Path, synth_dataset: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """fit --verify -> evaluate/serve verify by default, with a threshold on fused scores fitted on held-out
-    individuals: no `reid calibrate --verify` step in between."""
-    assert main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--trainer.max_epochs", "1")) == 0
+    individuals: no `reid calibrate --verify` step in between. Both thresholds are fitted with, and stored with, the
+    runner-up weight, which evaluate then applies."""
+    assert main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--trainer.max_epochs", "1",
+                          "--model.runner_up_weight", "0.5")) == 0
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
     assert f"verification written to {best}" in capsys.readouterr().out
     meta = read_checkpoint(best)["reid"]
@@ -132,23 +135,11 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
     assert 0.0 <= verification["threshold"] <= 1.0 and "held out of the gallery" in verification["threshold_origin"]
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays
+    assert meta["runner_up_weight"] == verification["runner_up_weight"] == 0.5
+    assert "0.5 x the runner-up's score" in meta["threshold_origin"] and "runner-up" in verification["threshold_origin"]
 
     assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verified"] is True and report["threshold"] == pytest.approx(verification["threshold"])
+    assert report["runner_up_weight"] == 0.5
 
-
-def test_weight_averaging_is_what_validation_scores_and_the_checkpoint_embeds(
-        tmp_path: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """With Lightning's EMA callback, validation scores the averaged weights, and the checkpoint that evaluate and
-    serve load holds those same weights (not the last step's): evaluate reproduces the score fit kept."""
-    assert main(_fit_args(tmp_path, synth_dataset, "--trainer.callbacks+=EMAWeightAveraging",
-                          "--trainer.callbacks.decay=0.5", "--trainer.max_epochs", "1")) == 0
-    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
-    checkpoint = read_checkpoint(best)
-    name = "encoder.projection.2.weight"
-    assert not np.allclose(checkpoint["state_dict"][name], checkpoint["current_model_state"][name])
-    kept = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
-    capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["closed_set"]["map5"] == pytest.approx(float(kept), abs=1e-6)

@@ -70,3 +70,16 @@ def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
 def test_no_threshold_without_two_individuals_to_hold_out() -> None:
     vectors, identities = _clusters(individuals=1, photos=4, spread=0.3, seed=0)
     assert calibrate_on_held_out_individuals(vectors[:2], identities[:2], vectors[2:], identities[2:]) is None
+
+
+def test_a_runner_up_weight_places_new_turtle_alike_whatever_k_and_scores_it_by_its_bar() -> None:
+    gallery = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]
+    identifier = identifier_over(gallery, ["a", "b", "c", "d"])
+    query = np.array([[0.75, 0.66, 0, 0]], dtype=np.float32) / np.hypot(0.75, 0.66)  # a and b alike: ~0.75 / ~0.66
+    threshold = Threshold(0.5, "checkpoint", "reid fit", runner_up_weight=0.5)
+    five, one = (identifier.answer(query, k=k, threshold=threshold)[0] for k in (5, 1))
+    assert five.labels[:2] == [NEW_TURTLE, "a"] and five.new_turtle
+    assert one.labels == [NEW_TURTLE]  # k=1 still looks at the runner-up, so the decision does not change
+    assert five.predictions[0].score == pytest.approx(0.5 + 0.5 * five.predictions[2].score)
+    plain = identifier.answer(query, k=5, threshold=Threshold(0.5, "checkpoint", "reid fit"))[0]
+    assert plain.labels[:3] == ["a", "b", NEW_TURTLE]

@@ -11,6 +11,7 @@ from reid.metrics import (
     average_precision_at_k,
     calibrate_threshold,
     insert_new_turtle,
+    new_turtle_bar,
     map_at_k,
     rank_individuals,
     top_k_accuracy,
@@ -71,3 +72,26 @@ def test_calibrated_threshold_separates_known_from_unknown() -> None:
     assert 0.41 < threshold <= 0.78
     assert score == pytest.approx(1.0)
     assert [insert_new_turtle(r, threshold)[0] for r in rankings] == truths
+
+
+def test_a_runner_up_close_behind_raises_the_new_turtle_bar() -> None:
+    """Two answers with the same best score: the one whose second individual scores alike is the new turtle."""
+    stands_out, look_alike = [Hit("a", 0.7), Hit("b", 0.2)], [Hit("c", 0.7), Hit("d", 0.65)]
+    assert insert_new_turtle(stands_out, 0.5) == ["a", NEW_TURTLE, "b"]  # weight 0: the plain threshold
+    assert insert_new_turtle(look_alike, 0.5) == ["c", "d", NEW_TURTLE]
+    # bar = 0.5 + 0.5 x runner-up: 0.6 for the first answer (0.7 passes), 0.825 for the second (0.7 does not)
+    assert insert_new_turtle(stands_out, 0.5, runner_up_weight=0.5) == ["a", NEW_TURTLE, "b"]
+    assert insert_new_turtle(look_alike, 0.5, runner_up_weight=0.5) == [NEW_TURTLE, "c", "d"]
+    assert new_turtle_bar(look_alike, 0.5, 0.5) == pytest.approx(0.825)
+    assert new_turtle_bar([Hit("a", 0.7)], 0.5, 0.5) == pytest.approx(0.5)  # no runner-up: the threshold
+
+
+def test_calibration_with_a_runner_up_weight_separates_what_the_best_score_alone_cannot() -> None:
+    """Known and unknown queries with the same best scores, told apart only by how close the runner-up is."""
+    rankings = [[Hit("a", 0.7), Hit("b", 0.2)], [Hit("b", 0.6), Hit("a", 0.1)],
+                [Hit("a", 0.7), Hit("b", 0.68)], [Hit("b", 0.6), Hit("a", 0.58)]]
+    truths = ["a", "b", NEW_TURTLE, NEW_TURTLE]
+    _, plain = calibrate_threshold(rankings, truths)
+    threshold, weighted = calibrate_threshold(rankings, truths, runner_up_weight=1.0)
+    assert plain < 1.0 and weighted == pytest.approx(1.0)
+    assert [insert_new_turtle(r, threshold, runner_up_weight=1.0)[0] for r in rankings] == truths

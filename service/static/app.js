@@ -153,10 +153,15 @@ async function identifyInto(card, file, note = "") {
 function renderAnswer(card, file, answer, note) {
   const known = answer.predictions.filter((p) => p.individual_id !== "new_turtle");
   const best = known[0];
+  // new_turtle's score is the bar an individual had to reach: the threshold, raised by the runner-up's share
+  const bar = answer.predictions.find((p) => p.individual_id === "new_turtle");
+  const needed = answer.runner_up_weight > 0
+    ? `it needed ${formatScore(bar ? bar.score : answer.threshold)}: the threshold ` +
+      `${formatScore(answer.threshold)} plus ${answer.runner_up_weight} × the next individual's score`
+    : `the threshold is ${formatScore(answer.threshold)}`;
   const verdict = answer.new_turtle
     ? el("p", { className: "verdict new" }, "New turtle: no enrolled photo is similar enough",
-        best ? ` (the closest, ${best.individual_id}, scores ${formatScore(best.score)}; the threshold is ` +
-               `${formatScore(answer.threshold)})` : "")
+        best ? ` (the closest, ${best.individual_id}, scores ${formatScore(best.score)}; ${needed})` : "")
     : best
       ? el("p", { className: "verdict match" }, `Best match: ${best.individual_id} (score ${formatScore(best.score)})`)
       : el("p", { className: "verdict new" }, "No individual is enrolled yet: enrol this one below.");
@@ -188,8 +193,8 @@ function renderAnswer(card, file, answer, note) {
 function predictionRow(card, file, prediction, rank, explain, verified) {
   if (prediction.individual_id === "new_turtle") {
     return el("tr", { className: "new-turtle" }, el("td", {}, rank),
-      el("td", { colspan: verified ? 5 : 4 }, `new turtle: every individual below here scores under the threshold ` +
-        `(${formatScore(prediction.score)})`));
+      el("td", { colspan: verified ? 5 : 4 }, `new turtle: every individual below here scores under ` +
+        `${formatScore(prediction.score)}`));
   }
   const evidence = prediction.evidence;
   const width = Math.max(2, Math.round(Math.max(0, prediction.score) * 80));
