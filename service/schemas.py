@@ -135,6 +135,8 @@ class Health(BaseModel):
     verification: bool = Field(description="identify verifies its most similar photos with local features, and "
                                            "scores and the threshold are fused probabilities")
     threshold: float | None
+    runner_up_weight: float = Field(0.0, description="share of the second individual's score added to the threshold "
+                                                     "in each answer (0: plain threshold)")
     threshold_source: ThresholdSource | None
     threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")
     writes_protected: bool

@@ -36,7 +36,8 @@ def health(engine: EngineDep) -> Health:
                                   dim=engine.embedder.dim, backend=engine.embedder.backend),
                   index=IndexInfo(kind=engine.gallery.kind, device=engine.gallery.device),
                   gallery_size=len(engine.gallery), photos=photos, individuals=individuals,
-                  verification=engine.verifying, threshold=threshold.value, threshold_source=threshold.source,
+                  verification=engine.verifying, threshold=threshold.value,
+                  runner_up_weight=threshold.runner_up_weight, threshold_source=threshold.source,
                   threshold_origin=threshold.origin, writes_protected=settings.api_key is not None,
                   reads_protected=settings.api_key is not None and settings.protect_reads)
 

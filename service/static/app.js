@@ -80,7 +80,8 @@ async function refreshHealth() {
   const matching = health.verification ? "embeddings checked with local features" : "embeddings";
   const threshold = health.threshold === null
     ? "no new-turtle threshold (every photo gets its closest individuals)"
-    : `new turtle below a score of ${formatScore(health.threshold)}`;
+    : `new turtle below a score of ${formatScore(health.threshold)}` +
+      (health.runner_up_weight > 0 ? ` plus ${health.runner_up_weight} × the second individual's score` : "");
   $("status").textContent = `${health.individuals} individuals, ${health.photos} photos · matching by ${matching} ` +
     `· ${threshold}`;
   $("key-hint").textContent = health.writes_protected

@@ -79,3 +79,23 @@ def test_a_thread_that_already_read_sees_every_later_write(tmp_path: Path, check
         engine.delete_individual("turtle-0")
         assert request_thread.submit(engine.store.individuals, 10, 0).result() == (0, [])
     engine.close()
+
+
+def test_the_checkpoints_runner_up_weight_raises_the_bar_in_answers(tmp_path: Path, checkpoint_a: Path,
+                                                                    records: pd.DataFrame) -> None:
+    """A checkpoint fitted with a runner-up weight is served with it: the answer reports it, and new_turtle is
+    scored by its bar (threshold + weight x the second individual's score)."""
+    weighted = shutil.copy(checkpoint_a, tmp_path / "weighted.ckpt")
+    write_checkpoint_metadata(weighted, threshold=0.1, runner_up_weight=0.5)
+    engine = Engine.open(Settings(checkpoint=weighted, data_dir=tmp_path / "data"))
+    for i in range(3):
+        engine.enroll(f"turtle-{i}", [engine.decode_upload(data, "files", None)
+                                      for data in photos(records, f"ind_00{i}")[:2]], "new")
+    answer = engine.identify([decode_image(photos(records, "ind_000")[3])], 1, None)[0]
+    assert answer.runner_up_weight == 0.5 and answer.threshold == 0.1
+    everything = engine.identify([decode_image(photos(records, "ind_000")[3])], 5, None)[0]
+    scores = {p.individual_id: p.score for p in everything.predictions}
+    runner_up = [p.score for p in everything.predictions if p.individual_id != "new_turtle"][1]
+    assert scores["new_turtle"] == pytest.approx(0.1 + 0.5 * runner_up)
+    assert answer.new_turtle == everything.new_turtle  # k=1 decides as k=5 does
+    engine.close()
