@@ -189,7 +189,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                                            args.query_split, runner_up_weight=args.runner_up_weight)
     write_checkpoint_metadata(args.checkpoint, threshold=threshold, runner_up_weight=args.runner_up_weight,
                               threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f}"
-                                               + _runner_up_note(args.runner_up_weight) + ")",
+                                               + _runner_up_suffix(args.runner_up_weight) + ")",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
     print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     if args.verify:
@@ -218,11 +218,14 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
                                            args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
                                            f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f}"
-                                           f"{_runner_up_note(args.runner_up_weight)})", args.runner_up_weight)
+                                           f"{_runner_up_suffix(args.runner_up_weight)})", args.runner_up_weight)
 
 
-def _runner_up_note(weight: float) -> str:
-    return f"; bar raised by {weight:g} x the runner-up's score" if weight else ""
+def _runner_up_suffix(weight: float) -> str:
+    from reid.metrics import runner_up_note
+
+    return f"; {runner_up_note(weight)}" if weight else ""
+
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ import pandas as pd
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
 from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
-from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, runner_up_score,
-                          top_k_accuracy)
+from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, runner_up_note,
+                          runner_up_score, top_k_accuracy)
 
 
 @dataclass
@@ -68,9 +68,9 @@ def open_set_scores(rankings: Sequence[Ranking], predictions: Sequence[Sequence[
 
 
 def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[Individual], runner_up_weight: float = 0.0) -> float:
-    """AUROC of the new_turtle score (minus the best individual's score, less ``runner_up_weight`` times the
-    runner-up's) for telling unknown queries from known ones: 1.0 when every unknown query scores under every known
-    one, whatever the threshold (nan: one class)."""
+    """AUROC of the new_turtle score for telling unknown queries from known ones: 1.0 when every unknown query scores
+    under every known one, whatever the threshold (nan: one class). The score is the negated margin that the
+    threshold is compared with: the best individual's score less ``runner_up_weight`` times the runner-up's."""
     from sklearn.metrics import roc_auc_score
 
     unknown = np.array([t == NEW_TURTLE for t in truths])
@@ -133,7 +133,7 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
                **open_set_scores(scored_rankings, predictions, scored_truths, runner_up_weight)}
     threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k, runner_up_weight)
     origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}"
-              + (f", bar raised by {runner_up_weight:g} x the runner-up's score" if runner_up_weight else "")
+              + (f", {runner_up_note(runner_up_weight)}" if runner_up_weight else "")
               + f"); on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
               f"AUROC {metrics['auroc']:.3f}")
     return HeldOutCalibration(threshold, metrics, origin)
