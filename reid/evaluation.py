@@ -12,8 +12,8 @@ import pandas as pd
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
 from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
-from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, runner_up_note,
-                          runner_up_score, top_k_accuracy)
+from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, new_turtle_bar,
+                          runner_up_note, top_k_accuracy)
 
 
 @dataclass
@@ -76,7 +76,7 @@ def new_turtle_auroc(rankings: Sequence[Ranking], truths: Sequence[Individual], 
     unknown = np.array([t == NEW_TURTLE for t in truths])
     if unknown.all() or not unknown.any():
         return float("nan")
-    best = np.array([ranking[0].score - runner_up_weight * runner_up_score(ranking) if ranking else -np.inf
+    best = np.array([ranking[0].score - new_turtle_bar(ranking, 0.0, runner_up_weight) if ranking else -np.inf
                      for ranking in rankings])
     return float(roc_auc_score(unknown, -np.nan_to_num(best, neginf=-2.0)))
 

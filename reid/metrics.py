@@ -134,9 +134,10 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual
     scores = np.full((len(rankings), k), -np.inf)
     true_rank = np.full(len(rankings), k + 1)  # rank of the true individual among the ranked ones (0-based)
     for q, (ranking, truth) in enumerate(zip(rankings, truths)):
-        # an individual ranks above new_turtle when score >= threshold + w * runner-up, i.e. score - w * runner-up
-        # >= threshold: the search below is over these shifted scores
-        values = [hit.score - runner_up_weight * runner_up_score(ranking) for hit in ranking[:k]]
+        # an individual ranks above new_turtle when score >= threshold + rise, i.e. score - rise >= threshold: the
+        # search below is over these shifted scores (rise: how far this answer's bar is above the threshold)
+        rise = new_turtle_bar(ranking, 0.0, runner_up_weight)
+        values = [hit.score - rise for hit in ranking[:k]]
         scores[q, : len(values)] = values
         for r, hit in enumerate(ranking[:k]):
             if hit.individual == truth:

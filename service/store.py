@@ -17,9 +17,10 @@ in the same transaction as the photo, so no query recomputes them and no crash l
 not depend on the model, so a re-index keeps them; they do depend on the size they were extracted at, which is
 stored with them.
 
-Every write opens its own short-lived connection, so the store is safe to use from any thread or process. Reads
-go through one read-only connection per thread, kept open: opening a connection costs ~0.3 ms, a visible share of
-identifying a small photo, whose answer reads its evidence photos. In autocommit mode each read statement sees every
+Every write opens its own short-lived connection, so the store is safe to use from any thread or process. The
+small reads a request makes (evidence photos, listings, counts) go through one read-only connection per thread, kept
+open: opening a connection costs ~0.3 ms, a visible share of identifying a small photo, whose answer reads its
+evidence photos. The bulk reads of start-up and re-indexing open their own, like writes. In autocommit mode each read statement sees every
 transaction committed before it, so a kept connection never answers from an old snapshot.
 """
 
