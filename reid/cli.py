@@ -178,6 +178,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import calibrate
     from reid.inference import write_checkpoint_metadata
+    from reid.metrics import runner_up_note
 
     if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
         raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
@@ -189,7 +190,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                                            args.query_split, runner_up_weight=args.runner_up_weight)
     write_checkpoint_metadata(args.checkpoint, threshold=threshold, runner_up_weight=args.runner_up_weight,
                               threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f}"
-                                               + _runner_up_suffix(args.runner_up_weight) + ")",
+                                               + runner_up_note(args.runner_up_weight, "; ") + ")",
                               calibration={"data": str(args.data), "protocol": protocol, "map5": score})
     print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
     if args.verify:
@@ -206,6 +207,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     if args.candidates < 1 or args.max_side < 64:
         raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {args.candidates} and {args.max_side}")
     from reid.evaluation import calibrate, closed_and_open_protocols
+    from reid.metrics import runner_up_note
     from reid.verification import Verification, extract_all, fit_fusion, verifier_factory
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
@@ -218,14 +220,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
                                            args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
                                            f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f}"
-                                           f"{_runner_up_suffix(args.runner_up_weight)})", args.runner_up_weight)
-
-
-def _runner_up_suffix(weight: float) -> str:
-    from reid.metrics import runner_up_note
-
-    return f"; {runner_up_note(weight)}" if weight else ""
-
+                                           f"{runner_up_note(args.runner_up_weight, '; ')})", args.runner_up_weight)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
                **open_set_scores(scored_rankings, predictions, scored_truths, runner_up_weight)}
     threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k, runner_up_weight)
     origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}"
-              + (f", {runner_up_note(runner_up_weight)}" if runner_up_weight else "")
+              + runner_up_note(runner_up_weight, ", ")
               + f"); on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
               f"AUROC {metrics['auroc']:.3f}")
     return HeldOutCalibration(threshold, metrics, origin)

@@ -98,9 +98,10 @@ def new_turtle_bar(ranking: Ranking, threshold: float, runner_up_weight: float =
     return threshold + runner_up_weight * runner_up_score(ranking)
 
 
-def runner_up_note(runner_up_weight: float) -> str:
-    """How a threshold's origin says it was fitted with a runner-up weight ('' for the plain threshold)."""
-    return f"bar raised by {runner_up_weight:g} x the runner-up's score" if runner_up_weight else ""
+def runner_up_note(runner_up_weight: float, separator: str = "") -> str:
+    """How a threshold's origin says it was fitted with a runner-up weight, after ``separator`` ('' for the plain
+    threshold, separator included, so an origin reads the same as before the weight existed)."""
+    return f"{separator}bar raised by {runner_up_weight:g} x the runner-up's score" if runner_up_weight else ""
 
 
 def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5,

@@ -20,8 +20,8 @@ stored with them.
 Every write opens its own short-lived connection, so the store is safe to use from any thread or process. The
 small reads a request makes (evidence photos, listings, counts) go through one read-only connection per thread, kept
 open: opening a connection costs ~0.3 ms, a visible share of identifying a small photo, whose answer reads its
-evidence photos. The bulk reads of start-up and re-indexing open their own, like writes. In autocommit mode each read statement sees every
-transaction committed before it, so a kept connection never answers from an old snapshot.
+evidence photos. The bulk reads of start-up and re-indexing open their own, like writes. In autocommit mode each
+read statement sees every transaction committed before it, so a kept connection never answers from an old snapshot.
 """
 
 from __future__ import annotations
@@ -181,10 +181,15 @@ class Store:
         if version < SCHEMA_VERSION:
             log.info("store %s upgraded from schema version %d to %d", self.root, version, SCHEMA_VERSION)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _open(self) -> sqlite3.Connection:
+        """A connection in autocommit mode (transactions are explicit) with rows readable by column name."""
         connection = sqlite3.connect(self.database, timeout=60, isolation_level=None)
         connection.row_factory = sqlite3.Row
+        return connection
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = self._open()
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("PRAGMA synchronous = FULL")  # a commit survives power loss, not only a process kill
         try:
@@ -196,8 +201,7 @@ class Store:
         """This thread's read-only connection, opened on its first read and kept (see the module docstring)."""
         connection = getattr(self._readers, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.database, timeout=60, isolation_level=None)
-            connection.row_factory = sqlite3.Row
+            connection = self._open()
             connection.execute("PRAGMA query_only = ON")
             self._readers.connection = connection
         return connection
