@@ -1,7 +1,12 @@
 """Cheap levers on top of a checkpoint's embeddings, measured on one dataset: test-time flips, alpha query
-expansion, scoring an individual by the mean of its two best photos instead of its best one.
+expansion, scoring an individual by the mean of its two best photos instead of its best one, and with ``--frozen F``
+(the starting weights, written by `reid export`) two ways of keeping what fine-tuning forgot: the frozen embedding
+concatenated with weight ``--frozen-weight`` (cosine + w x frozen cosine) and weight-space ensembles (WiSE-FT,
+Wortsman et al. 2022: backbone weights and BatchNorm statistics (1 - a) x frozen + a x fine-tuned, for each
+``--interpolate a``).
 
-    .venv/bin/python bench/embedding_levers.py --checkpoint C [--data ../shared/data/turtles_dev]
+    .venv/bin/python bench/embedding_levers.py --checkpoint C [--data ../shared/data/turtles_dev] \
+        [--frozen F --frozen-weight 0.5 --interpolate 0.7 0.85]
 
 Each lever is scored on the dataset's own split (val queries against train photos) and on three re-drawn by-image
 splits (a third of each individual's photos as queries, seeds 1-3); printed as a markdown table. For a checkpoint
@@ -12,15 +17,17 @@ dataset's split is an honest measure for it; for frozen features both are.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from reid.data.records import read_dataset
 from reid.data.splits import split_by_image
 from reid.imageio import decode_image
-from reid.inference import Embedder
+from reid.inference import Embedder, read_checkpoint
 from reid.metrics import map_at_k, rank_individuals
 
 
@@ -52,12 +59,28 @@ def query_expansion(queries: np.ndarray, gallery: np.ndarray, k: int = 2, alpha:
     return normalised(queries + (weights[:, :, None] * gallery[top]).sum(axis=1))
 
 
+def interpolated(checkpoint: Path, frozen: Path, alpha: float) -> Embedder:
+    """The checkpoint with its backbone's float tensors moved back towards the frozen ones (WiSE-FT)."""
+    tuned, start = read_checkpoint(checkpoint), read_checkpoint(frozen)["state_dict"]
+    for key, value in tuned["state_dict"].items():
+        if key.startswith("encoder.backbone.") and value.is_floating_point():
+            tuned["state_dict"][key] = (1 - alpha) * start[key] + alpha * value
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(tuned, Path(folder) / "interpolated.ckpt")
+        return Embedder.from_checkpoint(Path(folder) / "interpolated.ckpt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/turtles_dev"))
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--frozen", type=Path, help="the starting weights as a checkpoint (`reid export`)")
+    parser.add_argument("--frozen-weight", type=float, default=0.5, help="w in cosine + w x frozen cosine")
+    parser.add_argument("--interpolate", type=float, nargs="*", default=[], help="WiSE-FT alphas (needs --frozen)")
     args = parser.parse_args()
+    if args.interpolate and args.frozen is None:
+        parser.error("--interpolate needs --frozen")
 
     records = read_dataset(args.data)
     identities = np.asarray(records["identity"].tolist(), dtype=object)
@@ -69,6 +92,14 @@ def main() -> None:
     splits += [(f"by image, seed {s}", (split_by_image(records, 0.33, s) == "val").to_numpy()) for s in (1, 2, 3)]
     variants: dict[str, Callable[[], np.ndarray]] = {"plain": lambda: plain,
                                                      "flip TTA": lambda: normalised(plain + flipped)}
+    if args.frozen is not None:
+        frozen = Embedder.from_checkpoint(args.frozen).embed(records["path"].tolist(), batch_size=args.batch_size,
+                                                             progress=True)
+        variants[f"+ {args.frozen_weight} x frozen"] = lambda: normalised(
+            np.hstack([plain, np.sqrt(args.frozen_weight) * frozen]))
+        for alpha in args.interpolate:
+            variants[f"WiSE-FT a={alpha}"] = lambda alpha=alpha: interpolated(args.checkpoint, args.frozen, alpha).embed(
+                records["path"].tolist(), batch_size=args.batch_size, progress=True)
     print(f"checkpoint {args.checkpoint}, data {args.data}\n")
     print("| embedding | individual scored by | query expansion | MAP@5 dataset split | MAP@5 re-drawn (mean ± std) |")
     print("|---|---|---|---|---|")
