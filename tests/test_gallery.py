@@ -107,3 +107,44 @@ def test_ivf_agrees_with_exact_search_through_growth_and_removals() -> None:
     assert not {0, 1} & {hit.image_id for hit in hits}
     top1_after, recall_after = agreement()
     assert top1_after >= top1 - 0.01 and recall_after >= recall - 0.01
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_gpu_mirror_ranks_as_the_cpu_index_through_adds_and_removals(kind: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU mirror's bookkeeping (copied when stale, grown in place by adds, copied again after removals),
+    with FAISS's CPU-to-GPU copy standing in as a CPU clone: scripts/gpu_check.sh runs the real one on a GPU."""
+    import faiss
+
+    import reid.gallery
+
+    copies: list[faiss.Index] = []
+
+    def clone_to_gpu(resources: object, device: int, index: faiss.Index) -> faiss.Index:
+        copies.append(faiss.clone_index(index))
+        return copies[-1]
+
+    monkeypatch.setattr(reid.gallery, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", clone_to_gpu)
+    rng = np.random.default_rng(3)
+    dim, vectors = 16, _unit(rng, 400, 16)
+    identities = [f"ind_{i % 40:02d}" for i in range(400)]
+    queries = _unit(rng, 20, dim)
+    mirrored, plain = Gallery(dim, kind=kind, use_gpu=True), Gallery(dim, kind=kind, use_gpu=False)
+    assert (mirrored.device, plain.device) == ("gpu", "cpu")
+
+    def same_rankings() -> None:
+        for mine, theirs in zip(mirrored.search(queries, k=5), plain.search(queries, k=5), strict=True):
+            assert [(h.individual, h.image_id) for h in mine] == [(h.individual, h.image_id) for h in theirs]
+
+    for gallery in (mirrored, plain):
+        gallery.add(np.arange(300), vectors[:300], identities[:300])
+    same_rankings()
+    for gallery in (mirrored, plain):
+        gallery.add(np.arange(300, 400), vectors[300:], identities[300:])  # into the live mirror, no new copy
+    same_rankings()
+    for gallery in (mirrored, plain):
+        gallery.remove(list(range(0, 400, 3)))
+    same_rankings()
+    assert len(copies) >= 2  # the removal made the mirror stale: it was copied again, not edited
