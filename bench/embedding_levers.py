@@ -20,6 +20,7 @@ import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,14 +60,14 @@ def query_expansion(queries: np.ndarray, gallery: np.ndarray, k: int = 2, alpha:
     return normalised(queries + (weights[:, :, None] * gallery[top]).sum(axis=1))
 
 
-def interpolated(checkpoint: Path, frozen: Path, alpha: float) -> Embedder:
-    """The checkpoint with its backbone's float tensors moved back towards the frozen ones (WiSE-FT)."""
-    tuned, start = read_checkpoint(checkpoint), read_checkpoint(frozen)["state_dict"]
-    for key, value in tuned["state_dict"].items():
-        if key.startswith("encoder.backbone.") and value.is_floating_point():
-            tuned["state_dict"][key] = (1 - alpha) * start[key] + alpha * value
+def interpolated(tuned: dict[str, Any], start: dict[str, Any], alpha: float) -> Embedder:
+    """The fine-tuned checkpoint ``tuned`` with its backbone's float tensors moved back towards those of the
+    checkpoint ``start`` (WiSE-FT); both are read once by the caller, and neither is changed."""
+    state = {key: (1 - alpha) * start["state_dict"][key] + alpha * value
+             if key.startswith("encoder.backbone.") and value.is_floating_point() else value
+             for key, value in tuned["state_dict"].items()}
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(tuned, Path(folder) / "interpolated.ckpt")
+        torch.save({**tuned, "state_dict": state}, Path(folder) / "interpolated.ckpt")
         return Embedder.from_checkpoint(Path(folder) / "interpolated.ckpt")
 
 
@@ -85,21 +86,25 @@ def main() -> None:
     records = read_dataset(args.data)
     identities = np.asarray(records["identity"].tolist(), dtype=object)
     embedder = Embedder.from_checkpoint(args.checkpoint)
-    plain = embedder.embed(records["path"].tolist(), batch_size=args.batch_size, progress=True)
-    flipped = embedder.embed([np.ascontiguousarray(decode_image(p)[:, ::-1]) for p in records["path"]],
-                             batch_size=args.batch_size, progress=True)
+
+    def embedded(by: Embedder, images: list | None = None) -> np.ndarray:
+        """The dataset's photos (or ``images`` made from them) embedded by ``by``."""
+        return by.embed(records["path"].tolist() if images is None else images, batch_size=args.batch_size,
+                        progress=True)
+
+    plain = embedded(embedder)
+    flipped = embedded(embedder, [np.ascontiguousarray(decode_image(p)[:, ::-1]) for p in records["path"]])
     splits = [("dataset split", (records["split"] == "val").to_numpy())]
     splits += [(f"by image, seed {s}", (split_by_image(records, 0.33, s) == "val").to_numpy()) for s in (1, 2, 3)]
     variants: dict[str, Callable[[], np.ndarray]] = {"plain": lambda: plain,
                                                      "flip TTA": lambda: normalised(plain + flipped)}
     if args.frozen is not None:
-        frozen = Embedder.from_checkpoint(args.frozen).embed(records["path"].tolist(), batch_size=args.batch_size,
-                                                             progress=True)
+        frozen = embedded(Embedder.from_checkpoint(args.frozen))
         variants[f"+ {args.frozen_weight} x frozen"] = lambda: normalised(
             np.hstack([plain, np.sqrt(args.frozen_weight) * frozen]))
+        tuned, start = read_checkpoint(args.checkpoint), read_checkpoint(args.frozen)
         for alpha in args.interpolate:
-            variants[f"WiSE-FT a={alpha}"] = lambda alpha=alpha: interpolated(args.checkpoint, args.frozen, alpha).embed(
-                records["path"].tolist(), batch_size=args.batch_size, progress=True)
+            variants[f"WiSE-FT a={alpha}"] = lambda alpha=alpha: embedded(interpolated(tuned, start, alpha))
     print(f"checkpoint {args.checkpoint}, data {args.data}\n")
     print("| embedding | individual scored by | query expansion | MAP@5 dataset split | MAP@5 re-drawn (mean ± std) |")
     print("|---|---|---|---|---|")
