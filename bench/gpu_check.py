@@ -2,8 +2,8 @@
 
 Steps (each appends one JSON line to ``--results``; exit 1 when it failed):
 
-- ``photos``: synthetic multi-view photos written to local disk, in parallel shards (PNG files, so loading them
-  costs a real decode).
+- ``photos``: synthetic multi-view photos written to local disk, in parallel shards, as JPEG files (quality 90:
+  what cameras write, and what Turtle Recall's photos are), so loading them costs a real decode.
 - ``train``: the ResNet50 recipe (``configs/turtle_resnet50.yaml``: bf16-mixed, channels_last, its augmentations,
   P x K batches, its workers) at 224 px for a bounded number of steps, twice: through the real data pipeline
   (files, decode, augment, DataLoader workers, copy to the GPU) and on one batch already on the GPU (no loading
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "turtle_resnet50.yaml"
 EMBEDDING_DIM = 2048  # ResNet50's pooled features: the recipe's retrieval embedding (model.embedding: backbone)
 TOP_K = 10
+JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ def _synth_shard(job: tuple[Path, int, int, int, int]) -> None:
     from reid.data.synth import generate_synthetic_dataset
 
     out, first, count, photos_each, size = job
-    generate_synthetic_dataset(out, individuals=count, images_per_individual=photos_each, seed=0, image_size=size,
-                               first_individual=first, progress=False)
+    labels = generate_synthetic_dataset(out, individuals=count, images_per_individual=photos_each, seed=0,
+                                        image_size=size, first_individual=first, progress=False)
+    for png in (out / "images").rglob("*.png"):  # the generator writes PNG; cameras write JPEG
+        cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        png.unlink()
+    labels.write_text(labels.read_text().replace(".png,", ".jpg,"))  # rows are path,identity,view
 
 
 def photos(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:
@@ -102,7 +108,7 @@ def photos(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return {"photos": f"{len(rows)} ({sizes.individuals} individuals, {sizes.photo_px} px PNG)"}, \
+    return {"photos": f"{len(rows)} ({sizes.individuals} individuals, {sizes.photo_px} px JPEG)"}, \
         f"{workers} processes, {root}"
 
 
