@@ -221,16 +221,21 @@ def _two_nearest(query: np.ndarray, photo: np.ndarray) -> tuple[np.ndarray, np.n
     """For each query row: index of its nearest photo row, and the Euclidean distances to the nearest two.
 
     Exact brute force like ``cv2.BFMatcher(NORM_L2).knnMatch(k=2)``, but through one BLAS matrix product
-    (|q - p|^2 = |q|^2 + |p|^2 - 2 q.p): about three times faster on CPU for 1500 x 1500 descriptors.
+    (|q - p|^2 = |q|^2 + |p|^2 - 2 q.p): about three times faster on CPU for 1500 x 1500 descriptors. The product is
+    turned into distances in place, and |q|^2 (the same along a row, so it cannot change which photo row is
+    nearest) is added to the two winners only: a third less time than building the full distance matrix anew.
     """
-    similarity = query @ photo.T
-    squared = (query * query).sum(axis=1, keepdims=True) + (photo * photo).sum(axis=1)[None, :] - 2.0 * similarity
+    squared = query @ photo.T
+    squared *= -2.0
+    squared += (photo * photo).sum(axis=1)[None, :]
     rows = np.arange(len(query))
     nearest = squared.argmin(axis=1)
     first = squared[rows, nearest]
     squared[rows, nearest] = np.inf
     second = squared.min(axis=1)
-    return nearest, np.sqrt(np.maximum(first, 0.0)), np.sqrt(np.maximum(second, 0.0))
+    query_squared = (query * query).sum(axis=1)
+    return (nearest, np.sqrt(np.maximum(first + query_squared, 0.0)),
+            np.sqrt(np.maximum(second + query_squared, 0.0)))
 
 
 def match_features(query: LocalFeatures, photo: LocalFeatures, ratio: float = 0.8,
