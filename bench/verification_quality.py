@@ -303,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.8, help="Lowe ratio")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="re-drawn by-image splits")
     parser.add_argument("--query-fraction", type=float, default=0.33)
+    parser.add_argument("--file-split", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the dataset's own split too (--no-file-split: a checkpoint trained on a re-drawn "
+                             "split, whose training photos the file's val holds)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -317,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pairs = PairCache(features, pair_file, args.ratio)
 
     protocols: list[tuple[str, np.ndarray]] = []
-    if (records["split"] != "").any():
+    if args.file_split and (records["split"] != "").any():
         protocols.append(("file split", (records["split"] == "val").to_numpy()))
     for seed in args.seeds:
         is_query = (split_by_image(records, args.query_fraction, seed) == "val").to_numpy()

@@ -204,18 +204,20 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, embedder: Embedder,
                              embeddings: np.ndarray) -> Verification:
     """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores."""
-    if args.candidates < 1 or args.max_side < 64:
-        raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {args.candidates} and {args.max_side}")
     from reid.evaluation import calibrate, closed_and_open_protocols
     from reid.metrics import runner_up_note
-    from reid.verification import Verification, extract_all, fit_fusion, verifier_factory
+    from reid.verification import DEFAULT_CANDIDATES, Verification, extract_all, fit_fusion, verifier_factory
+
+    candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
+    if candidates < 1 or args.max_side < 64:
+        raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {candidates} and {args.max_side}")
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
     features = extract_all(records["path"].tolist(), args.max_side, progress=True)
     gallery = open_set.gallery
     fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
-                        [features[i] for i in gallery], args.candidates, args.max_side, progress=True)
+                        [features[i] for i in gallery], candidates, args.max_side, progress=True)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
@@ -370,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--verify", action="store_true",
                            help="also learn local verification (fusion of similarity and inliers, WildFusion-style) "
                                 "and its own threshold; later commands then verify by default")
-    calibrate.add_argument("--candidates", type=int, default=20, help="most similar photos verified per query")
+    calibrate.add_argument("--candidates", type=int,
+                           help="most similar photos verified per query (default: as many as reid fit verifies, 80)")
     calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
     calibrate.add_argument("--runner-up-weight", type=float,
                            help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
