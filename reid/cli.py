@@ -39,9 +39,11 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from jsonargparse.typing import PositiveInt
 
     from reid.data.datamodule import ReIDDataModule
     from reid.module import ReIDModule
+    from reid.verification import DEFAULT_CANDIDATES
 
     class ReIDLightningCLI(LightningCLI):
         """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from
@@ -65,6 +67,9 @@ def _run_lightning(argv: list[str] | None) -> int:
                                 help="after training, learn local verification on the validation photos and store "
                                      "it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "
                                      "predict and serve then verify by default (better on real photos; README, Results)")
+            parser.add_argument("--verify_candidates", type=PositiveInt, default=DEFAULT_CANDIDATES,
+                                help="with --verify: the most similar photos verified per query (more: better "
+                                     "answers, slower; README, 'How many photos to verify')")
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
@@ -72,16 +77,17 @@ def _run_lightning(argv: list[str] | None) -> int:
                 score = callback.best_model_score
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
                       else f"best checkpoint: {callback.best_model_path}")
-                if self.config[self.subcommand].get("verify"):
+                config = self.config[self.subcommand]
+                if config.get("verify"):
                     _store_verification(Path(callback.best_model_path), self.datamodule,
-                                        float(self.model.hparams.runner_up_weight))
+                                        float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]))
 
     ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0)
     return 0
 
 
-def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float) -> None:
+def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int) -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
     from reid.verification import DEFAULT_MAX_SIDE, extract_all, verification_from_validation
@@ -93,8 +99,8 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
     split = len(gallery)
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
-        queries["identity"].tolist(), features[split:], seed=int(data.hparams.seed), progress=True,
-        runner_up_weight=runner_up_weight)
+        queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
+        progress=True, runner_up_weight=runner_up_weight)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
