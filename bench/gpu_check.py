@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -49,7 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "turtle_resnet50.yaml"
 EMBEDDING_DIM = 2048  # ResNet50's pooled features: the recipe's retrieval embedding (model.embedding: backbone)
 TOP_K = 10
-JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -83,12 +81,8 @@ def _synth_shard(job: tuple[Path, int, int, int, int]) -> None:
     from reid.data.synth import generate_synthetic_dataset
 
     out, first, count, photos_each, size = job
-    labels = generate_synthetic_dataset(out, individuals=count, images_per_individual=photos_each, seed=0,
-                                        image_size=size, first_individual=first, progress=False)
-    for png in (out / "images").rglob("*.png"):  # the generator writes PNG; cameras write JPEG
-        cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        png.unlink()
-    labels.write_text(labels.read_text().replace(".png,", ".jpg,"))  # rows are path,identity,view
+    generate_synthetic_dataset(out, individuals=count, images_per_individual=photos_each, seed=0, image_size=size,
+                               first_individual=first, progress=False, image_format="jpeg")
 
 
 def photos(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:

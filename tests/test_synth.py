@@ -109,6 +109,7 @@ def test_photos_of_one_individual_differ(tmp_path: Path) -> None:
         ({"image_size": 2.5}, "image_size"),
         ({"seed": -1}, "seed"),
         ({"first_individual": -1}, "first_individual"),
+        ({"image_format": "tiff"}, "image_format"),
     ],
 )
 def test_bad_arguments_raise_dataset_error_naming_value(tmp_path: Path, kwargs: dict, named: str) -> None:
@@ -118,6 +119,16 @@ def test_bad_arguments_raise_dataset_error_naming_value(tmp_path: Path, kwargs: 
     assert named in message
     assert repr(next(iter(kwargs.values()))) in message
     assert not (tmp_path / "ds" / "labels.csv").exists()
+
+
+def test_jpeg_photos_are_listed_and_read_like_png_ones(tmp_path: Path) -> None:
+    """JPEG is what cameras write, so a loading benchmark should decode it: same layout, same individuals."""
+    labels = _gen(tmp_path / "ds", individuals=2, images_per_individual=3, image_size=48, image_format="jpeg")
+    rows = _rows(labels)
+    assert [r["path"].rsplit("_", 1)[-1] for r in rows] == ["top.jpg", "left.jpg", "right.jpg"] * 2
+    for r in rows:
+        with Image.open(tmp_path / "ds" / r["path"]) as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (48, 48))
 
 
 def test_output_path_that_is_a_file_raises(tmp_path: Path) -> None:

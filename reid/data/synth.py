@@ -273,6 +273,13 @@ def _render_photo(pattern: _Pattern, view: str, rng: np.random.Generator, size: 
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: ``image_format`` -> (file suffix, Pillow format, save options).
+_IMAGE_FORMATS: dict[str, tuple[str, str, dict[str, int]]] = {
+    "png": (".png", "PNG", {}),
+    "jpeg": (".jpg", "JPEG", {"quality": 90}),
+}
+
+
 def _check_int(name: str, value: int, minimum: int) -> None:
     """Raise :class:`DatasetError` naming ``name`` and ``value`` unless it is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -287,10 +294,12 @@ def generate_synthetic_dataset(
     image_size: int = 96,
     first_individual: int = 0,
     progress: bool = True,
+    image_format: str = "png",
 ) -> Path:
     """Write a synthetic multi-view re-identification dataset to ``out`` and return the path of its labels.csv.
 
-    Photos go to ``out/images/ind_XXX/ind_XXX_NN_<view>.png`` and ``out/labels.csv`` lists them with columns
+    Photos go to ``out/images/ind_XXX/ind_XXX_NN_<view>.png`` (``.jpg`` for JPEG) and ``out/labels.csv`` lists them
+    with columns
     ``path,identity,view`` (paths relative to ``out``). Views cycle top/left/right per individual.
 
     Args:
@@ -304,6 +313,8 @@ def generate_synthetic_dataset(
             generated: ``first_individual=100`` gives ``ind_100``, ``ind_101``, ... Individual ``i`` is the same
             animal whichever range it is generated in.
         progress: Show a tqdm progress bar over individuals.
+        image_format: ``png`` (lossless, the default) or ``jpeg`` (quality 90, as cameras write: what a loading
+            benchmark should decode).
 
     Raises:
         DatasetError: An argument is out of range (the message names it and its value), or ``out`` is not a
@@ -314,6 +325,9 @@ def generate_synthetic_dataset(
     _check_int("image_size", image_size, 32)
     _check_int("seed", seed, 0)
     _check_int("first_individual", first_individual, 0)
+    if image_format not in _IMAGE_FORMATS:
+        raise DatasetError(f"image_format must be one of {', '.join(_IMAGE_FORMATS)}, got {image_format!r}")
+    suffix, pillow_format, save_options = _IMAGE_FORMATS[image_format]
     individuals, images_per_individual, image_size = int(individuals), int(images_per_individual), int(image_size)
     seed, first_individual = int(seed), int(first_individual)
 
@@ -342,8 +356,8 @@ def generate_synthetic_dataset(
             view = VIEWS[photo % len(VIEWS)]
             rng = np.random.default_rng([seed, index, _PHOTO_STREAM, photo])
             pixels = _render_photo(pattern, view, rng, image_size)
-            rel = f"images/{name}/{name}_{photo:02d}_{view}.png"
-            Image.fromarray(pixels).save(out / rel, format="PNG")
+            rel = f"images/{name}/{name}_{photo:02d}_{view}{suffix}"
+            Image.fromarray(pixels).save(out / rel, format=pillow_format, **save_options)
             rows.append((rel, name, view))
 
     labels = out / "labels.csv"
