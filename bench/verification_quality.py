@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from reid.data.records import read_dataset
 from reid.data.splits import split_by_image
 from reid.imageio import decode_image
-from reid.local_features import LocalFeatures, extract_features, match_features
+from reid.local_features import Extraction, LocalFeatures, extract_features, match_features
 from reid.metrics import map_at_k, rank_individuals, top_k_accuracy
 from reid.score_calibration import ScoreCalibration
 
@@ -78,10 +78,16 @@ def cached_embeddings(checkpoint: Path, paths: list[str], cache_dir: Path, batch
     return embeddings
 
 
-def cached_features(paths: list[str], cache_dir: Path, max_side: int, max_keypoints: int
+def _settings_name(extraction: Extraction, max_keypoints: int, ratio: float | None = None) -> str:
+    """Part of a cache file's name (plain RootSIFT keeps the name it had before equalisation existed)."""
+    matching = "" if ratio is None else f"_r{ratio}"
+    return f"{extraction.max_side}px_{max_keypoints}kp{matching}" + ("_clahe" if extraction.equalise else "")
+
+
+def cached_features(paths: list[str], cache_dir: Path, extraction: Extraction, max_keypoints: int
                     ) -> tuple[list[LocalFeatures], dict[str, float]]:
     """Local features of every photo, extracted once (as enrolment would) and stored as their blobs."""
-    cache = cache_dir / f"features_{max_side}px_{max_keypoints}kp_{_digest(*paths)}.npz"
+    cache = cache_dir / f"features_{_settings_name(extraction, max_keypoints)}_{_digest(*paths)}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as stored:
             blobs, offsets = stored["blobs"], stored["offsets"]
@@ -90,11 +96,11 @@ def cached_features(paths: list[str], cache_dir: Path, max_side: int, max_keypoi
         log.info("local features from %s", cache)
     else:
         blob_list, extract_s, decode_s = [], 0.0, 0.0
-        for path in tqdm(paths, desc=f"local features @ {max_side}px", unit="photo"):
+        for path in tqdm(paths, desc=f"local features, {extraction.describe()}", unit="photo"):
             start = time.perf_counter()
             image = decode_image(path)
             middle = time.perf_counter()
-            blob_list.append(extract_features(image, max_side=max_side, max_keypoints=max_keypoints).to_bytes())
+            blob_list.append(extract_features(image, extraction.max_side, max_keypoints, extraction.equalise).to_bytes())
             decode_s += middle - start
             extract_s += time.perf_counter() - middle
         timing = {"extract_ms_per_photo": 1000 * extract_s / len(paths),
@@ -300,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=20, help="gallery photos verified per query")
     parser.add_argument("--max-side", type=int, default=1024, help="long side for feature extraction (e.g. 512)")
     parser.add_argument("--max-keypoints", type=int, default=1500)
+    parser.add_argument("--equalise", action=argparse.BooleanOptionalAction, default=True,
+                        help="equalise local contrast (CLAHE) before SIFT, as reid does since; --no-equalise: as before")
     parser.add_argument("--ratio", type=float, default=0.8, help="Lowe ratio")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="re-drawn by-image splits")
     parser.add_argument("--query-fraction", type=float, default=0.33)
@@ -315,8 +323,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = records["path"].tolist()
     identities = np.asarray(records["identity"].tolist(), dtype=object)
     embeddings = cached_embeddings(args.checkpoint, paths, args.cache_dir, args.batch_size)
-    features, timing = cached_features(paths, args.cache_dir, args.max_side, args.max_keypoints)
-    pair_file = args.cache_dir / f"pairs_{args.max_side}px_{args.max_keypoints}kp_r{args.ratio}_{_digest(*paths)}.npz"
+    extraction = Extraction(args.max_side, args.equalise)
+    features, timing = cached_features(paths, args.cache_dir, extraction, args.max_keypoints)
+    pair_file = args.cache_dir / f"pairs_{_settings_name(extraction, args.max_keypoints, args.ratio)}_{_digest(*paths)}.npz"
     pairs = PairCache(features, pair_file, args.ratio)
 
     protocols: list[tuple[str, np.ndarray]] = []
@@ -334,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "data": str(args.data), "checkpoint": str(args.checkpoint), "top": args.top, "max_side": args.max_side,
+        "equalise": args.equalise,
         "max_keypoints": args.max_keypoints, "ratio": args.ratio, "query_fraction": args.query_fraction,
         "timing": timing, "protocols": results, "table": report,
     }, indent=2))

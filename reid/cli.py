@@ -90,12 +90,12 @@ def _run_lightning(argv: list[str] | None) -> int:
 def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int) -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
-    from reid.verification import DEFAULT_MAX_SIDE, extract_all, verification_from_validation
+    from reid.verification import extract_all, verification_from_validation
 
     gallery, queries = data.gallery_records, data.query_records
     paths = gallery["path"].tolist() + queries["path"].tolist()
     _, embeddings = _embed(checkpoint, paths, int(data.hparams.eval_batch_size))
-    features = extract_all(paths, DEFAULT_MAX_SIDE, progress=True)
+    features = extract_all(paths, progress=True)
     split = len(gallery)
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
@@ -137,8 +137,8 @@ def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequen
     from reid.verification import extract_all, verifier_factory
 
     fusion = embedder.verification.fusion
-    features = extract_all(list(images), fusion.max_side, progress=True)
-    return verifier_factory(fusion, features, extract_all(list(queries), fusion.max_side, progress=True)
+    features = extract_all(list(images), fusion.extraction, progress=True)
+    return verifier_factory(fusion, features, extract_all(list(queries), fusion.extraction, progress=True)
                             if queries else None)
 
 
@@ -212,6 +212,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores."""
     from reid.evaluation import calibrate, closed_and_open_protocols
     from reid.metrics import runner_up_note
+    from reid.local_features import Extraction
     from reid.verification import DEFAULT_CANDIDATES, Verification, extract_all, fit_fusion, verifier_factory
 
     candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
@@ -220,10 +221,11 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
-    features = extract_all(records["path"].tolist(), args.max_side, progress=True)
+    extraction = Extraction(args.max_side)
+    features = extract_all(records["path"].tolist(), extraction, progress=True)
     gallery = open_set.gallery
     fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
-                        [features[i] for i in gallery], candidates, args.max_side, progress=True)
+                        [features[i] for i in gallery], candidates, extraction, progress=True)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "

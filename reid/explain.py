@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image
 
 from reid.inference import Embedder
-from reid.local_features import LocalFeatures, draw_matches, extract_features, match_features
-from reid.verification import DEFAULT_MAX_SIDE
+from reid.local_features import Extraction, LocalFeatures, draw_matches, match_features
 
 
 @dataclass(frozen=True)
@@ -29,13 +28,12 @@ def explain_match(embedder: Embedder, query: np.ndarray, photo: np.ndarray, labe
     """Compare two decoded RGB photos: cosine similarity of their embeddings and verified local-feature matches.
 
     ``photo_features`` are the enrolled photo's cached features, when the caller has them (the service does).
-    Features are extracted at the resolution the checkpoint verifies at, so the count drawn is the count ranked.
+    Features are extracted the way the checkpoint verifies, so the count drawn is the count ranked.
     """
     vectors = embedder.embed([query, photo])
     similarity = float(vectors[0] @ vectors[1])
-    max_side = embedder.verification.fusion.max_side if embedder.verification else DEFAULT_MAX_SIDE
-    match = match_features(extract_features(query, max_side=max_side),
-                           photo_features or extract_features(photo, max_side=max_side))
+    extraction = embedder.verification.fusion.extraction if embedder.verification else Extraction()
+    match = match_features(extraction.extract(query), photo_features or extraction.extract(photo))
     query_label, photo_label = labels
     canvas = draw_matches(query, photo, match, labels=(query_label, f"{photo_label} (cosine {similarity:.3f})"))
     buffer = io.BytesIO()

@@ -5,8 +5,8 @@ Classic animal re-identification (HotSpotter, Crall et al. 2013, the engine behi
 et al. 2024) re-scores the top candidates by matching local descriptors and counting the matches that agree on
 one geometric transform. This module does exactly that, in three steps that each work alone:
 
-* :func:`extract_features` runs once per photo, when it is enrolled: SIFT keypoints (Lowe 2004) with RootSIFT
-  descriptors (Arandjelovic & Zisserman 2012, "Three things everyone should know to improve object retrieval":
+* :func:`extract_features` runs once per photo, when it is enrolled: the grey photo's local contrast equalised
+  (CLAHE, Zuiderveld 1994), then SIFT keypoints (Lowe 2004) with RootSIFT descriptors (Arandjelovic & Zisserman 2012, "Three things everyone should know to improve object retrieval":
   L1-normalise, square-root, so Euclidean distance compares histograms by the Hellinger kernel). The result,
   :class:`LocalFeatures`, serialises to a compact blob (:meth:`LocalFeatures.to_bytes`) for storage, so a
   query never recomputes a gallery photo's features.
@@ -32,7 +32,7 @@ from reid.errors import FeatureError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalFeatures", "Match", "draw_matches", "extract_features", "match_features"]
+__all__ = ["Extraction", "LocalFeatures", "Match", "draw_matches", "extract_features", "match_features"]
 
 #: Blob layout version written by :meth:`LocalFeatures.to_bytes`; bump it when the stored arrays change meaning.
 FORMAT_VERSION = 1
@@ -44,6 +44,13 @@ _MAGIC = b"REIDLF\x00"
 #: them all (clipping is a no-op in practice) at a step of 0.002, far below the ~0.3-0.6 distances the ratio test
 #: compares. A quarter of the float32 size; matching ranks are unchanged (the ratio test is scale-free).
 DESCRIPTOR_SCALE = 512.0
+
+#: Long side local features are extracted at: 1024 px matched 0.04 MAP@5 better than 512 px on turtles_dev.
+DEFAULT_MAX_SIDE = 1024
+#: CLAHE's contrast limit and tile grid: OpenCV's documented example values. A tile of a 1024 px photo is ~128 px,
+#: a few scales of a turtle's face, so each scale's edges are stretched against its neighbours, not the whole photo.
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = (8, 8)
 
 #: Homographies are fitted with each photo's points rescaled so that its long side is this many units, so that
 #: the reprojection threshold means the same fraction of the photo whatever its resolution.
@@ -170,11 +177,15 @@ def _check_image(image: np.ndarray) -> None:
         raise FeatureError(f"image has no pixels: shape {image.shape}")
 
 
-def extract_features(image: np.ndarray, max_side: int = 1024, max_keypoints: int = 1500) -> LocalFeatures:
+def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = 1500,
+                     equalise: bool = True) -> LocalFeatures:
     """SIFT keypoints and RootSIFT descriptors of an RGB photo, keypoints in the photo's own pixels.
 
     The photo is converted to grey and area-downscaled so its long side is at most ``max_side`` (never
-    upscaled): SIFT's cost grows with pixels while turtle scales stay recognisable at ~1000 px. OpenCV keeps the
+    upscaled): SIFT's cost grows with pixels while turtle scales stay recognisable at ~1000 px. With ``equalise``
+    its local contrast is then equalised (CLAHE, tile by tile, limited so that noise is not amplified): underwater
+    and shaded photos keep their scale edges under SIFT's contrast threshold otherwise. On turtles_dev it raised
+    the fused MAP@5 of verification in 5 of 5 runs (mean 0.918 -> 0.929; README, Results). OpenCV keeps the
     ``max_keypoints`` strongest responses. A photo with no texture (e.g. uniform) gives empty arrays, not an error.
     The result is deterministic for a given image and arguments.
 
@@ -192,6 +203,8 @@ def extract_features(image: np.ndarray, max_side: int = 1024, max_keypoints: int
     if factor < 1.0:
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    if equalise:
+        grey = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(grey)
     small_height, small_width = grey.shape
     sift = cv2.SIFT_create(nfeatures=int(max_keypoints))
     points, raw = sift.detectAndCompute(grey, None)
@@ -210,6 +223,35 @@ def extract_features(image: np.ndarray, max_side: int = 1024, max_keypoints: int
     xy[:, 0] = (xy[:, 0] + 0.5) * (width / small_width) - 0.5
     xy[:, 1] = (xy[:, 1] + 0.5) * (height / small_height) - 0.5
     return LocalFeatures(xy.astype(np.float32), descriptors, (width, height))
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """How photos' local features are extracted, as one value.
+
+    Features extracted in different ways do not match as well as features extracted alike, and a fusion's inlier
+    calibration holds only for the extraction it was learnt with: so a fusion stores its extraction, every cache of
+    features is keyed by it, and the service stores it beside each photo's features.
+    """
+
+    max_side: int = DEFAULT_MAX_SIDE
+    #: CLAHE before SIFT; False is how every fusion stored before it existed was learnt
+    equalise: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_side, bool) or not isinstance(self.max_side, (int, np.integer)) or self.max_side < 16:
+            raise FeatureError(f"max_side must be an integer >= 16, got {self.max_side!r}")
+
+    @property
+    def method(self) -> str:
+        """The name of the method without the resolution (stored beside features, in caches' keys)."""
+        return "rootsift-clahe" if self.equalise else "rootsift"
+
+    def describe(self) -> str:
+        return f"{self.method} at {self.max_side} px"
+
+    def extract(self, image: np.ndarray) -> LocalFeatures:
+        return extract_features(image, max_side=self.max_side, equalise=self.equalise)
 
 
 def _empty_match(tentative: int = 0) -> Match:

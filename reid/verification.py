@@ -24,7 +24,7 @@ from reid.gallery import Gallery
 from reid.imageio import decode_image
 from reid.errors import FeatureError
 from reid.fileio import write_atomically
-from reid.local_features import FORMAT_VERSION, LocalFeatures, extract_features, match_features
+from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, match_features
 from reid.score_calibration import ScoreCalibration
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,20 @@ log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = 80
 #: Environment variable naming the folder of cached local features of dataset photos.
 FEATURE_CACHE_ENV = "REID_FEATURE_CACHE"
-#: Long side local features are extracted at: 1024 px matched 0.04 MAP@5 better than 512 px on turtles_dev.
-DEFAULT_MAX_SIDE = 1024
 
 
 @dataclass(frozen=True)
 class Fusion:
-    """How a (similarity, inliers) pair becomes one score: the mean of both calibrated probabilities."""
+    """How a (similarity, inliers) pair becomes one score: the mean of both calibrated probabilities.
+
+    ``extraction`` is how the local features whose inliers it calibrated were extracted: queries and gallery photos
+    are extracted the same way, so that the calibration holds.
+    """
 
     similarity: ScoreCalibration
     inliers: ScoreCalibration
     candidates: int = DEFAULT_CANDIDATES
-    max_side: int = DEFAULT_MAX_SIDE
+    extraction: Extraction = Extraction()
 
     def __call__(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         return (self.similarity(np.asarray(similarities, np.float64))
@@ -57,12 +59,15 @@ class Fusion:
     def to_dict(self) -> dict[str, Any]:
         """Plain values, so the fusion travels inside a checkpoint read with ``weights_only=True``."""
         return {"similarity": self.similarity.to_dict(), "inliers": self.inliers.to_dict(),
-                "candidates": self.candidates, "max_side": self.max_side}
+                "candidates": self.candidates, "max_side": self.extraction.max_side,
+                "equalise": self.extraction.equalise}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fusion:
+        """A fusion stored before features were equalised has no ``equalise``: it keeps extracting without, as it
+        was calibrated."""
         return cls(ScoreCalibration.from_dict(data["similarity"]), ScoreCalibration.from_dict(data["inliers"]),
-                   int(data["candidates"]), int(data["max_side"]))
+                   int(data["candidates"]), Extraction(int(data["max_side"]), bool(data.get("equalise", False))))
 
 
 def feature_cache_dir() -> Path:
@@ -71,33 +76,35 @@ def feature_cache_dir() -> Path:
     return Path(os.environ.get(FEATURE_CACHE_ENV) or Path.home() / ".cache" / "turtle-reid" / "local_features")
 
 
-def _cached_file(image: Path, max_side: int) -> Path:
-    """The cache entry of one photo file: keyed by its path, size and modification time, so an edited photo misses."""
+def _cached_file(image: Path, extraction: Extraction) -> Path:
+    """The cache entry of one photo file: keyed by its path, size and modification time, so an edited photo misses,
+    and by how it is extracted."""
     stat = image.stat()
-    key = hashlib.sha256(f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{max_side}|{FORMAT_VERSION}".encode())
+    key = hashlib.sha256(f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{extraction.max_side}|"
+                         f"{extraction.method}|{FORMAT_VERSION}".encode())
     digest = key.hexdigest()
     return feature_cache_dir() / digest[:2] / f"{digest}.bin"
 
 
-def _features_of_file(image: Path, max_side: int) -> LocalFeatures:
+def _features_of_file(image: Path, extraction: Extraction) -> LocalFeatures:
     """Extract once, then read back: extraction costs ~0.2-0.4 s a photo on a CPU, reading ~2 ms."""
-    cached = _cached_file(image, max_side)
+    cached = _cached_file(image, extraction)
     if cached.is_file():
         try:
             return LocalFeatures.from_bytes(cached.read_bytes())
         except FeatureError:
             log.warning("unreadable cached features %s: extracting again", cached)
-    features = extract_features(decode_image(image), max_side=max_side)
+    features = extraction.extract(decode_image(image))
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(cached, features.to_bytes())
     return features
 
 
-def extract_all(images: Sequence[str | Path | np.ndarray], max_side: int = DEFAULT_MAX_SIDE,
+def extract_all(images: Sequence[str | Path | np.ndarray], extraction: Extraction = Extraction(),
                 progress: bool = False) -> list[LocalFeatures]:
     """Local features of image files (cached on disk, see :func:`feature_cache_dir`) or decoded RGB arrays."""
-    return [extract_features(image, max_side=max_side) if isinstance(image, np.ndarray)
-            else _features_of_file(Path(image), max_side)
+    return [extraction.extract(image) if isinstance(image, np.ndarray)
+            else _features_of_file(Path(image), extraction)
             for image in tqdm(images, desc="local features", unit="photo", disable=not progress)]
 
 
@@ -153,13 +160,13 @@ def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
 
 
 def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
-               candidates: int = DEFAULT_CANDIDATES, max_side: int = DEFAULT_MAX_SIDE,
+               candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
                progress: bool = False) -> Fusion:
     """Learn the fusion from training photos alone: each photo is a query against all the others.
 
     Its ``candidates`` most similar other photos are verified exactly as a real query's would be, and every
     (similarity, inliers) pair is labelled by whether the two photos show the same individual; each score is
-    then calibrated by isotonic regression (WildFusion's recipe).
+    then calibrated by isotonic regression (WildFusion's recipe). ``features`` were extracted by ``extraction``.
     """
     gallery = Gallery(int(embeddings.shape[1]))
     gallery.add(np.arange(len(identities)), embeddings, list(identities))
@@ -173,7 +180,7 @@ def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequ
             inliers.append(match_features(features[q], features[int(i)]).inliers)
             same.append(identities[q] == identities[int(i)])
     fusion = Fusion(ScoreCalibration.fit(similarities, same, name="cosine"),
-                    ScoreCalibration.fit(inliers, same, name="inliers"), candidates, max_side)
+                    ScoreCalibration.fit(inliers, same, name="inliers"), candidates, extraction)
     log.info("fusion fitted on %d pairs of %d training photos (%d of the same individual)", len(same),
              len(identities), int(np.sum(same)))
     return fusion
@@ -182,7 +189,8 @@ def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequ
 def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identities: Sequence[str],
                                  gallery_features: Sequence[LocalFeatures], query_embeddings: np.ndarray,
                                  query_identities: Sequence[str], query_features: Sequence[LocalFeatures],
-                                 candidates: int = DEFAULT_CANDIDATES, max_side: int = DEFAULT_MAX_SIDE, seed: int = 0,
+                                 candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
+                                 seed: int = 0,
                                  progress: bool = False, runner_up_weight: float = 0.0
                                  ) -> tuple[Verification, dict[str, float]]:
     """What `reid fit --verify` stores, from the photos its validation uses (training photos as the gallery).
@@ -195,7 +203,7 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
     """
     from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
 
-    fusion = fit_fusion(gallery_embeddings, gallery_identities, gallery_features, candidates, max_side, progress)
+    fusion = fit_fusion(gallery_embeddings, gallery_identities, gallery_features, candidates, extraction, progress)
     factory = verifier_factory(fusion, gallery_features, query_features, memo={})
     log.info("verifying %d validation photos against their %d most similar training photos, then again with each "
              "validation individual held out in turn", len(query_identities), candidates)

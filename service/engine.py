@@ -29,7 +29,7 @@ from reid.gallery import Gallery
 from reid.identify import Answer, Identifier, Threshold, threshold_in_force, verification_in_force
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
-from reid.local_features import LocalFeatures, extract_features
+from reid.local_features import Extraction, LocalFeatures
 from reid.verification import LocalVerifier, Verification
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
@@ -85,12 +85,12 @@ class SharedLock:
                 self._condition.notify_all()
 
 
-def _cached_features(store: Store, image_ids: list[int], max_side: int) -> dict[int, LocalFeatures]:
+def _cached_features(store: Store, image_ids: list[int], extraction: Extraction) -> dict[int, LocalFeatures]:
     """Local features of every gallery photo (``image_ids``), read from the store; photos lacking them (enrolled
-    while verification was off, in a store older than the features table, extracted at another size, or
-    unreadable) get them extracted now and stored, committed batch by batch."""
+    while verification was off, in a store older than the features table, extracted at another size or by another
+    method, or unreadable) get them extracted now and stored, committed batch by batch."""
     features: dict[int, LocalFeatures] = {}
-    for batch in store.local_features(max_side):
+    for batch in store.local_features(extraction):
         for image_id, blob in batch:
             try:
                 features[image_id] = LocalFeatures.from_bytes(blob)
@@ -99,13 +99,13 @@ def _cached_features(store: Store, image_ids: list[int], max_side: int) -> dict[
     missing = [image_id for image_id in image_ids if image_id not in features]
     if not missing:
         return features
-    log.info("extracting the local features of %d photos stored without them (at %d px; ~0.3 s a photo on a CPU)",
-             len(missing), max_side)
+    log.info("extracting the local features of %d photos stored without them (%s; ~0.4 s a photo on a CPU)",
+             len(missing), extraction.describe())
     started = time.monotonic()
     for start in range(0, len(missing), _FEATURE_BATCH):
         images = list(store.images(missing[start:start + _FEATURE_BATCH]).values())
-        extracted = [extract_features(store.pixels(image), max_side=max_side) for image in images]
-        store.put_local_features(max_side, [image.image_id for image in images], extracted)
+        extracted = [extraction.extract(store.pixels(image)) for image in images]
+        store.put_local_features(extraction, [image.image_id for image in images], extracted)
         features.update((image.image_id, item) for image, item in zip(images, extracted))
         log.info("local features: %d/%d photos extracted (%.0f s)", start + len(images), len(missing),
                  time.monotonic() - started)
@@ -164,7 +164,7 @@ class Engine:
                      " (the checkpoint has verification; --verify or REID_VERIFY=true turns it on)"
                      if embedder.verification is not None else "")
         else:
-            features = _cached_features(store, image_ids, verification.fusion.max_side)
+            features = _cached_features(store, image_ids, verification.fusion.extraction)
             log.info("verification on: the %d most similar photos of each query are checked with local features "
                      "(%d photos' features in memory)", verification.fusion.candidates, len(features))
         return cls(settings, embedder, store, gallery, verification, features, folder_lock)
@@ -197,8 +197,7 @@ class Engine:
             raise rejected_image(error, field, filename) from error
 
     def _local_features(self, images: Sequence[np.ndarray]) -> list[LocalFeatures]:
-        max_side = self.verification.fusion.max_side
-        return [extract_features(image, max_side=max_side) for image in images]
+        return [self.verification.fusion.extraction.extract(image) for image in images]
 
     def enroll(self, individual_id: str, photos: Sequence[Photo], mode: IndividualMode) -> list[StoredImage]:
         """Embed (and with verification on, extract local features of) photos of one individual, store them, then
@@ -206,10 +205,10 @@ class Engine:
         pixels = [photo.pixels for photo in photos]
         vectors = self.embedder.embed(pixels)
         features = self._local_features(pixels) if self.verifying else None
-        max_side = self.verification.fusion.max_side if self.verifying else None
+        extraction = self.verification.fusion.extraction if self.verifying else None
         with self._write_lock:
             stored = self.store.add_images(individual_id, photos, vectors, self.embedder.fingerprint, mode, features,
-                                           max_side)
+                                           extraction)
             new = [i for i, image in enumerate(stored) if not image.already_enrolled]
             if features is not None:  # before the gallery: a searchable photo always has its features
                 self._features.update((stored[i].image_id, features[i]) for i in new)

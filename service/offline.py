@@ -21,7 +21,6 @@ from reid.data.records import read_dataset
 from reid.errors import DatasetError, ImageDecodeError
 from reid.imageio import DEFAULT_MAX_PIXELS
 from reid.inference import Embedder
-from reid.local_features import extract_features
 from reid.onnx_backend import Backend
 from service.engine import model_record
 from service.errors import StoreError
@@ -78,7 +77,7 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
 def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, batch_size: int,
                     progress: bool) -> tuple[int, int, int]:
     """Enrol every record's photo, skipping those already stored; returns (added, already enrolled, skipped)."""
-    max_side = embedder.verification.fusion.max_side if embedder.verification is not None else None
+    extraction = embedder.verification.fusion.extraction if embedder.verification is not None else None
     added = already = skipped = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
@@ -96,9 +95,8 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
                     skipped += 1
             for chunk in _chunks(photos, batch_size):
                 vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)
-                features = None if max_side is None else [extract_features(photo.pixels, max_side=max_side)
-                                                          for photo in chunk]
-                stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, max_side)
+                features = None if extraction is None else [extraction.extract(photo.pixels) for photo in chunk]
+                stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, extraction)
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
             bar.update(len(rows))

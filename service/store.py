@@ -14,8 +14,8 @@ the old ones; a crash before the switch leaves the old embeddings current (and t
 
 Local features (keypoints and descriptors for verification) are extracted once, when a photo is enrolled, and stored
 in the same transaction as the photo, so no query recomputes them and no crash leaves a photo without them. They do
-not depend on the model, so a re-index keeps them; they do depend on the size they were extracted at, which is
-stored with them.
+not depend on the model, so a re-index keeps them; they do depend on how they were extracted (the size and the
+method, reid.local_features.Extraction), which is stored with them.
 
 Every write opens its own short-lived connection, so the store is safe to use from any thread or process. The
 small reads a request makes (evidence photos, listings, counts) go through one read-only connection per thread, kept
@@ -41,7 +41,7 @@ import numpy as np
 from reid.errors import ImageDecodeError, ReIDError
 from reid.fileio import write_atomically
 from reid.imageio import decode_image
-from reid.local_features import LocalFeatures
+from reid.local_features import Extraction, LocalFeatures
 from service.errors import ConflictError, ModelMismatchError, NotFoundError, StoreError
 from service.photos import Photo
 
@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 
 DATABASE_NAME = "reid.sqlite3"
 PHOTOS_DIR = "photos"
-#: 1: individuals, images, embeddings, meta. 2: adds local_features. Opening an older store upgrades it in place
-#: (the new tables are created empty); a newer store is refused rather than half understood.
-SCHEMA_VERSION = 2
+#: 1: individuals, images, embeddings, meta. 2: adds local_features. 3: adds local_features.method (the features
+#: of a version 2 store are "rootsift", not equalised). Opening an older store upgrades it in place (new tables are
+#: created empty); a newer store is refused rather than half understood.
+SCHEMA_VERSION = 3
 #: Stored photos were checked against the pixel limit when they were uploaded; decoding them again must not fail on
 #: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
 _NO_PIXEL_LIMIT = 2**62
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS embeddings (
 CREATE TABLE IF NOT EXISTS local_features (
     image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
     max_side INTEGER NOT NULL,             -- long side (pixels) the photo was extracted at
-    features BLOB NOT NULL                 -- reid.local_features.LocalFeatures.to_bytes()
+    features BLOB NOT NULL,                -- reid.local_features.LocalFeatures.to_bytes()
+    method TEXT NOT NULL DEFAULT 'rootsift'  -- reid.local_features.Extraction.method
 );
 """
 
@@ -168,8 +170,9 @@ class Store:
             raise StoreError(f"cannot open the service's store in {self.root}: {error}") from error
 
     def _create_or_upgrade(self, connection: sqlite3.Connection) -> None:
-        """Create the tables a store of :data:`SCHEMA_VERSION` has. Every version so far only adds tables, so an
-        older store is upgraded by creating the missing ones (``IF NOT EXISTS`` makes this safe to repeat)."""
+        """Create the tables a store of :data:`SCHEMA_VERSION` has. Every version so far only adds tables or columns
+        with defaults, so an older store is upgraded by creating the missing ones (``IF NOT EXISTS`` and the column
+        check make this safe to repeat)."""
         has_meta = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if has_meta else None
         version = SCHEMA_VERSION if row is None else int(row[0])
@@ -177,6 +180,9 @@ class Store:
             raise StoreError(f"the store in {self.root} has schema version {version}, newer than the version "
                              f"{SCHEMA_VERSION} this turtle-reid reads; upgrade turtle-reid")
         connection.executescript(_SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(local_features)")}
+        if "method" not in columns:  # a version 2 store: its features were extracted without equalisation
+            connection.execute("ALTER TABLE local_features ADD COLUMN method TEXT NOT NULL DEFAULT 'rootsift'")
         connection.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         if version < SCHEMA_VERSION:
             log.info("store %s upgraded from schema version %d to %d", self.root, version, SCHEMA_VERSION)
@@ -281,8 +287,8 @@ class Store:
 
     def add_images(self, individual_id: str, photos: Sequence[Photo], vectors: np.ndarray, fingerprint: str,
                    mode: IndividualMode, features: Sequence[LocalFeatures] | None = None,
-                   max_side: int | None = None) -> list[StoredImage]:
-        """Store photos, their embeddings and (when given) their local features extracted at ``max_side``, for one
+                   extraction: Extraction | None = None) -> list[StoredImage]:
+        """Store photos, their embeddings and (when given) their local features extracted by ``extraction``, for one
         individual, all or nothing, and return them in order.
 
         A photo already enrolled for this individual (same SHA-256) is returned with ``already_enrolled=True``
@@ -290,8 +296,8 @@ class Store:
         """
         if len(photos) != len(vectors):
             raise ValueError(f"{len(photos)} photos but {len(vectors)} embeddings")
-        if features is not None and (len(features) != len(photos) or max_side is None):
-            raise ValueError(f"{len(photos)} photos but {len(features)} local features (extracted at {max_side})")
+        if features is not None and (len(features) != len(photos) or extraction is None):
+            raise ValueError(f"{len(photos)} photos but {len(features)} local features (extracted by {extraction})")
         stored: list[StoredImage] = []
         with self._transaction() as connection:
             self._require_model(connection, fingerprint)
@@ -308,8 +314,8 @@ class Store:
                 if row is None:
                     row = self._insert_image(connection, individual_id, photo, vector, fingerprint)
                     if features is not None:
-                        connection.execute("INSERT INTO local_features VALUES (?, ?, ?)",
-                                           (row["id"], max_side, features[i].to_bytes()))
+                        connection.execute("INSERT INTO local_features VALUES (?, ?, ?, ?)",
+                                           (row["id"], extraction.max_side, features[i].to_bytes(), extraction.method))
                     stored.append(_image(row))
                 else:
                     stored.append(_image(row, already_enrolled=True))
@@ -449,21 +455,23 @@ class Store:
 
     # -- local features ----------------------------------------------------------------------------------------
 
-    def local_features(self, max_side: int, batch_size: int = 1000) -> Iterator[list[tuple[int, bytes]]]:
-        """Stored local-feature blobs extracted at ``max_side``, as ``(image_id, blob)`` in image id order, in
+    def local_features(self, extraction: Extraction, batch_size: int = 1000) -> Iterator[list[tuple[int, bytes]]]:
+        """Stored local-feature blobs extracted by ``extraction``, as ``(image_id, blob)`` in image id order, in
         batches."""
         with self._connect() as connection:
-            cursor = connection.execute("SELECT image_id, features FROM local_features WHERE max_side = ? "
-                                        "ORDER BY image_id", (max_side,))
+            cursor = connection.execute("SELECT image_id, features FROM local_features WHERE max_side = ? AND "
+                                        "method = ? ORDER BY image_id", (extraction.max_side, extraction.method))
             while rows := cursor.fetchmany(batch_size):
                 yield [(row[0], bytes(row[1])) for row in rows]
 
-    def put_local_features(self, max_side: int, image_ids: Sequence[int], features: Sequence[LocalFeatures]) -> None:
+    def put_local_features(self, extraction: Extraction, image_ids: Sequence[int],
+                           features: Sequence[LocalFeatures]) -> None:
         """Store (or replace) photos' local features; photos deleted meanwhile are skipped."""
         with self._transaction() as connection:
             connection.executemany(
-                "INSERT OR REPLACE INTO local_features SELECT id, ?, ? FROM images WHERE id = ?",
-                [(max_side, item.to_bytes(), int(image_id)) for image_id, item in zip(image_ids, features)])
+                "INSERT OR REPLACE INTO local_features SELECT id, ?, ?, ? FROM images WHERE id = ?",
+                [(extraction.max_side, item.to_bytes(), extraction.method, int(image_id))
+                 for image_id, item in zip(image_ids, features)])
 
     # -- re-indexing -------------------------------------------------------------------------------------------
 

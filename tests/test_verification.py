@@ -13,8 +13,8 @@ import torch
 from reid.cli import main
 from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder
-from reid.local_features import extract_features
-from reid.verification import extract_all, feature_cache_dir
+from reid.local_features import Extraction, extract_features
+from reid.verification import Fusion, extract_all, feature_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,22 @@ def test_calibrate_verify_stores_fusion_and_its_own_threshold(verified: Path) ->
     assert verification is not None and 0.0 <= verification.threshold <= 1.0  # fused scores are probabilities
     assert verification.threshold_origin.startswith("reid calibrate --verify")
     fusion = verification.fusion
-    assert fusion.candidates == 8 and fusion.max_side == 1024
+    assert fusion.candidates == 8 and fusion.extraction == Extraction(1024, equalise=True)
     # more verified matches never make a pair less likely to be the same individual
     assert list(fusion.inliers([0, 5, 20, 60])) == sorted(fusion.inliers([0, 5, 20, 60]))
+
+
+def test_a_fusion_stored_before_equalisation_keeps_extracting_without_it(verified: Path, textured: Path) -> None:
+    fusion = Embedder.from_checkpoint(verified).verification.fusion
+    stored = fusion.to_dict()
+    assert Fusion.from_dict(stored) == fusion
+    del stored["equalise"]  # what checkpoints calibrated before equalisation hold: their inliers were counted without
+    legacy = Fusion.from_dict(stored)
+    assert legacy.extraction == Extraction(1024, equalise=False)
+    photo = sorted((textured / "images").glob("*/*.png"))[0]
+    plain, equalised = extract_all([photo], legacy.extraction)[0], extract_all([photo], fusion.extraction)[0]
+    assert plain == extract_features(decode_image(photo), equalise=False)  # not the equalised photo's cache entry
+    assert equalised == extract_features(decode_image(photo)) and plain != equalised
 
 
 def test_dataset_features_are_extracted_once_and_read_back(verified: Path, textured: Path) -> None:

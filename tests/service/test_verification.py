@@ -50,10 +50,11 @@ def verified_records(verified: tuple[Path, Path]) -> pd.DataFrame:
     return read_dataset(verified[1])
 
 
-def feature_rows(data_dir: Path) -> dict[int, int]:
-    """image id → long side its stored local features were extracted at, read straight from the database."""
+def feature_rows(data_dir: Path) -> dict[int, tuple[int, str]]:
+    """image id → (long side, method) its stored local features were extracted at/by, read from the database."""
     with sqlite3.connect(data_dir / DATABASE_NAME) as database:
-        return dict(database.execute("SELECT image_id, max_side FROM local_features").fetchall())
+        return {image_id: (max_side, method) for image_id, max_side, method in
+                database.execute("SELECT image_id, max_side, method FROM local_features").fetchall()}
 
 
 def explain(client: httpx.Client, query: bytes, individual_id: str, image_id: int) -> httpx.Response:
@@ -149,12 +150,25 @@ def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, 
     plain.close()
     with caplog.at_level(logging.INFO, logger="service"):
         verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
-    assert "upgraded from schema version 1 to 2" in caplog.text
+    assert "upgraded from schema version 1 to 3" in caplog.text
     assert "extracting the local features of 6 photos" in caplog.text and "6/6 photos extracted" in caplog.text
-    max_side = verifying.verification.fusion.max_side
-    assert feature_rows(data_dir) == {image_id: max_side for image_id in range(1, 7)}
+    extraction = verifying.verification.fusion.extraction
+    assert extraction.equalise, "a freshly calibrated checkpoint equalises"
+    assert feature_rows(data_dir) == {image_id: (1024, "rootsift-clahe") for image_id in range(1, 7)}
     best = verifying.identify([query], 3, None)[0].predictions[0]
     assert best.individual_id == "turtle-1" and best.evidence.inliers > 0
+
+    verifying.close()
+    with sqlite3.connect(data_dir / DATABASE_NAME) as database:  # a version 2 store: features without a method
+        database.execute("ALTER TABLE local_features DROP COLUMN method")
+        database.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="service"):
+        Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir)).close()
+    assert "upgraded from schema version 2 to 3" in caplog.text
+    assert "extracting the local features of 6 photos" in caplog.text, \
+        "features of a version 2 store were not equalised: they are not mixed with equalised queries"
+    assert feature_rows(data_dir) == {image_id: (1024, "rootsift-clahe") for image_id in range(1, 7)}
 
 
 def test_empty_gallery_and_offline_enrolment_with_verification(tmp_path: Path, verified: tuple[Path, Path],
