@@ -325,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     embeddings = cached_embeddings(args.checkpoint, paths, args.cache_dir, args.batch_size)
     extraction = Extraction(args.max_side, args.equalise)
     features, timing = cached_features(paths, args.cache_dir, extraction, args.max_keypoints)
-    pair_file = args.cache_dir / f"pairs_{_settings_name(extraction, args.max_keypoints, args.ratio)}_{_digest(*paths)}.npz"
+    settings = _settings_name(extraction, args.max_keypoints, args.ratio)
+    pair_file = args.cache_dir / f"pairs_{settings}_{_digest(*paths)}.npz"
     pairs = PairCache(features, pair_file, args.ratio)
 
     protocols: list[tuple[str, np.ndarray]] = []
@@ -343,8 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "data": str(args.data), "checkpoint": str(args.checkpoint), "top": args.top, "max_side": args.max_side,
-        "equalise": args.equalise,
-        "max_keypoints": args.max_keypoints, "ratio": args.ratio, "query_fraction": args.query_fraction,
+        "equalise": args.equalise, "max_keypoints": args.max_keypoints, "ratio": args.ratio, "query_fraction": args.query_fraction,
         "timing": timing, "protocols": results, "table": report,
     }, indent=2))
     log.info("wrote %s", args.out)

@@ -6,10 +6,10 @@ et al. 2024) re-scores the top candidates by matching local descriptors and coun
 one geometric transform. This module does exactly that, in three steps that each work alone:
 
 * :func:`extract_features` runs once per photo, when it is enrolled: the grey photo's local contrast equalised
-  (CLAHE, Zuiderveld 1994), then SIFT keypoints (Lowe 2004) with RootSIFT descriptors (Arandjelovic & Zisserman 2012, "Three things everyone should know to improve object retrieval":
-  L1-normalise, square-root, so Euclidean distance compares histograms by the Hellinger kernel). The result,
-  :class:`LocalFeatures`, serialises to a compact blob (:meth:`LocalFeatures.to_bytes`) for storage, so a
-  query never recomputes a gallery photo's features.
+  (CLAHE, Zuiderveld 1994), then SIFT keypoints (Lowe 2004) with RootSIFT descriptors (Arandjelovic & Zisserman
+  2012, "Three things everyone should know to improve object retrieval": L1-normalise, square-root, so Euclidean
+  distance compares histograms by the Hellinger kernel). The result, :class:`LocalFeatures`, serialises to a
+  compact blob (:meth:`LocalFeatures.to_bytes`) for storage, so a query never recomputes a gallery photo's features.
 * :func:`match_features` runs once per (query, candidate photo): nearest-neighbour matching with Lowe's ratio
   test, then a homography fitted with MAGSAC++ (Barath et al. 2020); the inlier count is the score.
 * :func:`draw_matches` shows the evidence to a person: both photos side by side, inliers joined by lines.
@@ -177,6 +177,11 @@ def _check_image(image: np.ndarray) -> None:
         raise FeatureError(f"image has no pixels: shape {image.shape}")
 
 
+def _check_max_side(max_side: int) -> None:
+    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or max_side < 16:
+        raise FeatureError(f"max_side must be an integer >= 16, got {max_side!r}")
+
+
 def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = 1500,
                      equalise: bool = True) -> LocalFeatures:
     """SIFT keypoints and RootSIFT descriptors of an RGB photo, keypoints in the photo's own pixels.
@@ -193,8 +198,7 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
         FeatureError: ``image`` is not H x W x 3 uint8, or an argument is out of range.
     """
     _check_image(image)
-    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or max_side < 16:
-        raise FeatureError(f"max_side must be an integer >= 16, got {max_side!r}")
+    _check_max_side(max_side)
     if isinstance(max_keypoints, bool) or not isinstance(max_keypoints, (int, np.integer)) or max_keypoints < 1:
         raise FeatureError(f"max_keypoints must be an integer >= 1, got {max_keypoints!r}")
     height, width = image.shape[:2]
@@ -239,8 +243,7 @@ class Extraction:
     equalise: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_side, bool) or not isinstance(self.max_side, (int, np.integer)) or self.max_side < 16:
-            raise FeatureError(f"max_side must be an integer >= 16, got {self.max_side!r}")
+        _check_max_side(self.max_side)
 
     @property
     def method(self) -> str:

@@ -191,8 +191,7 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
                                  gallery_features: Sequence[LocalFeatures], query_embeddings: np.ndarray,
                                  query_identities: Sequence[str], query_features: Sequence[LocalFeatures],
                                  candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
-                                 seed: int = 0,
-                                 progress: bool = False, runner_up_weight: float = 0.0
+                                 seed: int = 0, progress: bool = False, runner_up_weight: float = 0.0
                                  ) -> tuple[Verification, dict[str, float]]:
     """What `reid fit --verify` stores, from the photos its validation uses (training photos as the gallery).
 
