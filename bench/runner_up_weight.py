@@ -16,36 +16,50 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from reid.data.datamodule import ReIDDataModule
 from reid.evaluation import calibrate_on_held_out_individuals
 from reid.inference import CHECKPOINT_KEY, Embedder, read_checkpoint
 from reid.verification import extract_all, verifier_factory
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name a checkpoint and the validation split it was trained with."""
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/turtles_dev"))
     parser.add_argument("--split", default="auto", help="the data.split the checkpoint was trained with")
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0, help="data.seed: the split's and the folds' seed")
-    parser.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="runner-up weights to score")
     parser.add_argument("--backend", default="onnx", choices=["torch", "onnx"])
-    args = parser.parse_args()
 
+
+def validation_sets(args: argparse.Namespace) -> tuple[Embedder, pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:
+    """The checkpoint's embedder, and its training (gallery) and validation (query) photos with their embeddings,
+    drawn exactly as ``reid fit`` validated it."""
     embedder = Embedder.from_checkpoint(args.checkpoint, device="cpu", backend=args.backend)
     backbone = read_checkpoint(args.checkpoint)[CHECKPOINT_KEY]["backbone"]
     data = ReIDDataModule(str(args.data), split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                           backbone=backbone, image_size=embedder.preprocess.image_size, check_images=False)
     data.setup("fit")
     gallery, queries = data.gallery_records, data.query_records
-    gallery_vectors = embedder.embed(gallery["path"].tolist(), progress=True)
-    query_vectors = embedder.embed(queries["path"].tolist(), progress=True)
+    return (embedder, gallery, embedder.embed(gallery["path"].tolist(), progress=True), queries,
+            embedder.embed(queries["path"].tolist(), progress=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_arguments(parser)
+    parser.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="runner-up weights to score")
+    args = parser.parse_args()
+
+    embedder, gallery, gallery_vectors, queries, query_vectors = validation_sets(args)
     modes = {"similarity": None}
     if embedder.verification is not None:
         fusion = embedder.verification.fusion
-        modes["verified"] = verifier_factory(fusion, extract_all(gallery["path"].tolist(), fusion.max_side, True),
-                                             extract_all(queries["path"].tolist(), fusion.max_side, True), memo={})
+        modes["verified"] = verifier_factory(fusion, extract_all(gallery["path"].tolist(), fusion.extraction, True),
+                                             extract_all(queries["path"].tolist(), fusion.extraction, True), memo={})
 
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
           f"{len(gallery)} training photos\n")

@@ -160,15 +160,21 @@ def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
     return build
 
 
-def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
-               candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
-               progress: bool = False) -> Fusion:
-    """Learn the fusion from training photos alone: each photo is a query against all the others.
+#: The inlier count of photos ``(i, j)`` (rows of the photos a fusion is fitted on).
+PairInliers = Callable[[int, int], int]
 
-    Its ``candidates`` most similar other photos are verified exactly as a real query's would be, and every
-    (similarity, inliers) pair is labelled by whether the two photos show the same individual; each score is
-    then calibrated by isotonic regression (WildFusion's recipe). ``features`` were extracted by ``extraction``.
+
+def fusion_training_pairs(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
+                          candidates: int = DEFAULT_CANDIDATES, progress: bool = False,
+                          pair_inliers: PairInliers | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled pairs a fusion is learnt from: each training photo as a query against all the others.
+
+    Its ``candidates`` most similar other photos are verified exactly as a real query's would be. Returns each
+    pair's cosine similarity, inlier count and whether both photos show the same individual. ``pair_inliers``
+    replaces matching ``features`` when the caller already has the counts (bench/open_set_levers.py keeps them
+    across runs, so that comparing fusions on the same photos costs no matching).
     """
+    count = pair_inliers or (lambda i, j: match_features(features[i], features[j]).inliers)
     gallery = Gallery(int(embeddings.shape[1]))
     gallery.add(np.arange(len(identities)), embeddings, list(identities))
     scores, ids = gallery.search_photos(embeddings, candidates + 1)
@@ -178,8 +184,19 @@ def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequ
             if i < 0 or i == q:
                 continue
             similarities.append(float(score))
-            inliers.append(match_features(features[q], features[int(i)]).inliers)
+            inliers.append(count(q, int(i)))
             same.append(identities[q] == identities[int(i)])
+    return np.array(similarities), np.array(inliers, dtype=np.int64), np.array(same, dtype=bool)
+
+
+def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
+               candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
+               progress: bool = False, pair_inliers: PairInliers | None = None) -> Fusion:
+    """Learn the fusion from training photos alone (:func:`fusion_training_pairs`): each score is calibrated by
+    isotonic regression on the labelled pairs (WildFusion's recipe). ``features`` were extracted by
+    ``extraction``."""
+    similarities, inliers, same = fusion_training_pairs(embeddings, identities, features, candidates, progress,
+                                                        pair_inliers)
     fusion = Fusion(ScoreCalibration.fit(similarities, same, name="cosine"),
                     ScoreCalibration.fit(inliers, same, name="inliers"), candidates, extraction)
     log.info("fusion fitted on %d pairs of %d training photos (%d of the same individual)", len(same),

@@ -108,3 +108,32 @@ def test_explain_draws_the_pair_and_verify_without_calibration_is_refused(
     plain = export_encoder(tmp_path / "plain.ckpt", "lcnet_050", False, 48)
     assert main(["evaluate", "--checkpoint", str(plain), "--data", str(textured), "--verify"]) == 2
     assert "reid calibrate --verify" in capsys.readouterr().err
+
+
+def test_a_fusion_learnt_from_cached_inlier_counts_equals_one_learnt_by_matching(textured: Path) -> None:
+    """Benchmarks compare fusions on counts they cached (bench/open_set_levers.py): the counts must stand in for
+    matching exactly, each pair asked once."""
+    import numpy as np
+
+    from reid.data.records import read_dataset
+    from reid.local_features import match_features
+    from reid.verification import fit_fusion, fusion_training_pairs
+
+    records = read_dataset(textured)
+    identities = records["identity"].tolist()
+    features = extract_all(records["path"].tolist())
+    vectors = np.random.default_rng(0).normal(size=(len(identities), 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    asked: list[tuple[int, int]] = []
+
+    def cached(i: int, j: int) -> int:
+        asked.append((i, j))
+        return match_features(features[i], features[j]).inliers
+
+    matched = fit_fusion(vectors, identities, features, candidates=5)
+    from_cache = fit_fusion(vectors, identities, features, candidates=5, pair_inliers=cached)
+    assert from_cache == matched
+    assert len(asked) == len(set(asked)) == len(identities) * 5
+    similarities, inliers, same = fusion_training_pairs(vectors, identities, features, candidates=5)
+    assert len(similarities) == len(inliers) == len(same) == len(identities) * 5
+    assert same.any() and not same.all()

@@ -1,0 +1,176 @@
+"""Which way of fusing the two scores tells a new turtle from a known one best? And where are the answers lost?
+
+    .venv/bin/python bench/open_set_levers.py --checkpoint C [--split image --val-fraction 0.33 --seed N]
+
+The checkpoint's validation photos are verified against its training photos exactly as ``reid fit --verify``
+does it (:func:`reid.verification.verification_from_validation`'s steps: a fusion learnt on the training photos
+alone, then the new_turtle threshold fitted and scored on folds of validation individuals held out of the gallery),
+once per fusion variant:
+
+* ``mean``: the default, the mean of the two calibrated probabilities (WildFusion);
+* ``log-odds``: the calibrated probabilities combined as a sum of log-odds (naive Bayes);
+* ``max``: the larger of the two probabilities;
+* ``logistic``: a logistic regression on the two calibrated log-odds, fitted on the same training pairs;
+* ``floor-N``: the mean, with inlier counts under N read as 0 (counts a homography reaches on random matches).
+
+Each variant is printed with its closed-set verified MAP@5 and top-1, and its held-out balanced accuracy and AUROC.
+Then the diagnosis of the default fusion: how the known queries of the held-out folds are lost (wrong individual
+at rank 1, or right but flagged new_turtle) and how many unknown ones are accepted, and, for every closed-set
+rank-1 error, the most inliers the query reaches against *any* training photo of its own individual: when that is
+low, no re-weighting of the scores can find the match.
+
+Inlier counts are kept in ``--cache-dir`` keyed by the two photos' paths and the extraction, so a second checkpoint
+of the same photos only matches the pairs the first did not. The split options must be those the checkpoint was
+trained with (the file's split by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from runner_up_weight import add_split_arguments, validation_sets
+from sklearn.linear_model import LogisticRegression
+
+from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
+from reid.fileio import write_atomically
+from reid.local_features import Extraction, LocalFeatures, match_features
+from reid.verification import Fusion, LocalVerifier, extract_all, fit_fusion, fusion_training_pairs
+
+log = logging.getLogger("open_set_levers")
+
+#: Probabilities are kept this far from 0 and 1 before taking log-odds, so one flat calibration cannot veto.
+_EPSILON = 1e-3
+
+
+class InlierCache:
+    """Inlier counts of (query photo, gallery photo) pairs keyed by their paths, kept on disk between runs (a pickle
+    this bench wrote itself)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.counts: dict[tuple[str, str], int] = pickle.loads(path.read_bytes()) if path.exists() else {}
+
+    def count(self, query: tuple[str, LocalFeatures], photo: tuple[str, LocalFeatures]) -> int:
+        key = (query[0], photo[0])
+        if key not in self.counts:
+            self.counts[key] = match_features(query[1], photo[1]).inliers
+        return self.counts[key]
+
+    def save(self) -> None:
+        write_atomically(self.path, pickle.dumps(self.counts))
+
+
+class Variant:
+    """A fusion rule over the default fusion's two calibrations (the verifier only calls it and reads
+    ``candidates``)."""
+
+    def __init__(self, base: Fusion, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.base, self.rule, self.candidates = base, rule, base.candidates
+
+    def __call__(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        return self.rule(np.asarray(similarities, np.float64), np.asarray(inliers, np.float64))
+
+
+def log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPSILON, 1 - _EPSILON)
+    return np.log(p / (1 - p))
+
+
+def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], floors: list[int]) -> dict[str, object]:
+    """The fusions compared, each built on the same calibrations (and, for ``logistic``, the same training pairs)."""
+    similarity, inliers = base.similarity, base.inliers
+
+    def both(s: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return np.stack([log_odds(similarity(s)), log_odds(inliers(i))], axis=1)
+
+    logistic = LogisticRegression().fit(both(pairs[0], pairs[1]), pairs[2])
+    found: dict[str, object] = {
+        "mean": base,
+        "log-odds": Variant(base, lambda s, i: 1 / (1 + np.exp(-both(s, i).sum(axis=1)))),
+        "max": Variant(base, lambda s, i: np.maximum(similarity(s), inliers(i))),
+        "logistic": Variant(base, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
+    }
+    for floor in floors:
+        found[f"floor-{floor}"] = Variant(base, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_arguments(parser)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/verification_cache"))
+    parser.add_argument("--floors", type=int, nargs="*", default=[8], help="inlier floors to score")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    embedder, gallery, gallery_vectors, queries, query_vectors = validation_sets(args)
+    runner_up_weight = embedder.runner_up_weight  # what `reid fit` fitted its thresholds with
+    extraction = Extraction()
+    gallery_paths, query_paths = gallery["path"].tolist(), queries["path"].tolist()
+    gallery_ids, query_ids = gallery["identity"].tolist(), queries["identity"].tolist()
+    gallery_features = list(zip(gallery_paths, extract_all(gallery_paths, extraction, True)))
+    query_features = list(zip(query_paths, extract_all(query_paths, extraction, True)))
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    cache = InlierCache(args.cache_dir / f"inliers_{hashlib.sha256(extraction.method.encode()).hexdigest()[:8]}_"
+                                         f"{extraction.max_side}.pkl")
+
+    def gallery_pair(i: int, j: int) -> int:
+        return cache.count(gallery_features[i], gallery_features[j])
+
+    def verifier_for(fusion: object) -> Callable[[np.ndarray, np.ndarray], LocalVerifier]:
+        def build(gallery_rows: np.ndarray, query_rows: np.ndarray) -> LocalVerifier:
+            # the verifier's memo is the cache itself, keyed by the two photos' paths
+            return LocalVerifier(fusion, lambda i: gallery_features[int(gallery_rows[i])][1],
+                                 [query_features[int(r)][1] for r in query_rows], cache.counts,
+                                 lambda q, i: (query_paths[int(query_rows[q])], gallery_paths[int(gallery_rows[i])]))
+        return build
+
+    base = fit_fusion(gallery_vectors, gallery_ids, [f for _, f in gallery_features], extraction=extraction,
+                      progress=True, pair_inliers=gallery_pair)
+    pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features],
+                                  base.candidates, pair_inliers=gallery_pair)
+    print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
+          f"{len(gallery)} training photos, {base.candidates} verified a query, runner-up weight {runner_up_weight:g}\n")
+    print("| fusion | verified MAP@5 | top-1 | held-out balanced accuracy | AUROC |")
+    print("|---|---|---|---|---|")
+    everything = np.arange(len(gallery_ids))
+    for name, fusion in variants(base, pairs, args.floors).items():
+        factory = verifier_for(fusion)
+        closed = score_rankings(search_gallery(gallery_vectors, gallery_ids, query_vectors, 5,
+                                               factory(everything, np.arange(len(query_ids)))),
+                                query_ids, known=set(gallery_ids))
+        held_out = calibrate_on_held_out_individuals(gallery_vectors, gallery_ids, query_vectors, query_ids,
+                                                     seed=args.seed, verifier_for=factory,
+                                                     runner_up_weight=runner_up_weight)
+        m = held_out.metrics
+        print(f"| {name} | {closed.metrics['map5']:.3f} | {closed.metrics['top1']:.3f} | "
+              f"{m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |", flush=True)
+        if name == "mean":
+            default_closed, default_held_out = closed, m
+        cache.save()
+
+    print(f"\nDefault fusion, held-out folds: known queries {default_held_out['known_accuracy']:.3f} right at rank 1 "
+          f"and not flagged, unknown queries {default_held_out['unknown_accuracy']:.3f} flagged new_turtle")
+    errors = [q for q, (ranking, truth) in enumerate(zip(default_closed.rankings, default_closed.truths))
+              if ranking and ranking[0].individual != truth]
+    best_own = []
+    for q in errors:
+        own = [i for i, identity in enumerate(gallery_ids) if identity == query_ids[q]]
+        best_own.append(max((cache.count(query_features[q], gallery_features[i]) for i in own), default=0))
+    cache.save()
+    print(f"Closed-set rank-1 errors: {len(errors)} of {len(query_ids)}; the most inliers each reaches against any "
+          f"training photo of its own individual: {sorted(best_own, reverse=True)}")
+    for q, inliers in zip(errors, best_own):
+        hit = default_closed.rankings[q][0]
+        print(f"  {query_paths[q]}: answered {hit.individual} (cosine {hit.similarity:.3f}, {hit.inliers} inliers); "
+              f"its own individual {query_ids[q]}: at most {inliers} inliers")
+
+
+if __name__ == "__main__":
+    main()
