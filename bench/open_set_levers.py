@@ -27,7 +27,6 @@ trained with (the file's split by default).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import pickle
 from collections.abc import Callable
@@ -35,18 +34,15 @@ from pathlib import Path
 
 import numpy as np
 from runner_up_weight import add_split_arguments, validation_sets
+from verification_quality import log_odds
 from sklearn.linear_model import LogisticRegression
 
 from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.fileio import write_atomically
 from reid.local_features import Extraction, LocalFeatures, match_features
-from reid.verification import Fusion, LocalVerifier, extract_all, fit_fusion, fusion_training_pairs
+from reid.verification import Fusion, LocalVerifier, extract_all, fusion_from_pairs, fusion_training_pairs
 
 log = logging.getLogger("open_set_levers")
-
-#: Probabilities are kept this far from 0 and 1 before taking log-odds, so one flat calibration cannot veto.
-_EPSILON = 1e-3
-
 
 class InlierCache:
     """Inlier counts of (query photo, gallery photo) pairs keyed by their paths, kept on disk between runs (a pickle
@@ -70,16 +66,11 @@ class Variant:
     """A fusion rule over the default fusion's two calibrations (the verifier only calls it and reads
     ``candidates``)."""
 
-    def __init__(self, base: Fusion, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        self.base, self.rule, self.candidates = base, rule, base.candidates
+    def __init__(self, candidates: int, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.candidates, self.rule = candidates, rule
 
     def __call__(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         return self.rule(np.asarray(similarities, np.float64), np.asarray(inliers, np.float64))
-
-
-def log_odds(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPSILON, 1 - _EPSILON)
-    return np.log(p / (1 - p))
 
 
 def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], floors: list[int]) -> dict[str, object]:
@@ -92,12 +83,13 @@ def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], flo
     logistic = LogisticRegression().fit(both(pairs[0], pairs[1]), pairs[2])
     found: dict[str, object] = {
         "mean": base,
-        "log-odds": Variant(base, lambda s, i: 1 / (1 + np.exp(-both(s, i).sum(axis=1)))),
-        "max": Variant(base, lambda s, i: np.maximum(similarity(s), inliers(i))),
-        "logistic": Variant(base, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
+        "log-odds": Variant(base.candidates, lambda s, i: 1 / (1 + np.exp(-both(s, i).sum(axis=1)))),
+        "max": Variant(base.candidates, lambda s, i: np.maximum(similarity(s), inliers(i))),
+        "logistic": Variant(base.candidates, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
     }
     for floor in floors:
-        found[f"floor-{floor}"] = Variant(base, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
+        found[f"floor-{floor}"] = Variant(
+            base.candidates, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
     return found
 
 
@@ -117,8 +109,7 @@ def main() -> None:
     gallery_features = list(zip(gallery_paths, extract_all(gallery_paths, extraction, True)))
     query_features = list(zip(query_paths, extract_all(query_paths, extraction, True)))
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    cache = InlierCache(args.cache_dir / f"inliers_{hashlib.sha256(extraction.method.encode()).hexdigest()[:8]}_"
-                                         f"{extraction.max_side}.pkl")
+    cache = InlierCache(args.cache_dir / f"inliers_{extraction.method}_{extraction.max_side}.pkl")
 
     def gallery_pair(i: int, j: int) -> int:
         return cache.count(gallery_features[i], gallery_features[j])
@@ -131,12 +122,12 @@ def main() -> None:
                                  lambda q, i: (query_paths[int(query_rows[q])], gallery_paths[int(gallery_rows[i])]))
         return build
 
-    base = fit_fusion(gallery_vectors, gallery_ids, [f for _, f in gallery_features], extraction=extraction,
-                      progress=True, pair_inliers=gallery_pair)
-    pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features],
-                                  base.candidates, pair_inliers=gallery_pair)
+    pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features], progress=True,
+                                  pair_inliers=gallery_pair)
+    base = fusion_from_pairs(pairs, extraction=extraction)
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
-          f"{len(gallery)} training photos, {base.candidates} verified a query, runner-up weight {runner_up_weight:g}\n")
+          f"{len(gallery)} training photos, {base.candidates} verified a query, "
+          f"runner-up weight {runner_up_weight:g}\n")
     print("| fusion | verified MAP@5 | top-1 | held-out balanced accuracy | AUROC |")
     print("|---|---|---|---|---|")
     everything = np.arange(len(gallery_ids))

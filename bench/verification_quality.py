@@ -188,14 +188,16 @@ def ranked_labels(found: Candidates, score: np.ndarray | None, identities: np.nd
     return [hit[0] for hit in ranking]  # a hit is (individual, score, ...)
 
 
+def log_odds(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with ``p`` kept :data:`_EPSILON` away from 0 and 1."""
+    p = np.clip(p, _EPSILON, 1 - _EPSILON)
+    return np.log(p / (1 - p))
+
+
 def variants(calibrations: dict[str, ScoreCalibration]) -> dict[str, Callable[[Candidates], np.ndarray | None]]:
     """Each variant's photo score over the verified candidates (``None``: plain cosine order)."""
     def probabilities(c: Candidates) -> tuple[np.ndarray, np.ndarray]:
         return calibrations["cosine"](c.cosine), calibrations["inliers"](c.inliers)
-
-    def log_odds(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p, _EPSILON, 1 - _EPSILON)
-        return np.log(p / (1 - p))
 
     return {
         "cosine": lambda c: None,

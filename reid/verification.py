@@ -189,18 +189,24 @@ def fusion_training_pairs(embeddings: np.ndarray, identities: Sequence[str], fea
     return np.array(similarities), np.array(inliers, dtype=np.int64), np.array(same, dtype=bool)
 
 
+def fusion_from_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], candidates: int = DEFAULT_CANDIDATES,
+                      extraction: Extraction = Extraction()) -> Fusion:
+    """Calibrate each score of :func:`fusion_training_pairs`'s labelled pairs by isotonic regression (WildFusion's
+    recipe); ``candidates`` and ``extraction`` are how the pairs were drawn and their features extracted."""
+    similarities, inliers, same = pairs
+    return Fusion(ScoreCalibration.fit(similarities, same, name="cosine"),
+                  ScoreCalibration.fit(inliers, same, name="inliers"), candidates, extraction)
+
+
 def fit_fusion(embeddings: np.ndarray, identities: Sequence[str], features: Sequence[LocalFeatures],
                candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
-               progress: bool = False, pair_inliers: PairInliers | None = None) -> Fusion:
-    """Learn the fusion from training photos alone (:func:`fusion_training_pairs`): each score is calibrated by
-    isotonic regression on the labelled pairs (WildFusion's recipe). ``features`` were extracted by
-    ``extraction``."""
-    similarities, inliers, same = fusion_training_pairs(embeddings, identities, features, candidates, progress,
-                                                        pair_inliers)
-    fusion = Fusion(ScoreCalibration.fit(similarities, same, name="cosine"),
-                    ScoreCalibration.fit(inliers, same, name="inliers"), candidates, extraction)
-    log.info("fusion fitted on %d pairs of %d training photos (%d of the same individual)", len(same),
-             len(identities), int(np.sum(same)))
+               progress: bool = False) -> Fusion:
+    """Learn the fusion from training photos alone: their labelled pairs (:func:`fusion_training_pairs`), each score
+    calibrated (:func:`fusion_from_pairs`). ``features`` were extracted by ``extraction``."""
+    pairs = fusion_training_pairs(embeddings, identities, features, candidates, progress)
+    fusion = fusion_from_pairs(pairs, candidates, extraction)
+    log.info("fusion fitted on %d pairs of %d training photos (%d of the same individual)", len(pairs[2]),
+             len(identities), int(np.sum(pairs[2])))
     return fusion
 
 

@@ -117,7 +117,7 @@ def test_a_fusion_learnt_from_cached_inlier_counts_equals_one_learnt_by_matching
 
     from reid.data.records import read_dataset
     from reid.local_features import match_features
-    from reid.verification import fit_fusion, fusion_training_pairs
+    from reid.verification import fit_fusion, fusion_from_pairs, fusion_training_pairs
 
     records = read_dataset(textured)
     identities = records["identity"].tolist()
@@ -131,9 +131,9 @@ def test_a_fusion_learnt_from_cached_inlier_counts_equals_one_learnt_by_matching
         return match_features(features[i], features[j]).inliers
 
     matched = fit_fusion(vectors, identities, features, candidates=5)
-    from_cache = fit_fusion(vectors, identities, features, candidates=5, pair_inliers=cached)
-    assert from_cache == matched
+    cached_pairs = fusion_training_pairs(vectors, identities, features, candidates=5, pair_inliers=cached)
+    assert fusion_from_pairs(cached_pairs, candidates=5) == matched
     assert len(asked) == len(set(asked)) == len(identities) * 5
-    similarities, inliers, same = fusion_training_pairs(vectors, identities, features, candidates=5)
+    similarities, inliers, same = cached_pairs
     assert len(similarities) == len(inliers) == len(same) == len(identities) * 5
     assert same.any() and not same.all()
