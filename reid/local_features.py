@@ -51,6 +51,8 @@ DEFAULT_MAX_SIDE = 1024
 #: a few scales of a turtle's face, so each scale's edges are stretched against its neighbours, not the whole photo.
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = (8, 8)
+#: SIFT keypoints kept a photo (the strongest responses). Matching cost grows with the square of it.
+DEFAULT_MAX_KEYPOINTS = 1500
 
 #: Homographies are fitted with each photo's points rescaled so that its long side is this many units, so that
 #: the reprojection threshold means the same fraction of the photo whatever its resolution.
@@ -182,7 +184,12 @@ def _check_max_side(max_side: int) -> None:
         raise FeatureError(f"max_side must be an integer >= 16, got {max_side!r}")
 
 
-def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = 1500,
+def _check_max_keypoints(max_keypoints: int) -> None:
+    if isinstance(max_keypoints, bool) or not isinstance(max_keypoints, (int, np.integer)) or max_keypoints < 1:
+        raise FeatureError(f"max_keypoints must be an integer >= 1, got {max_keypoints!r}")
+
+
+def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
                      equalise: bool = True) -> LocalFeatures:
     """SIFT keypoints and RootSIFT descriptors of an RGB photo, keypoints in the photo's own pixels.
 
@@ -199,8 +206,7 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     """
     _check_image(image)
     _check_max_side(max_side)
-    if isinstance(max_keypoints, bool) or not isinstance(max_keypoints, (int, np.integer)) or max_keypoints < 1:
-        raise FeatureError(f"max_keypoints must be an integer >= 1, got {max_keypoints!r}")
+    _check_max_keypoints(max_keypoints)
     height, width = image.shape[:2]
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     factor = min(1.0, max_side / max(width, height))
@@ -241,20 +247,25 @@ class Extraction:
     max_side: int = DEFAULT_MAX_SIDE
     #: CLAHE before SIFT; False is how every fusion stored before it existed was learnt
     equalise: bool = True
+    max_keypoints: int = DEFAULT_MAX_KEYPOINTS
 
     def __post_init__(self) -> None:
         _check_max_side(self.max_side)
+        _check_max_keypoints(self.max_keypoints)
 
     @property
     def method(self) -> str:
-        """The name of the method without the resolution (stored beside features, in caches' keys)."""
-        return "rootsift-clahe" if self.equalise else "rootsift"
+        """The name of the method without the resolution (stored beside features, in caches' keys). A keypoint
+        budget other than the default is part of it, so features of different budgets never mix."""
+        name = "rootsift-clahe" if self.equalise else "rootsift"
+        return name if self.max_keypoints == DEFAULT_MAX_KEYPOINTS else f"{name}-{self.max_keypoints}"
 
     def describe(self) -> str:
         return f"{self.method} at {self.max_side} px"
 
     def extract(self, image: np.ndarray) -> LocalFeatures:
-        return extract_features(image, max_side=self.max_side, equalise=self.equalise)
+        return extract_features(image, max_side=self.max_side, max_keypoints=self.max_keypoints,
+                                equalise=self.equalise)
 
 
 def _empty_match(tentative: int = 0) -> Match:

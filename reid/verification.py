@@ -24,7 +24,7 @@ from reid.gallery import Gallery
 from reid.imageio import decode_image
 from reid.errors import FeatureError
 from reid.fileio import write_atomically
-from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, match_features
+from reid.local_features import DEFAULT_MAX_KEYPOINTS, FORMAT_VERSION, Extraction, LocalFeatures, match_features
 from reid.score_calibration import ScoreCalibration
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,16 @@ class Fusion:
         """Plain values, so the fusion travels inside a checkpoint read with ``weights_only=True``."""
         return {"similarity": self.similarity.to_dict(), "inliers": self.inliers.to_dict(),
                 "candidates": self.candidates, "max_side": self.extraction.max_side,
-                "equalise": self.extraction.equalise}
+                "equalise": self.extraction.equalise, "max_keypoints": self.extraction.max_keypoints}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fusion:
         """A fusion stored before features were equalised has no ``equalise``: it keeps extracting without, as it
-        was calibrated."""
+        was calibrated; one stored before the keypoint budget was a setting used the default budget."""
+        extraction = Extraction(int(data["max_side"]), bool(data.get("equalise", False)),
+                                int(data.get("max_keypoints", DEFAULT_MAX_KEYPOINTS)))
         return cls(ScoreCalibration.from_dict(data["similarity"]), ScoreCalibration.from_dict(data["inliers"]),
-                   int(data["candidates"]), Extraction(int(data["max_side"]), bool(data.get("equalise", False))))
+                   int(data["candidates"]), extraction)
 
 
 def feature_cache_dir() -> Path:

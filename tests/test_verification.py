@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from reid.cli import main
+from reid.errors import FeatureError
 from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder
 from reid.local_features import Extraction, extract_features
@@ -59,6 +61,23 @@ def test_a_fusion_stored_before_equalisation_keeps_extracting_without_it(verifie
     plain, equalised = extract_all([photo], legacy.extraction)[0], extract_all([photo], fusion.extraction)[0]
     assert plain == extract_features(decode_image(photo), equalise=False)  # not the equalised photo's cache entry
     assert equalised == extract_features(decode_image(photo)) and plain != equalised
+
+
+def test_a_keypoint_budget_other_than_the_default_is_stored_and_keyed_apart(verified: Path, textured: Path) -> None:
+    """A fusion learnt on 3,000 keypoints a photo keeps extracting 3,000; one stored before the budget was a
+    setting extracts the default 1,500; and the two never share a cache entry or a store column."""
+    fusion = Embedder.from_checkpoint(verified).verification.fusion
+    larger = replace(fusion, extraction=Extraction(1024, equalise=True, max_keypoints=3000))
+    assert Fusion.from_dict(larger.to_dict()).extraction.max_keypoints == 3000
+    stored = fusion.to_dict()
+    del stored["max_keypoints"]
+    assert Fusion.from_dict(stored).extraction == Extraction(1024, equalise=True, max_keypoints=1500)
+    assert (larger.extraction.method, fusion.extraction.method) == ("rootsift-clahe-3000", "rootsift-clahe")
+    photo = sorted((textured / "images").glob("*/*.png"))[0]
+    few, many = extract_all([photo], Extraction(max_keypoints=20))[0], extract_all([photo], larger.extraction)[0]
+    assert len(few) == 20 < len(many) and many == extract_features(decode_image(photo), max_keypoints=3000)
+    with pytest.raises(FeatureError, match="max_keypoints must be an integer >= 1, got 0"):
+        Extraction(max_keypoints=0)
 
 
 def test_dataset_features_are_extracted_once_and_read_back(verified: Path, textured: Path) -> None:
