@@ -1,6 +1,7 @@
 """Which way of fusing the two scores tells a new turtle from a known one best? And where are the answers lost?
 
     .venv/bin/python bench/open_set_levers.py --checkpoint C [--split image --val-fraction 0.33 --seed N]
+        [--max-keypoints 3000] [--test-crops 0.5]
 
 The checkpoint's validation photos are verified against its training photos exactly as ``reid fit --verify``
 does it (:func:`reid.verification.verification_from_validation`'s steps: a fusion learnt on the training photos
@@ -18,6 +19,10 @@ Then the diagnosis of the default fusion: how the known queries of the held-out 
 at rank 1, or right but flagged new_turtle) and how many unknown ones are accepted, and, for every closed-set
 rank-1 error, the most inliers the query reaches against *any* training photo of its own individual: when that is
 low, no re-weighting of the scores can find the match.
+
+Two levers outside the fusion can be scored the same way: ``--max-keypoints N`` extracts (and learns the fusion
+on) N SIFT keypoints a photo instead of 1,500, and ``--test-crops F`` embeds every photo with its centre crops of
+fraction F (``model.test_crops``) in place of the checkpoint's own preprocessing.
 
 Inlier counts are kept in ``--cache-dir`` keyed by the two photos' paths and the extraction, so a second checkpoint
 of the same photos only matches the pairs the first did not. The split options must be those the checkpoint was
@@ -39,7 +44,7 @@ from sklearn.linear_model import LogisticRegression
 
 from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.fileio import write_atomically
-from reid.local_features import Extraction, LocalFeatures, match_features
+from reid.local_features import DEFAULT_MAX_KEYPOINTS, Extraction, LocalFeatures, match_features
 from reid.verification import Fusion, LocalVerifier, extract_all, fusion_from_pairs, fusion_training_pairs
 
 log = logging.getLogger("open_set_levers")
@@ -97,13 +102,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_split_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/verification_cache"))
+    parser.add_argument("--max-keypoints", type=int, default=DEFAULT_MAX_KEYPOINTS,
+                        help="SIFT keypoints a photo (the fusion is learnt for this extraction)")
     parser.add_argument("--floors", type=int, nargs="*", default=[8], help="inlier floors to score")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     embedder, gallery, gallery_vectors, queries, query_vectors = validation_sets(args)
     runner_up_weight = embedder.runner_up_weight  # what `reid fit` fitted its thresholds with
-    extraction = Extraction()
+    extraction = Extraction(max_keypoints=args.max_keypoints)
     gallery_paths, query_paths = gallery["path"].tolist(), queries["path"].tolist()
     gallery_ids, query_ids = gallery["identity"].tolist(), queries["identity"].tolist()
     gallery_features = list(zip(gallery_paths, extract_all(gallery_paths, extraction, True)))

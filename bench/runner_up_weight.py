@@ -14,6 +14,7 @@ new_turtle score. The split options must be those the checkpoint was trained wit
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,16 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0, help="data.seed: the split's and the folds' seed")
     parser.add_argument("--backend", default="onnx", choices=["torch", "onnx"])
+    parser.add_argument("--test-crops", type=float, nargs="*", default=None,
+                        help="embed with these centre crops instead of the checkpoint's own (model.test_crops)")
 
 
 def validation_sets(args: argparse.Namespace) -> tuple[Embedder, pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:
     """The checkpoint's embedder, and its training (gallery) and validation (query) photos with their embeddings,
     drawn exactly as ``reid fit`` validated it."""
     embedder = Embedder.from_checkpoint(args.checkpoint, device="cpu", backend=args.backend)
+    if args.test_crops is not None:
+        embedder.preprocess = replace(embedder.preprocess, crops=tuple(args.test_crops))
     backbone = read_checkpoint(args.checkpoint)[CHECKPOINT_KEY]["backbone"]
     data = ReIDDataModule(str(args.data), split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                           backbone=backbone, image_size=embedder.preprocess.image_size, check_images=False)

@@ -63,6 +63,7 @@ def _run_lightning(argv: list[str] | None) -> int:
             parser.link_arguments("model.backbone", "data.backbone")
             parser.link_arguments("model.image_size", "data.image_size")
             parser.link_arguments("model.test_image_size", "data.test_image_size")
+            parser.link_arguments("model.test_crops", "data.test_crops")
             parser.add_argument("--verify", type=bool, default=False,
                                 help="after training, learn local verification on the validation photos and store "
                                      "it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -22,10 +21,10 @@ from tqdm.auto import tqdm
 
 import reid
 from reid.data.dataset import Photos
-from reid.data.transforms import Preprocess
+from reid.data.transforms import EvalViews, Preprocess
 from reid.errors import CheckpointError, require
 from reid.fileio import atomic_target
-from reid.model import Encoder
+from reid.model import Encoder, embed_views
 from reid.onnx_backend import BACKENDS, Backend, OnnxEncoder
 from reid.verification import CHECKPOINT_FIELD as VERIFICATION_FIELD
 from reid.verification import Verification
@@ -140,7 +139,7 @@ class Embedder:
         self.name = name
         self.fingerprint = fingerprint
 
-    def _eval_transform(self) -> A.Compose:
+    def _eval_transform(self) -> EvalViews:
         """This thread's eval transform of :attr:`preprocess`, rebuilt only when the preprocessing is replaced."""
         if getattr(self._transforms, "preprocess", None) != self.preprocess:
             self._transforms.compose = self.preprocess.eval_transform()
@@ -198,6 +197,6 @@ class Embedder:
             workers = min(BULK_WORKERS, os.cpu_count() or 1) if len(images) > batch_size else 0
             batches = DataLoader(photos, batch_size=batch_size, num_workers=workers)
         total = -(-len(images) // batch_size)
-        chunks = [self.forward(batch.to(self.device)).cpu().numpy()
+        chunks = [embed_views(self.forward, batch.to(self.device)).cpu().numpy()
                   for batch in tqdm(batches, total=total, desc="embedding", unit="batch", disable=not progress)]
         return np.concatenate(chunks).astype(np.float32)

@@ -6,6 +6,7 @@ the projection head transfers better); ``embedding: projection`` uses the head's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import timm
@@ -18,6 +19,17 @@ from reid.errors import ConfigError
 from reid.weights import create_backbone
 
 EmbeddingSource = Literal["backbone", "projection"]
+
+
+def embed_views(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """One L2-normalised embedding a photo from its ``B x V x 3 x H x W`` views (:class:`Preprocess`'s crops): the
+    normalised mean of the views' embeddings, all views going through ``embed`` in one batch. A single view is
+    returned as ``embed`` gave it, so checkpoints without crops embed exactly as before."""
+    batch, views = images.shape[:2]
+    embeddings = embed(images.flatten(0, 1))
+    if views == 1:
+        return embeddings
+    return F.normalize(embeddings.reshape(batch, views, -1).mean(dim=1), dim=1)
 
 
 class Encoder(nn.Module):
@@ -53,10 +65,10 @@ class Encoder(nn.Module):
         vectors = projections if self.embedding == "projection" else features
         return F.normalize(vectors.float(), dim=1)
 
-    def preprocess(self, image_size: int) -> Preprocess:
+    def preprocess(self, image_size: int, crops: tuple[float, ...] = ()) -> Preprocess:
         """The evaluation transform for this backbone: its own mean/std (timm's pretrained_cfg) at ``image_size``.
 
         :meth:`Preprocess.of_backbone` gives the same from the backbone's name without building it (tested).
         """
         config = timm.data.resolve_data_config({}, model=self.backbone)
-        return Preprocess(int(image_size), tuple(config["mean"]), tuple(config["std"]))
+        return Preprocess(int(image_size), tuple(config["mean"]), tuple(config["std"]), tuple(crops))

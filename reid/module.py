@@ -28,7 +28,7 @@ from reid.data.transforms import Preprocess
 from reid.errors import ConfigError, require
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
-from reid.model import EmbeddingSource, Encoder
+from reid.model import EmbeddingSource, Encoder, embed_views
 from reid.rsm import compute_rsm, plot_rsm
 from reid.weights import check_input_size
 
@@ -49,6 +49,9 @@ class ReIDModule(L.LightningModule):
             in the whole photo resized to the same size, and testing at a larger size gives them back their apparent
             size (FixRes, Touvron et al., 2019; timm's ``test_input_size``). Architectures built for one input size
             (ViTs) must keep it equal to ``image_size``.
+        test_crops: test-time zoom: centre crops (fractions of the photo's sides, e.g. ``[0.5]``) embedded beside the
+            whole photo, wherever a photo is embedded outside training (validation included), and stored with the
+            checkpoint; the embedding is the normalised mean of the views (:class:`reid.data.transforms.Preprocess`).
         projection_dim: output size of the SimCLR projection head.
         embedding: retrieval vector: ``backbone`` features (default) or ``projection``.
         loss: ``ntxent`` (SimCLR NT-Xent, label-aware), ``supcon`` (supervised contrastive) or
@@ -69,7 +72,7 @@ class ReIDModule(L.LightningModule):
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, image_size: int = 224,
-                 test_image_size: int | None = None, projection_dim: int = 128,
+                 test_image_size: int | None = None, test_crops: list[float] | None = None, projection_dim: int = 128,
                  embedding: EmbeddingSource = "backbone", loss: LossName = "ntxent",
                  temperature: float = 0.1, arcface_margin: float = 28.6, arcface_scale: float = 64.0,
                  sub_centers: int = 3, lr: float = 1e-3, backbone_lr_scale: float = 1.0, weight_decay: float = 1e-4,
@@ -97,7 +100,10 @@ class ReIDModule(L.LightningModule):
                 f"model.test_image_size: {backbone} cannot embed {test_image_size} px photos when built for "
                 f"model.image_size {image_size} ({failure}); set test_image_size to image_size, or leave it out"))
         #: how every photo is embedded outside training: saved with the checkpoint, used by evaluate, serve, predict
-        self.preprocess: Preprocess = self.encoder.preprocess(test_image_size or image_size)
+        try:
+            self.preprocess: Preprocess = self.encoder.preprocess(test_image_size or image_size, tuple(test_crops or ()))
+        except ConfigError as error:
+            raise ConfigError(f"model.test_crops: {error}") from error
         self.criterion: torch.nn.Module | None = None
         #: per validation loader, (embeddings, labels, dataset indices) of each batch this rank embedded
         self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -138,7 +144,8 @@ class ReIDModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
         images, labels, indices = batch
-        self._validation.setdefault(dataloader_idx, []).append((self.encoder.embed(self._images(images)), labels, indices))
+        embeddings = embed_views(lambda views: self.encoder.embed(self._images(views)), images)
+        self._validation.setdefault(dataloader_idx, []).append((embeddings, labels, indices))
 
     def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
         """One validation loader's embeddings and labels from every rank, each photo once, in dataset order.

@@ -84,6 +84,8 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--model.backbone", "test_vit3", "--model.image_size", "96", "--model.test_image_size", "128"],
      "model.test_image_size: test_vit3 cannot embed 128 px photos when built for model.image_size 96"),
     (["--model.runner_up_weight", "2"], "model.runner_up_weight must be in [0, 1], got 2.0"),
+    (["--model.test_crops", "[1.5]"], "model.test_crops: test crops must be fractions in (0, 1) of the photo's sides, "
+                                      "got [1.5]"),
     (["--data.individuals_per_batch", "100"], "data.individuals_per_batch must be at most 8"),
     (["--data.photos_per_individual", "1"], "data.photos_per_individual must be >= 2"),
     (["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),

@@ -55,13 +55,14 @@ class ReIDDataModule(L.LightningDataModule):
         image_size: the model's training input size (linked from ``model.image_size``).
         test_image_size: the size validation embeds at (linked from ``model.test_image_size``; ``None``:
             ``image_size``), the one the checkpoint is then used at.
+        test_crops: the centre crops validation embeds beside each photo (linked from ``model.test_crops``).
     """
 
     def __init__(self, root: str, individuals_per_batch: int = 16, photos_per_individual: int = 2,
                  batches_per_epoch: int = 50, split: SplitMode = "auto", val_fraction: float = 0.25, seed: int = 0,
                  augmentations: list[AugmentationSpec] | None = None, num_workers: int = 2,
                  eval_batch_size: int = 64, check_images: bool = True, *, backbone: str, image_size: int,
-                 test_image_size: int | None = None) -> None:
+                 test_image_size: int | None = None, test_crops: list[float] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         require("data.num_workers", num_workers, num_workers >= 0, ">= 0")
@@ -77,7 +78,7 @@ class ReIDDataModule(L.LightningDataModule):
         """The model's evaluation transform (what its checkpoint stores), resolved from ``backbone`` and the test
         size without building the model."""
         hp = self.hparams
-        return Preprocess.of_backbone(hp.backbone, hp.test_image_size or hp.image_size)
+        return Preprocess.of_backbone(hp.backbone, hp.test_image_size or hp.image_size, tuple(hp.test_crops or ()))
 
     def setup(self, stage: str | None = None) -> None:
         if self.records is not None:
