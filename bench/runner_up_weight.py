@@ -7,7 +7,8 @@ the individuals with validation photos are dealt into four seeded folds, each fo
 gallery so that its photos play new turtles, and the threshold fitted on the other folds is scored on it
 (:func:`reid.evaluation.calibrate_on_held_out_individuals`, the function ``reid fit`` calls). Each weight is scored
 on similarity alone and, when the checkpoint has verification (``verify: true``), on verified fused scores with the
-checkpoint's own fusion. Printed as a markdown table: known, unknown and balanced accuracy, and the AUROC of the
+checkpoint's own fusion. Printed after the closed-set MAP@5 by similarity (all validation individuals enrolled), as
+a markdown table: known, unknown and balanced accuracy, and the AUROC of the
 new_turtle score. The split options must be those the checkpoint was trained with (the file's split by default).
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from reid.data.datamodule import ReIDDataModule
-from reid.evaluation import calibrate_on_held_out_individuals
+from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, Embedder, read_checkpoint
 from reid.verification import extract_all, verifier_factory
 
@@ -66,8 +67,11 @@ def main() -> None:
         modes["verified"] = verifier_factory(fusion, extract_all(gallery["path"].tolist(), fusion.extraction, True),
                                              extract_all(queries["path"].tolist(), fusion.extraction, True), memo={})
 
+    identities = gallery["identity"].tolist()
+    closed = score_rankings(search_gallery(gallery_vectors, identities, query_vectors, 5),
+                            queries["identity"].tolist(), known=set(identities))
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
-          f"{len(gallery)} training photos\n")
+          f"{len(gallery)} training photos; closed-set MAP@5 by similarity {closed.metrics['map5']:.3f}\n")
     print("| scores | runner-up weight | known | unknown | balanced accuracy | AUROC |")
     print("|---|---|---|---|---|---|")
     for mode, factory in modes.items():
