@@ -6,11 +6,15 @@ size, on a batch already in memory: the model's own speed. Both are timed in thi
 mean is the baseline, so drift in the machine's load shows as a gap between the two raw figures). Run by hand:
 
     .venv/bin/python bench/embed_throughput.py --images ../shared/data/turtles_dev/images
+
+``--test-crops F ...`` times the project path again with those centre crops embedded beside each photo
+(``model.test_crops``, test-time zoom) in the same run, for the price of the option.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import shlex
 import sys
 import tempfile
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=256, help="photos to embed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="how the project path runs it")
+    parser.add_argument("--test-crops", type=float, nargs="+", help="also time the path with these centre crops")
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.count]
     if not paths:
@@ -61,6 +66,13 @@ def main() -> None:
     started = time.perf_counter()
     embedder.embed([str(p) for p in paths], batch_size=args.batch_size)
     project = len(paths) / (time.perf_counter() - started)
+    if args.test_crops:
+        zoomed = replace(embedder.preprocess, crops=tuple(args.test_crops))
+        plain, embedder.preprocess = embedder.preprocess, zoomed
+        started = time.perf_counter()
+        embedder.embed([str(p) for p in paths], batch_size=args.batch_size)
+        with_crops = len(paths) / (time.perf_counter() - started)
+        embedder.preprocess = plain
     raw_after = raw_forward(embedder, len(paths), args.batch_size)
     raw = (raw_before + raw_after) / 2
 
@@ -71,7 +83,11 @@ def main() -> None:
     print("| path | images/s |\n|---|---|")
     print(f"| raw timm forward, tensors in memory (before / after) | {raw_before:.1f} / {raw_after:.1f} |")
     print(f"| `Embedder.embed(paths)` ({args.backend}): decode + preprocess + forward | {project:.1f} |")
+    if args.test_crops:
+        print(f"| `Embedder.embed(paths)` with centre crops {args.test_crops} beside each photo | {with_crops:.1f} |")
     print(f"\nratio: **{project / raw:.2f}x** the raw forward")
+    if args.test_crops:
+        print(f"test-time zoom: **{project / with_crops:.2f}x** the time of the path without it")
 
 
 if __name__ == "__main__":
