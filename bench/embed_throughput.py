@@ -14,11 +14,11 @@ mean is the baseline, so drift in the machine's load shows as a gap between the 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -142,9 +142,9 @@ class Embedder:
     def _eval_transform(self) -> EvalViews:
         """This thread's eval transform of :attr:`preprocess`, rebuilt only when the preprocessing is replaced."""
         if getattr(self._transforms, "preprocess", None) != self.preprocess:
-            self._transforms.compose = self.preprocess.eval_transform()
+            self._transforms.transform = self.preprocess.eval_transform()
             self._transforms.preprocess = self.preprocess
-        return self._transforms.compose
+        return self._transforms.transform
 
     @property
     def dim(self) -> int:
