@@ -89,6 +89,12 @@ class HeldOutCalibration:
     threshold: float
     metrics: dict[str, float]
     origin: str
+    #: every fold's answers, each fold's queries in query order, that ``metrics`` scored: the rankings, the truths
+    #: (NEW_TURTLE for the held-out fold's queries) and the labels answered under the fold's own threshold; kept
+    #: so that a diagnosis can say which answers were lost and with what evidence
+    rankings: list[Ranking]
+    truths: list[Individual]
+    predictions: list[list[Individual]]
 
 
 def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[Individual],
@@ -136,7 +142,7 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
               + runner_up_note(runner_up_weight, ", ")
               + f"); on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
               f"AUROC {metrics['auroc']:.3f}")
-    return HeldOutCalibration(threshold, metrics, origin)
+    return HeldOutCalibration(threshold, metrics, origin, scored_rankings, scored_truths, predictions)
 
 
 #: ``query_split`` value that ignores a dataset's split column and uses the seeded protocols instead.

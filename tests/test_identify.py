@@ -8,7 +8,7 @@ import pytest
 
 from reid.evaluation import calibrate_on_held_out_individuals
 from reid.identify import Threshold, identifier_over, resolve_threshold
-from reid.metrics import NEW_TURTLE
+from reid.metrics import NEW_TURTLE, map_at_k
 
 
 def _clusters(individuals: int, photos: int, spread: float, seed: int, dim: int = 32) -> tuple[np.ndarray, list[str]]:
@@ -65,6 +65,12 @@ def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
     blurred = calibrate_on_held_out_individuals(vague[~is_query], names[~is_query].tolist(), vague[is_query],
                                                 names[is_query].tolist(), seed=0)
     assert blurred is not None and blurred.metrics["balanced_accuracy"] < 0.9
+    # the answers it kept are the ones it scored: every query once per fold, new turtles where their fold was out
+    assert len(blurred.rankings) == len(blurred.truths) == len(blurred.predictions) == 4 * int(is_query.sum())
+    assert blurred.truths.count(NEW_TURTLE) == int(is_query.sum())
+    assert map_at_k(blurred.predictions, blurred.truths) == pytest.approx(blurred.metrics["map5"])
+    known = [p[0] == t for p, t in zip(blurred.predictions, blurred.truths) if t != NEW_TURTLE]
+    assert np.mean(known) == pytest.approx(blurred.metrics["known_accuracy"])
 
 
 def test_no_threshold_without_two_individuals_to_hold_out() -> None:
