@@ -263,7 +263,7 @@ def search(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:
     _sync()
     seconds = time.perf_counter() - started
     found = (reference[:, 0] == picked).float().mean().item()
-    label = f"torch.mm + topk on the {device.type.upper()}"
+    label = f"torch.mm + topk on the {'GPU' if device.type == 'cuda' else device.type.upper()}"
     figures = {label: f"{sizes.queries / seconds:,.0f} queries/s ({1000 * seconds:.0f} ms for {sizes.queries})"}
     note = (f"exact top-{TOP_K} over {sizes.gallery:,} x {EMBEDDING_DIM} fp32 (matmul precision "
             f"{torch.get_float32_matmul_precision()}); planted neighbour found first for {found:.1%}")
