@@ -197,7 +197,8 @@ def train(args: argparse.Namespace, sizes: Sizes) -> tuple[Figures, str]:
     real, real_peak = _fit(sizes, model, precision, datamodule=ReIDDataModule(**data))
     device = _device()
     p, k, size = int(data["individuals_per_batch"]), int(data["photos_per_individual"]), sizes.image_size
-    batch = (torch.randn(p * k, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
+    pixels = torch.randint(0, 256, (p * k, 3, size, size), dtype=torch.uint8, device=device)  # as the loader's
+    batch = (pixels.contiguous(memory_format=torch.channels_last),
              torch.arange(p, device=device).repeat_interleave(k), torch.arange(p * k, device=device))
     resident, resident_peak = _fit(sizes, model, precision,
                                    train_dataloaders=SameBatch(batch, sizes.warmup_steps + sizes.timed_steps))

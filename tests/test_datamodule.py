@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reid.data.datamodule import ReIDDataModule
+from reid.imageio import decode_image
 from reid.model import Encoder
 
 
@@ -37,3 +39,21 @@ def test_training_crops_at_the_image_size_and_validation_embeds_at_the_test_size
     for loader in data.val_dataloader():
         assert next(iter(loader))[0].shape[-2:] == (64, 64)
     assert data.preprocess().image_size == 64  # what the checkpoint will store
+
+
+def test_training_batches_travel_as_pixels_and_normalise_on_the_device_as_evaluation_does(
+        synth_dataset: Path) -> None:
+    """A training batch is uint8 (a quarter of float32's bytes to copy to the GPU); normalised by the training step,
+    an unaugmented photo is the very tensor that evaluation embeds, so training and serving see the same input."""
+    data = ReIDDataModule(str(synth_dataset), individuals_per_batch=4, num_workers=0, check_images=False,
+                          backbone="resnet10t", image_size=48, augmentations=[])
+    data.setup("fit")
+    images, _, indices = next(iter(data.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 48, 48)
+    preprocess = data.preprocess()
+    evaluation = preprocess.eval_transform()
+    paths = data.train_records["path"].to_numpy()[indices.numpy()]
+    expected = torch.stack([evaluation(image=decode_image(path))["image"][0] for path in paths])
+    torch.testing.assert_close(preprocess.normalise(images), expected, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="float32"):
+        preprocess.normalise(expected)

@@ -46,7 +46,7 @@ class ReIDDataModule(L.LightningDataModule):
         split: ``auto`` (the dataset's split column if any, else by image), ``column``, ``image`` or ``individual``.
         val_fraction: share of photos (or individuals) held out when splitting here.
         seed: seed of the split and of the training batches (each epoch, and each DDP rank, draws its own from it).
-        augmentations: albumentations transforms, ``[{type: Name, **kwargs}]``, run before resize/normalise.
+        augmentations: albumentations transforms, ``[{type: Name, **kwargs}]``, run before the resize.
         num_workers: DataLoader worker processes.
         eval_batch_size: batch size when embedding gallery and query photos.
         check_images: open every image header when reading the dataset, to report a broken file up front.

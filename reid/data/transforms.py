@@ -2,8 +2,9 @@
 
 The evaluation transform is defined once by :class:`Preprocess` (size, mean, std, test-time zoom crops), stored
 in every checkpoint, and used by validation, evaluation, prediction and the service alike. Training augmentations
-are albumentations transforms listed in the config and run *before* the same resize/normalise tail, so train and
-eval tensors differ only by the augmentations.
+are albumentations transforms listed in the config and run *before* the same resize, so train and eval tensors
+differ only by the augmentations; training batches are normalised on the device (:meth:`Preprocess.normalise`),
+to the same values as the evaluation transform's (tested).
 """
 
 from __future__ import annotations
@@ -72,20 +73,32 @@ class Preprocess:
         if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in self.crops):
             raise ConfigError(f"test crops must be fractions in (0, 1) of the photo's sides, got {list(self.crops)}")
 
-    def _tail(self) -> list[A.BasicTransform]:
-        return [
-            A.Resize(self.image_size, self.image_size),
-            A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
-            ToTensorV2(),
-        ]
+    def _tail(self, normalise: bool = True) -> list[A.BasicTransform]:
+        scale = [A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0)] if normalise else []
+        return [A.Resize(self.image_size, self.image_size), *scale, ToTensorV2()]
 
     def eval_transform(self) -> EvalViews:
         """The transform used everywhere an image is embedded for retrieval: ``V x 3 x H x W`` views."""
         return EvalViews(A.Compose(self._tail()), self.crops)
 
     def train_transform(self, augmentations: list[AugmentationSpec]) -> A.Compose:
-        """Augmentations from the config, then the evaluation tail."""
-        return A.Compose([build_augmentation(spec, self.image_size) for spec in augmentations] + self._tail())
+        """Augmentations from the config, then the evaluation tail's resize: ``3 x H x W`` uint8 tensors, which the
+        training step normalises on the device (:meth:`normalise`).
+
+        Why not normalise in the loader, as evaluation does: a training batch then crosses from the workers to the
+        GPU (shared memory, pinning, the host-to-device copy) as a quarter of the bytes of float32, and the
+        workers, which limit how fast a GPU trains (BENCHMARKS.md, "GPU check"), skip a pass over every pixel.
+        """
+        augmented = [build_augmentation(spec, self.image_size) for spec in augmentations]
+        return A.Compose(augmented + self._tail(normalise=False))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (``N x 3 x H x W``, on any device) as float32, normalised as the evaluation transform does."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalise takes uint8 pixels (the training transform's), got {images.dtype}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+        return (images.float() - mean) / std
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, **{k: list(v) for k, v in asdict(self).items() if k != "image_size"}}
