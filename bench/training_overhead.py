@@ -73,7 +73,7 @@ def plain_loop(module: ReIDModule, batches: Iterable, total_steps: int) -> list[
     optimizer, scheduler = module.optimizer_and_scheduler(total_steps)
     ends = []
     for images, labels, _ in batches:
-        _, projections = encoder(module.preprocess.normalise(images.contiguous(memory_format=torch.channels_last)))
+        _, projections = encoder(module.normalise_pixels(images.contiguous(memory_format=torch.channels_last)))
         loss = criterion(projections.float(), labels)
         loss.backward()
         optimizer.step()

@@ -104,6 +104,8 @@ class ReIDModule(L.LightningModule):
             self.preprocess: Preprocess = self.encoder.preprocess(test_image_size or image_size, tuple(test_crops or ()))
         except ConfigError as error:
             raise ConfigError(f"model.test_crops: {error}") from error
+        #: training batches arrive as uint8 pixels (a quarter of the bytes to copy to the GPU) and are normalised here
+        self.normalise_pixels = self.preprocess.pixel_normaliser()
         self.criterion: torch.nn.Module | None = None
         #: per validation loader, (embeddings, labels, dataset indices) of each batch this rank embedded
         self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -137,7 +139,7 @@ class ReIDModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
         # channels_last while still uint8 (a quarter of the bytes to reorder); normalising keeps the layout
-        _, projections = self.encoder(self.preprocess.normalise(self._images(images)))
+        _, projections = self.encoder(self.normalise_pixels(self._images(images)))
         loss = self.criterion(projections.float(), labels)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss

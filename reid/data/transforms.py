@@ -3,7 +3,7 @@
 The evaluation transform is defined once by :class:`Preprocess` (size, mean, std, test-time zoom crops), stored
 in every checkpoint, and used by validation, evaluation, prediction and the service alike. Training augmentations
 are albumentations transforms listed in the config and run *before* the same resize, so train and eval tensors
-differ only by the augmentations; training batches are normalised on the device (:meth:`Preprocess.normalise`),
+differ only by the augmentations; training batches are normalised on the device (:class:`PixelNormaliser`),
 to the same values as the evaluation transform's (tested).
 """
 
@@ -83,7 +83,7 @@ class Preprocess:
 
     def train_transform(self, augmentations: list[AugmentationSpec]) -> A.Compose:
         """Augmentations from the config, then the evaluation tail's resize: ``3 x H x W`` uint8 tensors, which the
-        training step normalises on the device (:meth:`normalise`).
+        training step normalises on the device (:meth:`pixel_normaliser`).
 
         Why not normalise in the loader, as evaluation does: a training batch then crosses from the workers to the
         GPU (shared memory, pinning, the host-to-device copy) as a quarter of the bytes of float32, and the
@@ -92,13 +92,9 @@ class Preprocess:
         augmented = [build_augmentation(spec, self.image_size) for spec in augmentations]
         return A.Compose(augmented + self._tail(normalise=False))
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (``N x 3 x H x W``, on any device) as float32, normalised as the evaluation transform does."""
-        if images.dtype != torch.uint8:
-            raise TypeError(f"normalise takes uint8 pixels (the training transform's), got {images.dtype}")
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-        return (images.float() - mean) / std
+    def pixel_normaliser(self) -> "PixelNormaliser":
+        """The module that normalises the training transform's uint8 batches on their device."""
+        return PixelNormaliser(self.mean, self.std)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, **{k: list(v) for k, v in asdict(self).items() if k != "image_size"}}
@@ -126,6 +122,26 @@ class Preprocess:
             pretrained_cfg = timm.models.resolve_pretrained_cfg(architecture, pretrained_cfg=tag or None).to_dict()
         config = timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg)
         return cls(int(image_size), tuple(config["mean"]), tuple(config["std"]), tuple(crops))
+
+
+class PixelNormaliser(torch.nn.Module):
+    """uint8 pixels (``N x 3 x H x W``) as float32, normalised as the evaluation transform does.
+
+    The statistics are buffers (not saved in checkpoints), so they move to the GPU with the model once: a tensor
+    built from Python numbers at every step would be a host-to-device copy that makes the CPU wait for the GPU.
+    """
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("scale", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"PixelNormaliser takes uint8 pixels (the training transform's), got {images.dtype}")
+        return (images.float() - self.shift) / self.scale
 
 
 def build_augmentation(spec: AugmentationSpec, image_size: int) -> A.BasicTransform:
