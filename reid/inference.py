@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import reid
-from reid.data.dataset import Photos
+from reid.data.dataset import PhotoLoader, Photos
 from reid.data.transforms import EvalViews, Preprocess
 from reid.errors import CheckpointError, require
 from reid.fileio import atomic_target
@@ -195,7 +194,7 @@ class Embedder:
                        for start in range(0, len(photos), batch_size))
         else:
             workers = min(BULK_WORKERS, os.cpu_count() or 1) if len(images) > batch_size else 0
-            batches = DataLoader(photos, batch_size=batch_size, num_workers=workers)
+            batches = PhotoLoader(photos, batch_size=batch_size, num_workers=workers)
         total = -(-len(images) // batch_size)
         chunks = [embed_views(self.forward, batch.to(self.device)).cpu().numpy()
                   for batch in tqdm(batches, total=total, desc="embedding", unit="batch", disable=not progress)]

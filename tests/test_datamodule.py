@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +64,29 @@ def test_training_batches_travel_as_pixels_and_normalise_on_the_device_as_evalua
     with pytest.raises(TypeError, match="float32"):
         normalise(expected)
 
+
+def test_training_loads_with_workers_after_this_process_ran_opencv_in_parallel(synth_dataset: Path) -> None:
+    """A notebook that generated or verified photos (OpenCV's thread pool running) and then trains: the workers
+    start and serve batches, and the process's own OpenCV threads are as they were. Configuring OpenCV in each
+    forked worker instead hung for ever here, so the script runs in its own process group, killed after a minute."""
+    script = f"""
+import cv2, numpy as np
+from reid.data.datamodule import ReIDDataModule
+cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8), (0, 0), 3)
+threads = cv2.getNumThreads()
+data = ReIDDataModule({str(synth_dataset)!r}, individuals_per_batch=4, num_workers=2, check_images=False,
+                      backbone="resnet10t", image_size=48)
+data.setup("fit")
+images, _, _ = next(iter(data.train_dataloader()))
+print(tuple(images.shape), cv2.getNumThreads() == threads)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too
+        process.communicate()
+        pytest.fail("the data loader's workers hung after OpenCV had run in parallel in this process")
+    assert process.returncode == 0, err
+    assert out.split("\n")[-2] == "(8, 3, 48, 48) True"

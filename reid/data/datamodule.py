@@ -13,26 +13,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import cv2
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from reid.data.dataset import IdentitySampler, ImageRecords
+from reid.data.dataset import IdentitySampler, ImageRecords, PhotoLoader
 from reid.data.records import read_dataset
 from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
 from reid.errors import DatasetError, require
 
 log = logging.getLogger(__name__)
-
-
-def _one_opencv_thread(worker_id: int) -> None:
-    """Each DataLoader worker runs OpenCV (decoding, albumentations' warps and blurs) on one thread: by default every
-    worker starts a pool of one thread per core, so N workers would run N x cores threads on the machine's cores
-    and spend their time switching between them (PyTorch does the same for its own threads in workers)."""
-    cv2.setNumThreads(1)
 
 
 class ReIDDataModule(L.LightningDataModule):
@@ -119,14 +110,13 @@ class ReIDDataModule(L.LightningDataModule):
         queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
         return gallery, queries
 
-    def _loader(self, dataset: ImageRecords, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: ImageRecords, **kwargs: Any) -> PhotoLoader:
         workers = int(self.hparams.num_workers)
         # Pinned batches copy to a GPU asynchronously; on a CPU-only machine pinning would only cost time.
-        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
-                          worker_init_fn=_one_opencv_thread if workers else None,
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+        return PhotoLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
+                           pin_memory=torch.cuda.is_available(), **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> PhotoLoader:
         """P x K batches for this rank; one process's batches when no Trainer is attached (a plain training loop)."""
         hp = self.hparams
         preprocess = Preprocess.of_backbone(hp.backbone, hp.image_size)
@@ -137,7 +127,7 @@ class ReIDDataModule(L.LightningDataModule):
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
                             sampler=sampler, drop_last=True)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[PhotoLoader]:
         """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform.
 
         Under DDP Lightning gives each rank a shard of each through a ``DistributedSampler``, padded with repeated

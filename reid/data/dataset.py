@@ -1,15 +1,17 @@
-"""Torch datasets over record tables, and the identity (P x K) batch sampler."""
+"""Torch datasets over record tables, the identity (P x K) batch sampler, and the loader of both."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from reid.errors import require
 from reid.imageio import decode_image
@@ -33,6 +35,27 @@ class Photos(Dataset):
         image = self.images[index]
         array = image if isinstance(image, np.ndarray) else decode_image(image)
         return self.transform(image=array)["image"]
+
+
+class PhotoLoader(DataLoader):
+    """A ``DataLoader`` whose worker processes run OpenCV on one thread each.
+
+    Workers decode and augment photos with OpenCV; left alone, each would start a pool of one thread per core, and
+    N workers would run N x cores threads that spend their time switching between them. The usual cure,
+    ``cv2.setNumThreads(1)`` in each worker, hangs for ever once this process has run OpenCV in parallel (a notebook
+    that generated photos or verified matches before training): a forked worker inherits the pool's bookkeeping but
+    not its threads. So the pool is shrunk to one thread while the workers fork, then restored: they start with one.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0:
+            return super().__iter__()
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super().__iter__()  # forks the workers, the first time (they persist where asked to)
+        finally:
+            cv2.setNumThreads(threads)
 
 
 class ImageRecords(Dataset):
