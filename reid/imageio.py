@@ -122,7 +122,9 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAU
                     return decoded, image.format
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # a camera photo is tens of MB: no copy when upright
-            return np.asarray(_to_rgb(image)), str(image.format)
+            # np.asarray would be a read-only view of Pillow's buffer; callers get an array they may write to
+            # (torch.from_numpy warns about a read-only one). One copy, small beside decoding a PNG.
+            return np.array(_to_rgb(image)), str(image.format)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLargeError(f"{name}: {error}") from error
     except UnidentifiedImageError as error:

@@ -24,12 +24,14 @@ def photo() -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "LA"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "CMYK", "P", "I;16", "LA"])
 def test_any_mode_becomes_rgb(photo: Image.Image, mode: str) -> None:
+    """Writable too: a read-only array reaching ``torch.from_numpy`` (training's uint8 tail, where no augmentation
+    copied the photo) made every worker print PyTorch's "NumPy array is not writable" warning."""
     image = photo.convert("L").convert("I;16") if mode == "I;16" else photo.convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG" if mode != "I;16" else "TIFF"
     array = decode_image(_encode(image, fmt))
-    assert array.shape == (30, 40, 3) and array.dtype == np.uint8
+    assert array.shape == (30, 40, 3) and array.dtype == np.uint8 and array.flags.writeable
 
 
 def test_sixteen_bit_keeps_its_contrast() -> None:
