@@ -83,8 +83,16 @@ def _run_lightning(argv: list[str] | None) -> int:
                     _store_verification(Path(callback.best_model_path), self.datamodule,
                                         float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]))
 
-    ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                     seed_everything_default=0)
+    # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
+    # reid.demo --out demo`) means nothing to the CLI: hidden, or Lightning warns that it was given both.
+    caller_argv = sys.argv
+    if argv is not None:
+        sys.argv = sys.argv[:1]
+    try:
+        ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
+                         seed_everything_default=0)
+    finally:
+        sys.argv = caller_argv
     return 0
 
 
@@ -460,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose = args.verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)  # CPU-feature probing noise
+    # Lightning's top-level package gives its logger a console handler of its own when imported and still lets
+    # records propagate, so under the root handler above every Lightning line printed twice: keep its own, once.
+    logging.getLogger("lightning").propagate = False
     try:
         return handler()
     except ReIDError as error:

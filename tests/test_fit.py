@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +103,31 @@ def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset
     # terminal has no such thing, so only the last line and the absence of our exception's traceback count.)
     assert error.strip().splitlines()[-1].startswith(f"reid: error: {message}")
     assert "ConfigError" not in error and "WeightsError" not in error
+
+
+def test_a_fit_from_the_shell_prints_each_lightning_line_once(tmp_path: Path, synth_dataset: Path) -> None:
+    """Lightning's messages ("GPU available: ...") and ours share stderr without doubling (they printed twice: once
+    through Lightning's own handler, once through the root handler the CLI sets up)."""
+    command = [sys.executable, "-m", "reid.cli", *_fit_args(tmp_path, synth_dataset, "--data.individuals_per_batch",
+                                                            "100")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert finished.returncode == 2
+    lines = finished.stderr.splitlines()
+    assert sum("GPU available:" in line for line in lines) == 1, finished.stderr
+    assert sum("Seed set to 0" in line for line in lines) == 1, finished.stderr
+    assert lines[-1].startswith("reid: error: data.individuals_per_batch must be at most 8")
+
+
+def test_a_fit_called_from_python_ignores_the_callers_own_arguments(tmp_path: Path, synth_dataset: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` runs `reid fit` in its own process (`python -m reid.demo --out demo`): Lightning warned that
+    "args" and the command line were both given, and the caller's arguments must survive the call."""
+    monkeypatch.setattr(sys, "argv", ["reid-demo", "--out", "demo"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(_fit_args(tmp_path, synth_dataset, "--data.individuals_per_batch", "100")) == 2
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    assert sys.argv == ["reid-demo", "--out", "demo"]
 
 
 def test_verify_candidates_below_one_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path,
