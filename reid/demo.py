@@ -66,9 +66,10 @@ Demo finished in {minutes:.1f} minutes.
   RSM        : {out / 'rsm.png'}
   logs       : {checkpoint.parents[1]}  (tensorboard --logdir {runs})
 
-Next:
-  reid serve --checkpoint {checkpoint} --data-dir {out / 'service'}
+Next (enroll first: a running server holds its data folder):
   reid enroll --checkpoint {checkpoint} --data-dir {out / 'service'} --data {data}
+  reid serve --checkpoint {checkpoint} --data-dir {out / 'service'}
+  then open http://127.0.0.1:8000/ in a browser, or
   curl -F file=@<photo> http://127.0.0.1:8000/identify   (see README: "Serve and identify")
 """)
     return report
