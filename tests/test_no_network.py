@@ -11,7 +11,7 @@ import socket
 calls = []
 connect = socket.socket.connect
 socket.socket.connect = lambda self, address: calls.append(address) or connect(self, address)
-import reid.inference, reid.data.datamodule, reid.verification
+import reid.inference, reid.data.datamodule, reid.verification, reid.module, reid.cli, service.app
 print(calls)
 """
 
