@@ -175,16 +175,16 @@ def main() -> None:
         held_out = calibrate_on_held_out_individuals(gallery_vectors, gallery_ids, query_vectors, query_ids,
                                                      seed=args.seed, verifier_for=factory,
                                                      runner_up_weight=runner_up_weight)
-        m = held_out.metrics
+        scores = held_out.metrics
         print(f"| {name} | {closed.metrics['map5']:.3f} | {closed.metrics['top1']:.3f} | "
-              f"{m['balanced_accuracy']:.3f} | {m['auroc']:.3f} |", flush=True)
+              f"{scores['balanced_accuracy']:.3f} | {scores['auroc']:.3f} |", flush=True)
         if name == "mean":
             default_closed, default_held_out = closed, held_out
         cache.save()
 
-    m = default_held_out.metrics
-    print(f"\nDefault fusion, held-out folds: known queries {m['known_accuracy']:.3f} right at rank 1 "
-          f"and not flagged, unknown queries {m['unknown_accuracy']:.3f} flagged new_turtle")
+    default = default_held_out.metrics
+    print(f"\nDefault fusion, held-out folds: known queries {default['known_accuracy']:.3f} right at rank 1 "
+          f"and not flagged, unknown queries {default['unknown_accuracy']:.3f} flagged new_turtle")
     print_by_geometric_match(default_held_out, args.match_inliers)
     errors = [q for q, (ranking, truth) in enumerate(zip(default_closed.rankings, default_closed.truths))
               if ranking and ranking[0].individual != truth]
