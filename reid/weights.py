@@ -29,16 +29,18 @@ KNOWN_PREFIXES = ("", "model.", "backbone.", "encoder.backbone.", "model.backbon
 HUB_PREFIX = "hf-hub:"
 
 
-def load_tensors(source: str | Path | IO[bytes], error: Callable[[Exception], ReIDError]) -> Any:
+def load_tensors(source: str | Path | IO[bytes], error: Callable[[str], ReIDError]) -> Any:
     """``torch.load`` as this project reads every tensor file: onto the CPU, tensors and plain values only.
 
     ``weights_only`` means nothing in a file can run code, whoever made it; any failure (torch raises many types
-    for a file that is not what it should be) is raised as ``error(failure)``, a user error that names the file.
+    for a file that is not what it should be) is raised as ``error(reason)``, a user error that names the file.
+    The reason names the failure's type too: alone, a text file's says only ``174812789`` (a KeyError).
     """
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as failure:  # noqa: BLE001 - any reader failure means "not a file we can read"
-        raise error(failure) from failure
+        detail = str(failure).strip().splitlines()[0] if str(failure).strip() else "no detail"
+        raise error(f"torch.load cannot open it ({type(failure).__name__}: {detail})") from failure
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

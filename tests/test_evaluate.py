@@ -63,6 +63,9 @@ def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint:
     assert "[-1, 1], got 1.5" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.ckpt"), "--data", str(synth_dataset)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "notes.ckpt").write_text("a text file saved under the wrong name")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "notes.ckpt"), "--data", str(synth_dataset)]) == 2
+    assert f"cannot read checkpoint {tmp_path / 'notes.ckpt'}: torch.load cannot open it (" in capsys.readouterr().err
 
 
 def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:
