@@ -7,6 +7,7 @@ Registered through the ``reid.commands`` entry point, so the library never impor
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 from pathlib import Path
@@ -50,10 +51,23 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as error:
         listener.close()
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise ReIDError(f"cannot listen on {host}:{port}: {reason} (is another server using the port? choose "
-                        "another with --port)") from error
+        raise ReIDError(f"cannot listen on {host}:{port}: {_listen_problem(error, host)}") from error
     return listener
+
+
+def _listen_problem(error: OSError, host: str) -> str:
+    """What went wrong binding, and which flag mends it (a busy port, a host that is not this machine's)."""
+    if isinstance(error, socket.gaierror):
+        return (f"{host!r} is not an address or a name this machine can resolve (--host: e.g. 127.0.0.1, or 0.0.0.0 "
+                "for every network interface)")
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    hint = {
+        errno.EADDRINUSE: "is another server using the port? choose another with --port",
+        errno.EADDRNOTAVAIL: "--host must be an address of this machine: e.g. 127.0.0.1, or 0.0.0.0 for every "
+                             "network interface",
+        errno.EACCES: "ports under 1024 need administrator rights: choose another with --port",
+    }.get(error.errno)
+    return f"{reason} ({hint})" if hint else reason
 
 
 def _serve(args: argparse.Namespace) -> int:

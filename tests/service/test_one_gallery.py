@@ -3,6 +3,7 @@ running server's back, a crash leaves nothing half-written, and ``reid serve`` s
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -85,6 +86,20 @@ def test_a_busy_port_is_one_line_and_frees_the_folder(tmp_path: Path, checkpoint
     with Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")) as engine:
         engine.enroll("after", [engine.decode_upload(photos(records, "ind_001")[0], "files", None)], "new")
 
+
+
+@pytest.mark.parametrize(("host", "problem"), [
+    ("999.1.1.1", "'999.1.1.1' is not an address or a name this machine can resolve (--host: e.g. 127.0.0.1"),
+    ("192.0.2.1", f"{os.strerror(errno.EADDRNOTAVAIL)} (--host must be an address of this machine"),
+])
+def test_a_host_that_is_not_this_machines_says_so(host: str, problem: str) -> None:
+    """A mistyped --host is not reported as a busy port (192.0.2.1 is documentation's TEST-NET: no machine's)."""
+    from reid.errors import ReIDError
+    from service.cli import _listen
+
+    with pytest.raises(ReIDError) as refused:
+        _listen(host, 0).close()
+    assert str(refused.value).startswith(f"cannot listen on {host}:0: {problem}")
 
 
 def test_every_setting_is_a_flag_and_a_wrong_value_names_it(tmp_path: Path, checkpoint_a: Path,
