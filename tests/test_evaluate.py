@@ -104,3 +104,25 @@ def test_split_without_unknown_queries_reports_no_open_set(tmp_path: Path, check
     assert "open set: no query shows an individual missing from the gallery" in out and "nan" not in out
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["open_set"] is None
+
+
+@pytest.mark.parametrize(("command", "example"), [
+    (["evaluate", "--data", "D", "--out"], "results.json"),
+    (["predict", "--gallery", "D", "--queries", "D", "--out"], "submission.csv"),
+    (["predict", "--gallery", "D", "--queries", "D", "--out", "x.csv", "--report"], "report.json"),
+    (["rsm", "--data", "D", "--out"], "rsm.png"),
+    (["explain", "--query", "q.jpg", "--photo", "p.jpg", "--out"], "explain.png"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+        tmp_path: Path, checkpoint: Path, command: list[str], example: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder given as the file, or a path under a file, ended in a traceback after every photo was embedded."""
+    folder, afile = tmp_path / "results", tmp_path / "notes.txt"
+    folder.mkdir()
+    afile.write_text("a file")
+    for out, problem in [(folder, f"{folder} is a folder: name the file to write, e.g. {folder / example}"),
+                         (afile / example, f"{afile / example}: {afile} is a file, not a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command[:1], "--checkpoint", str(checkpoint), *command[1:], str(out)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": {problem}")
