@@ -39,8 +39,8 @@ def load_tensors(source: str | Path | IO[bytes], error: Callable[[str], ReIDErro
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as failure:  # noqa: BLE001 - any reader failure means "not a file we can read"
-        detail = str(failure).strip().splitlines()[0] if str(failure).strip() else "no detail"
-        raise error(f"torch.load cannot open it ({type(failure).__name__}: {detail})") from failure
+        first_line = (str(failure).strip().splitlines() or ["no detail"])[0]
+        raise error(f"torch.load cannot open it ({type(failure).__name__}: {first_line})") from failure
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
