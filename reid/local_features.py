@@ -190,7 +190,7 @@ def _check_max_keypoints(max_keypoints: int) -> None:
 
 
 def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
-                     equalise: bool = True) -> LocalFeatures:
+                     equalise: bool = True, affine_tilt: int = 0) -> LocalFeatures:
     """SIFT keypoints and RootSIFT descriptors of an RGB photo, keypoints in the photo's own pixels.
 
     The photo is converted to grey and area-downscaled so its long side is at most ``max_side`` (never
@@ -201,12 +201,20 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     ``max_keypoints`` strongest responses. A photo with no texture (e.g. uniform) gives empty arrays, not an error.
     The result is deterministic for a given image and arguments.
 
+    ``affine_tilt`` > 0 also looks at the photo under simulated camera tilts up to that factor (ASIFT: Morel & Yu,
+    2009, through OpenCV's ``AffineFeature``), for a turtle seen from a slant SIFT alone cannot match;
+    ``max_keypoints`` then caps each simulated view: a tilt of 2 is ten views (the photo, four at tilt sqrt(2), five at
+    tilt 2), so up to ten times as many keypoints. Only ``bench/open_set_levers.py --affine-fallback`` uses it so
+    far (README, Results, "not kept").
+
     Raises:
         FeatureError: ``image`` is not H x W x 3 uint8, or an argument is out of range.
     """
     _check_image(image)
     _check_max_side(max_side)
     _check_max_keypoints(max_keypoints)
+    if isinstance(affine_tilt, bool) or not isinstance(affine_tilt, (int, np.integer)) or affine_tilt < 0:
+        raise FeatureError(f"affine_tilt must be an integer >= 0, got {affine_tilt!r}")
     height, width = image.shape[:2]
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     factor = min(1.0, max_side / max(width, height))
@@ -216,14 +224,16 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     if equalise:
         grey = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(grey)
     small_height, small_width = grey.shape
-    sift = cv2.SIFT_create(nfeatures=int(max_keypoints))
-    points, raw = sift.detectAndCompute(grey, None)
+    detector = cv2.SIFT_create(nfeatures=int(max_keypoints))
+    if affine_tilt:
+        detector = cv2.AffineFeature.create(detector, maxTilt=int(affine_tilt), minTilt=0)
+    points, raw = detector.detectAndCompute(grey, None)
     if raw is None or len(points) == 0:
         log.debug("no SIFT keypoints in a %dx%d image (extracted at %dx%d)", width, height, small_width, small_height)
         return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (width, height))
     # OpenCV keeps ties at the cut-off response, so it can return a few more than asked: keep the strongest.
     responses = np.array([p.response for p in points], dtype=np.float32)
-    keep = np.argsort(-responses, kind="stable")[:max_keypoints]
+    keep = np.argsort(-responses, kind="stable")[:None if affine_tilt else max_keypoints]
     xy = np.array([points[i].pt for i in keep], dtype=np.float64)
     raw = raw[keep].astype(np.float32)
     # RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square-root; the result has unit L2 norm.
