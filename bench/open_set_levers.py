@@ -46,6 +46,7 @@ import pickle
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from runner_up_weight import add_split_arguments, validation_sets
@@ -109,10 +110,11 @@ class AffineMatches:
 class AffineFallback(LocalVerifier):
     """The bench's verifier, and where none of a query's candidates reaches ``floor`` inliers, its ``top`` most
     similar candidates matched again with affine-simulated SIFT, a count kept where it reaches ``floor``: random
-    pairs reached 9 at most under it on turtles_dev, so counts under the floor would only lift new turtles."""
+    pairs reached 9 at most under it on turtles_dev, so counts under the floor would only lift new turtles.
+    ``verifier`` are :class:`LocalVerifier`'s own arguments."""
 
-    def __init__(self, plain: LocalVerifier, matches: AffineMatches, top: int, floor: int) -> None:
-        super().__init__(plain.fusion, plain.gallery_features, plain.query_features, plain.memo, plain.pair_key)
+    def __init__(self, matches: AffineMatches, top: int, floor: int, *verifier: Any) -> None:
+        super().__init__(*verifier)
         self.matches, self.top, self.floor = matches, top, floor
 
     def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
@@ -211,11 +213,12 @@ def main() -> None:
     def verifier_for(fusion: object) -> Callable[[np.ndarray, np.ndarray], LocalVerifier]:
         def build(gallery_rows: np.ndarray, query_rows: np.ndarray) -> LocalVerifier:
             # the verifier's memo is the cache itself, keyed by the two photos' paths
-            verifier = LocalVerifier(fusion, lambda i: gallery_features[int(gallery_rows[i])][1],
-                                     [query_features[int(r)][1] for r in query_rows], cache.counts,
-                                     lambda q, i: (query_paths[int(query_rows[q])], gallery_paths[int(gallery_rows[i])]))
-            return verifier if affine is None else AffineFallback(verifier, affine, args.affine_fallback,
-                                                                   args.match_inliers)
+            verifier = (fusion, lambda i: gallery_features[int(gallery_rows[i])][1],
+                        [query_features[int(r)][1] for r in query_rows], cache.counts,
+                        lambda q, i: (query_paths[int(query_rows[q])], gallery_paths[int(gallery_rows[i])]))
+            if affine is None:
+                return LocalVerifier(*verifier)
+            return AffineFallback(affine, args.affine_fallback, args.match_inliers, *verifier)
         return build
 
     pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features], progress=True,

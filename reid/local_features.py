@@ -179,14 +179,10 @@ def _check_image(image: np.ndarray) -> None:
         raise FeatureError(f"image has no pixels: shape {image.shape}")
 
 
-def _check_max_side(max_side: int) -> None:
-    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or max_side < 16:
-        raise FeatureError(f"max_side must be an integer >= 16, got {max_side!r}")
-
-
-def _check_max_keypoints(max_keypoints: int) -> None:
-    if isinstance(max_keypoints, bool) or not isinstance(max_keypoints, (int, np.integer)) or max_keypoints < 1:
-        raise FeatureError(f"max_keypoints must be an integer >= 1, got {max_keypoints!r}")
+def _check_integer(name: str, value: int, minimum: int) -> None:
+    """An extraction setting must be a true integer (not a bool, not a float) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise FeatureError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
@@ -211,10 +207,9 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
         FeatureError: ``image`` is not H x W x 3 uint8, or an argument is out of range.
     """
     _check_image(image)
-    _check_max_side(max_side)
-    _check_max_keypoints(max_keypoints)
-    if isinstance(affine_tilt, bool) or not isinstance(affine_tilt, (int, np.integer)) or affine_tilt < 0:
-        raise FeatureError(f"affine_tilt must be an integer >= 0, got {affine_tilt!r}")
+    _check_integer("max_side", max_side, 16)
+    _check_integer("max_keypoints", max_keypoints, 1)
+    _check_integer("affine_tilt", affine_tilt, 0)
     height, width = image.shape[:2]
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     factor = min(1.0, max_side / max(width, height))
@@ -260,8 +255,8 @@ class Extraction:
     max_keypoints: int = DEFAULT_MAX_KEYPOINTS
 
     def __post_init__(self) -> None:
-        _check_max_side(self.max_side)
-        _check_max_keypoints(self.max_keypoints)
+        _check_integer("max_side", self.max_side, 16)
+        _check_integer("max_keypoints", self.max_keypoints, 1)
 
     @property
     def method(self) -> str:
