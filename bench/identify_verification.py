@@ -8,7 +8,11 @@ individuals' photos with new_turtle skipped (the ranking's quality whatever the 
 new_turtle came first. The checkpoint must be calibrated with ``reid calibrate --verify``. Run by hand:
 
     nice .venv/bin/python bench/identify_verification.py --checkpoint verified.ckpt \\
-        --data ../shared/data/turtles_dev
+        --data ../shared/data/turtles_dev [--fallback-checkpoint fallback.ckpt]
+
+``--fallback-checkpoint`` names the same checkpoint calibrated with ``reid calibrate --verify --fallback N`` (the ASIFT
+fallback): a third server serves it on the same data folder, and answers the queries twice, since the first pass
+extracts each gallery photo's fallback features the first time a query needs them and the second reads them back.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ WARM_UP = 3
 class Run:
     """One server run's answers to every query."""
 
-    verify: bool
+    label: str
     latencies_s: list[float]
     answers: list[list[str]]
     inliers_reported: int
@@ -53,6 +57,7 @@ class Run:
 
 
 def start_server(checkpoint: Path, data_dir: Path, verify: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A `reid serve` on a free loopback port, once it answers."""
     port = free_port()
     with log_path.open("ab") as server_log:
         server = subprocess.Popen([sys.executable, "-m", "reid.cli", "serve", "--checkpoint", str(checkpoint),
@@ -73,7 +78,7 @@ def enrol(base: str, gallery: pd.DataFrame) -> float:
     return time.perf_counter() - started
 
 
-def identify_all(base: str, queries: pd.DataFrame, k: int, verify: bool) -> Run:
+def identify_all(base: str, queries: pd.DataFrame, k: int, verify: bool, label: str) -> Run:
     latencies, answers, inliers = [], [], 0
     with httpx.Client(base_url=base, timeout=600.0) as client:
         health = client.get("/health").json()
@@ -90,7 +95,7 @@ def identify_all(base: str, queries: pd.DataFrame, k: int, verify: bool) -> Run:
             predictions = response.json()["predictions"]
             answers.append([p["individual_id"] for p in predictions])
             inliers += sum(p["evidence"] is not None and p["evidence"]["inliers"] is not None for p in predictions)
-    return Run(verify, latencies, answers, inliers)
+    return Run(label, latencies, answers, inliers)
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -105,6 +110,8 @@ def main() -> None:
     parser.add_argument("--gallery-split", default="train", help="split whose photos are enrolled")
     parser.add_argument("--query-split", default="val", help="split whose photos are identified")
     parser.add_argument("--k", type=int, default=5, help="individuals per answer")
+    parser.add_argument("--fallback-checkpoint", type=Path,
+                        help="the same checkpoint calibrated with `reid calibrate --verify --fallback N`")
     parser.add_argument("--server-log", type=Path, default=Path("identify_verification_server.log"),
                         help="where the servers' output goes")
     args = parser.parse_args()
@@ -120,15 +127,19 @@ def main() -> None:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="reid-verify-bench-") as folder:
         data_dir = Path(folder)
-        for verify in (True, False):
-            server, base = start_server(args.checkpoint, data_dir, verify, args.server_log)
+        servers = [(args.checkpoint, True, ["on"]), (args.checkpoint, False, ["off"])]
+        if args.fallback_checkpoint:
+            servers.append((args.fallback_checkpoint, True, ["on + fallback, first pass", "on + fallback, again"]))
+        for checkpoint, verify, labels in servers:
+            server, base = start_server(checkpoint, data_dir, verify, args.server_log)
             try:
-                if verify:
+                if not runs:
                     seconds = enrol(base, gallery)
                     log.info("enrolled %d photos of %d individuals in %.0f s (%.2f s a photo, features included)",
                              len(gallery), gallery["identity"].nunique(), seconds, seconds / len(gallery))
-                runs.append(identify_all(base, queries, args.k, verify))
-                log.info("verify=%s: %d queries answered", verify, len(queries))
+                for label in labels:
+                    runs.append(identify_all(base, queries, args.k, verify, label))
+                    log.info("%s: %d queries answered", label, len(queries))
             finally:
                 stop(server)
 
@@ -142,11 +153,15 @@ def main() -> None:
         ranking = statistics.mean([label for label in answer if label != NEW_TURTLE][:1] == [truth]
                                   for answer, truth in zip(run.answers, truths) if truth != NEW_TURTLE)
         new_first = statistics.mean(answer[:1] == [NEW_TURTLE] for answer in run.answers)
-        print(f"| {'on' if run.verify else 'off'} | {run.quantile_ms(0.5):.0f} | {run.quantile_ms(0.95):.0f} | "
+        print(f"| {run.label} | {run.quantile_ms(0.5):.0f} | {run.quantile_ms(0.95):.0f} | "
               f"{rank1:.3f} | {ranking:.3f} | {map_at_k(run.answers, truths, 5):.3f} | {new_first:.3f} | "
               f"{run.inliers_reported} |")
-    on, off = runs
+    on, off, *fallback = runs
     print(f"\np50 with verification / without: {on.quantile_ms(0.5) / off.quantile_ms(0.5):.1f}x")
+    if fallback:
+        print(f"p50 with the fallback (second pass) / verification without it: "
+              f"{fallback[-1].quantile_ms(0.5) / on.quantile_ms(0.5):.1f}x; p95 "
+              f"{fallback[-1].quantile_ms(0.95) / on.quantile_ms(0.95):.1f}x")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     from reid.data.datamodule import ReIDDataModule
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
-    from reid.verification import Verification
+    from reid.verification import Fallback, Verification
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-    from jsonargparse.typing import PositiveInt
+    from jsonargparse.typing import NonNegativeInt, PositiveInt
 
     from reid.data.datamodule import ReIDDataModule
     from reid.module import ReIDModule
@@ -72,6 +72,10 @@ def _run_lightning(argv: list[str] | None) -> int:
             parser.add_argument("--verify_candidates", type=PositiveInt, default=DEFAULT_CANDIDATES,
                                 help="with --verify: the most similar photos verified per query (more: better "
                                      "answers, slower; README, 'How many photos to verify')")
+            parser.add_argument("--verify_fallback", type=NonNegativeInt, default=0,
+                                help="with --verify: where no verified photo of a query matches, match its N most "
+                                     "similar again under simulated camera tilts (ASIFT; better open set, ~5 s more "
+                                     "for such a query on a CPU; README, 'ASIFT fallback'); 0: off")
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
@@ -82,7 +86,8 @@ def _run_lightning(argv: list[str] | None) -> int:
                 config = self.config[self.subcommand]
                 if config.get("verify"):
                     _store_verification(Path(callback.best_model_path), self.datamodule,
-                                        float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]))
+                                        float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]),
+                                        int(config["verify_fallback"]))
 
     # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
     # reid.demo --out demo`) means nothing to the CLI: hidden, or Lightning warns that it was given both.
@@ -97,20 +102,31 @@ def _run_lightning(argv: list[str] | None) -> int:
     return 0
 
 
-def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int) -> None:
+def _fallback(top: int) -> Fallback | None:
+    """The fallback a ``--verify_fallback N`` / ``--fallback N`` asks for (0: none)."""
+    from reid.verification import Fallback
+
+    return Fallback(top) if top else None
+
+
+def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int,
+                        fallback_top: int = 0) -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
-    from reid.verification import extract_all, verification_from_validation
+    from reid.verification import FeaturesOnDemand, extract_all, verification_from_validation
 
     gallery, queries = data.gallery_records, data.query_records
     paths = gallery["path"].tolist() + queries["path"].tolist()
     _, embeddings = _embed(checkpoint, paths, int(data.hparams.eval_batch_size))
     features = extract_all(paths, progress=True)
     split = len(gallery)
+    fallback = _fallback(fallback_top)
+    on_demand = (None if fallback is None else
+                 (FeaturesOnDemand(paths[:split], fallback.extraction), FeaturesOnDemand(paths[split:], fallback.extraction)))
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
-        progress=True, runner_up_weight=runner_up_weight)
+        progress=True, runner_up_weight=runner_up_weight, fallback=fallback, fallback_features=on_demand)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
@@ -143,19 +159,25 @@ def _check_threshold(value: float | None) -> None:
 
 
 def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
-    """Local features of every photo (cached on disk after the first run) and the verifier of any protocol."""
-    from reid.verification import extract_all, verifier_factory
+    """Local features of every photo (cached on disk after the first run) and the verifier of any protocol; a
+    fallback's features are extracted only for the photos it asks for."""
+    from reid.verification import FeaturesOnDemand, extract_all, verifier_factory
 
     fusion = embedder.verification.fusion
     features = extract_all(list(images), fusion.extraction, progress=True)
-    return verifier_factory(fusion, features, extract_all(list(queries), fusion.extraction, progress=True)
-                            if queries else None)
+    query_features = extract_all(list(queries), fusion.extraction, progress=True) if queries else None
+    if fusion.fallback is None:
+        return verifier_factory(fusion, features, query_features)
+    extraction = fusion.fallback.extraction
+    return verifier_factory(fusion, features, query_features, fallback_features=FeaturesOnDemand(images, extraction),
+                            fallback_query_features=FeaturesOnDemand(queries, extraction) if queries else None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
     from reid.identify import threshold_in_force, verification_in_force
+    from reid.verification import fallback_note
 
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
@@ -173,7 +195,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     closed, open_set = report["closed_set"], report["open_set"]
     if verify:
         print(f"answers verified with local features (the {embedder.verification.fusion.candidates} most similar "
-              "photos of each query; --no-verify for similarity alone)")
+              f"photos of each query{fallback_note(embedder.verification.fusion)}; --no-verify for similarity alone)")
     print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
           f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
     if open_set is None:
@@ -198,6 +220,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
         raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
+    if args.fallback < 0 or (args.fallback and not args.verify):
+        raise ReIDError(f"--fallback must be 0 (off) or, with --verify, the number of photos matched again; got "
+                        f"{args.fallback}{'' if args.verify else ' without --verify'}")
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     if args.runner_up_weight is None:
@@ -220,10 +245,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, embedder: Embedder,
                              embeddings: np.ndarray) -> Verification:
     """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores."""
+    from dataclasses import replace
+
     from reid.evaluation import calibrate, closed_and_open_protocols
     from reid.metrics import runner_up_note
     from reid.local_features import Extraction
-    from reid.verification import DEFAULT_CANDIDATES, Verification, extract_all, fit_fusion, verifier_factory
+    from reid.verification import (DEFAULT_CANDIDATES, FeaturesOnDemand, Verification, extract_all, fallback_note,
+                                   fit_fusion, verifier_factory)
 
     candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
     if candidates < 1 or args.max_side < 64:
@@ -234,13 +262,19 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     extraction = Extraction(args.max_side)
     features = extract_all(records["path"].tolist(), extraction, progress=True)
     gallery = open_set.gallery
-    fusion = fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
-                        [features[i] for i in gallery], candidates, extraction, progress=True)
+    fusion = replace(fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
+                                [features[i] for i in gallery], candidates, extraction, progress=True),
+                     fallback=_fallback(args.fallback))
+    on_demand = None if fusion.fallback is None else FeaturesOnDemand(records["path"].tolist(),
+                                                                      fusion.fallback.extraction)
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
-                                           args.query_split, verifier_factory(fusion, features), args.runner_up_weight)
+                                           args.query_split, verifier_factory(fusion, features,
+                                                                              fallback_features=on_demand),
+                                           args.runner_up_weight)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
-                                           f"{len(gallery)} gallery photos; {protocol}; open-set MAP@5 {score:.4f}"
-                                           f"{runner_up_note(args.runner_up_weight, '; ')})", args.runner_up_weight)
+                                           f"{len(gallery)} gallery photos{fallback_note(fusion)}; {protocol}; "
+                                           f"open-set MAP@5 {score:.4f}{runner_up_note(args.runner_up_weight, '; ')})",
+                                           args.runner_up_weight)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -284,7 +318,7 @@ def _explain(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(explanation.png)
     print(f"wrote {args.out}: cosine similarity {explanation.similarity:.4f}, {explanation.inliers} verified "
-          "local-feature matches")
+          "local-feature matches" + (" (the fallback's, under simulated camera tilts)" if explanation.fallback else ""))
     return 0
 
 
@@ -412,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--candidates", type=int,
                            help="most similar photos verified per query (default: as many as reid fit verifies, 80)")
     calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
+    calibrate.add_argument("--fallback", type=int, default=0, metavar="N",
+                           help="with --verify: where no verified photo of a query matches, match its N most similar "
+                                "again under simulated camera tilts (ASIFT; README, 'ASIFT fallback'); 0: off")
     calibrate.add_argument("--runner-up-weight", type=float,
                            help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
                                 "score (default: the checkpoint's, as reid fit stored it; 0 for older checkpoints)")

@@ -5,6 +5,7 @@ accepting a match. ``reid explain`` and the service's ``POST /identify/explain``
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,26 +17,40 @@ from reid.local_features import Extraction, LocalFeatures, draw_matches, match_f
 
 @dataclass(frozen=True)
 class Explanation:
-    """The drawn evidence (PNG bytes) and the two numbers it shows."""
+    """The drawn evidence (PNG bytes) and the numbers it shows; ``fallback`` when the matches drawn are those of
+    verification's fallback (simulated camera tilts), found where plain matching found too few."""
 
     png: bytes
     similarity: float
     inliers: int
+    fallback: bool = False
 
 
 def explain_match(embedder: Embedder, query: np.ndarray, photo: np.ndarray, labels: tuple[str, str],
-                  photo_features: LocalFeatures | None = None) -> Explanation:
+                  photo_features: LocalFeatures | None = None,
+                  fallback_photo_features: Callable[[], LocalFeatures] | None = None) -> Explanation:
     """Compare two decoded RGB photos: cosine similarity of their embeddings and verified local-feature matches.
 
-    ``photo_features`` are the enrolled photo's cached features, when the caller has them (the service does).
-    Features are extracted the way the checkpoint verifies, so the count drawn is the count ranked.
+    ``photo_features`` are the enrolled photo's cached features, when the caller has them (the service does), and
+    ``fallback_photo_features`` gives its features for the fallback. Features are extracted the way the checkpoint
+    verifies, so the count drawn is the count ranked: where the checkpoint's fusion has a fallback and the plain
+    matches stay under its floor, the fallback's matches are drawn when they reach it.
     """
     vectors = embedder.embed([query, photo])
     similarity = float(vectors[0] @ vectors[1])
-    extraction = embedder.verification.fusion.extraction if embedder.verification else Extraction()
+    fusion = embedder.verification.fusion if embedder.verification else None
+    extraction = fusion.extraction if fusion else Extraction()
     match = match_features(extraction.extract(query), photo_features or extraction.extract(photo))
+    fallback = fusion.fallback if fusion else None
+    used_fallback = False
+    if fallback is not None and match.inliers < fallback.floor:
+        tilted = match_features(fallback.extraction.extract(query), fallback_photo_features()
+                                if fallback_photo_features else fallback.extraction.extract(photo))
+        if tilted.inliers >= fallback.floor:
+            match, used_fallback = tilted, True
     query_label, photo_label = labels
-    canvas = draw_matches(query, photo, match, labels=(query_label, f"{photo_label} (cosine {similarity:.3f})"))
+    how = ", simulated tilts" if used_fallback else ""
+    canvas = draw_matches(query, photo, match, labels=(query_label, f"{photo_label} (cosine {similarity:.3f}{how})"))
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="PNG")
-    return Explanation(buffer.getvalue(), similarity, match.inliers)
+    return Explanation(buffer.getvalue(), similarity, match.inliers, used_fallback)

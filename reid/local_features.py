@@ -23,7 +23,9 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -94,6 +96,11 @@ class LocalFeatures:
             return NotImplemented
         return (tuple(self.image_size) == tuple(other.image_size) and np.array_equal(self.keypoints, other.keypoints)
                 and np.array_equal(self.descriptors, other.descriptors))
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int]) -> LocalFeatures:
+        """No keypoints: what a photo without texture gives, and it matches nothing."""
+        return cls(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), image_size)
 
     def rootsift(self) -> np.ndarray:
         """Descriptors as float32 (in quantised units: multiply by ``1 / DESCRIPTOR_SCALE`` for unit L2 norm)."""
@@ -200,8 +207,8 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     ``affine_tilt`` > 0 also looks at the photo under simulated camera tilts up to that factor (ASIFT: Morel & Yu,
     2009, through OpenCV's ``AffineFeature``), for a turtle seen from a slant SIFT alone cannot match;
     ``max_keypoints`` then caps each simulated view: a tilt of 2 is ten views (the photo, four at tilt sqrt(2), five at
-    tilt 2), so up to ten times as many keypoints. Only ``bench/open_set_levers.py --affine-fallback`` uses it so
-    far (README, Results, "not kept").
+    tilt 2), so up to ten times as many keypoints. Verification's fallback (:class:`reid.verification.Fallback`)
+    extracts this way for the queries plain SIFT cannot match.
 
     Raises:
         FeatureError: ``image`` is not H x W x 3 uint8, or an argument is out of range.
@@ -225,7 +232,7 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     points, raw = detector.detectAndCompute(grey, None)
     if raw is None or len(points) == 0:
         log.debug("no SIFT keypoints in a %dx%d image (extracted at %dx%d)", width, height, small_width, small_height)
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (width, height))
+        return LocalFeatures.empty((width, height))
     # OpenCV keeps ties at the cut-off response, so it can return a few more than asked: keep the strongest.
     responses = np.array([p.response for p in points], dtype=np.float32)
     keep = np.argsort(-responses, kind="stable")[:None if affine_tilt else max_keypoints]
@@ -253,24 +260,39 @@ class Extraction:
     #: CLAHE before SIFT; False is how every fusion stored before it existed was learnt
     equalise: bool = True
     max_keypoints: int = DEFAULT_MAX_KEYPOINTS
+    #: simulated camera tilts up to this factor (ASIFT; 0: none), ``max_keypoints`` then a simulated view's budget
+    affine_tilt: int = 0
 
     def __post_init__(self) -> None:
         _check_integer("max_side", self.max_side, 16)
         _check_integer("max_keypoints", self.max_keypoints, 1)
+        _check_integer("affine_tilt", self.affine_tilt, 0)
 
     @property
     def method(self) -> str:
         """The name of the method without the resolution (stored beside features, in caches' keys). A keypoint
-        budget other than the default is part of it, so features of different budgets never mix."""
+        budget other than the default and simulated tilts are part of it, so such features never mix."""
         name = "rootsift-clahe" if self.equalise else "rootsift"
-        return name if self.max_keypoints == DEFAULT_MAX_KEYPOINTS else f"{name}-{self.max_keypoints}"
+        name = name if self.max_keypoints == DEFAULT_MAX_KEYPOINTS else f"{name}-{self.max_keypoints}"
+        return f"{name}-asift{self.affine_tilt}" if self.affine_tilt else name
 
     def describe(self) -> str:
         return f"{self.method} at {self.max_side} px"
 
+    def to_dict(self) -> dict[str, int | bool]:
+        return {"max_side": self.max_side, "equalise": self.equalise, "max_keypoints": self.max_keypoints,
+                "affine_tilt": self.affine_tilt}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Extraction:
+        """Read :meth:`to_dict`'s values. Those stored before a setting existed were extracted without it: no
+        ``equalise`` means no equalisation, no ``max_keypoints`` the default budget, no ``affine_tilt`` no tilts."""
+        return cls(int(data["max_side"]), bool(data.get("equalise", False)),
+                   int(data.get("max_keypoints", DEFAULT_MAX_KEYPOINTS)), int(data.get("affine_tilt", 0)))
+
     def extract(self, image: np.ndarray) -> LocalFeatures:
         return extract_features(image, max_side=self.max_side, max_keypoints=self.max_keypoints,
-                                equalise=self.equalise)
+                                equalise=self.equalise, affine_tilt=self.affine_tilt)
 
 
 def _empty_match(tentative: int = 0) -> Match:

@@ -14,6 +14,7 @@ side only to take photos out of the gallery and the feature cache, so no query s
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from reid.identify import Answer, Identifier, Threshold, threshold_in_force, ver
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
 from reid.local_features import Extraction, LocalFeatures
-from reid.verification import LocalVerifier, Verification
+from reid.verification import FallbackFeatures, LocalVerifier, Verification
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo
@@ -238,12 +239,38 @@ class Engine:
         vectors = self.embedder.embed(list(images))
         verifier = None
         if self.verification is not None:
-            verifier = LocalVerifier(self.verification.fusion, self._features.__getitem__,
-                                     self._local_features(images))
+            fusion = self.verification.fusion
+            fallback = None
+            if fusion.fallback is not None:
+                query_features = functools.cache(lambda q: fusion.fallback.extraction.extract(images[q]))
+                fallback = FallbackFeatures(self._fallback_features, query_features)
+            verifier = LocalVerifier(fusion, self._features.__getitem__, self._local_features(images),
+                                     fallback=fallback)
         with self._searches.shared():
             answers = Identifier(self.gallery, verifier).answer(vectors, k or self.settings.default_k,
                                                                 self.threshold(threshold))
         return [self._response(answer) for answer in answers]
+
+    def _fallback_features(self, image_id: int) -> LocalFeatures:
+        """A gallery photo's features for verification's fallback: read from the store, else extracted the first time
+        a query needs them (~1.5 s a photo on a CPU) and stored. Enrolment stays as fast as without the fallback, and
+        these features (~1 MB a photo) are never all held in memory. A photo whose file can no longer be read
+        matches nothing, so the query is still answered."""
+        extraction = self.verification.fusion.fallback.extraction
+        blob = self.store.local_features_of(extraction, image_id)
+        if blob is not None:
+            try:
+                return LocalFeatures.from_bytes(blob)
+            except FeatureError as error:
+                log.warning("fallback features of image %d will be extracted again: %s", image_id, error)
+        image = self.store.images([image_id])[image_id]
+        try:
+            features = extraction.extract(self.store.pixels(image))
+        except ReIDError as error:
+            log.warning("image %d cannot be matched by the fallback: %s", image_id, error)
+            return LocalFeatures.empty((image.width, image.height))
+        self.store.put_local_features(extraction, [image_id], [features])
+        return features
 
     def explain(self, query: Photo, query_name: str, individual_id: str, image_id: int) -> Explanation:
         """The query drawn beside an enrolled photo with their verified local-feature matches.
@@ -254,8 +281,10 @@ class Engine:
         """
         image = self.store.image(individual_id, image_id)
         label = f"{individual_id} image {image_id}" + (f" ({image.view})" if image.view else "")
+        fallback = self.verification.fusion.fallback if self.verification else None
         return explain_match(self.embedder, query.pixels, self.stored_pixels(image), (f"query: {query_name}", label),
-                             self._features.get(image_id))
+                             self._features.get(image_id),
+                             None if fallback is None else lambda: self._fallback_features(image_id))
 
     def stored_file(self, image: StoredImage) -> Path:
         """The file of an enrolled photo. Raises NotFoundError when it is gone from the data folder."""

@@ -15,7 +15,9 @@ the old ones; a crash before the switch leaves the old embeddings current (and t
 Local features (keypoints and descriptors for verification) are extracted once, when a photo is enrolled, and stored
 in the same transaction as the photo, so no query recomputes them and no crash leaves a photo without them. They do
 not depend on the model, so a re-index keeps them; they do depend on how they were extracted (the size and the
-method, reid.local_features.Extraction), which is stored with them.
+method, reid.local_features.Extraction), which is stored with them: a photo has one row per extraction, so the
+features of verification's fallback (simulated tilts, stored the first time a query needs them) sit beside the
+plain ones.
 
 Every write opens its own short-lived connection, so the store is safe to use from any thread or process. The
 small reads a request makes (evidence photos, listings, counts) go through one read-only connection per thread, kept
@@ -50,14 +52,22 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "reid.sqlite3"
 PHOTOS_DIR = "photos"
 #: 1: individuals, images, embeddings, meta. 2: adds local_features. 3: adds local_features.method (the features
-#: of a version 2 store are "rootsift", not equalised). Opening an older store upgrades it in place (new tables are
-#: created empty); a newer store is refused rather than half understood.
-SCHEMA_VERSION = 3
+#: of a version 2 store are "rootsift", not equalised). 4: local_features keyed by (image, size, method), not by the
+#: image alone. Opening an older store upgrades it in place (new tables are created empty, rows are kept); a newer
+#: store is refused rather than half understood.
+SCHEMA_VERSION = 4
 #: Stored photos were checked against the pixel limit when they were uploaded; decoding them again must not fail on
 #: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
 _NO_PIXEL_LIMIT = 2**62
 
-_SCHEMA = """
+#: The columns of local_features (schema version 4), also used to rebuild an older store's table.
+_LOCAL_FEATURES_COLUMNS = """    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    max_side INTEGER NOT NULL,             -- long side (pixels) the photo was extracted at
+    features BLOB NOT NULL,                -- reid.local_features.LocalFeatures.to_bytes()
+    method TEXT NOT NULL DEFAULT 'rootsift',  -- reid.local_features.Extraction.method
+    PRIMARY KEY (image_id, max_side, method)"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS individuals (id TEXT PRIMARY KEY, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images (
@@ -80,10 +90,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     PRIMARY KEY (image_id, model)
 );
 CREATE TABLE IF NOT EXISTS local_features (
-    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
-    max_side INTEGER NOT NULL,             -- long side (pixels) the photo was extracted at
-    features BLOB NOT NULL,                -- reid.local_features.LocalFeatures.to_bytes()
-    method TEXT NOT NULL DEFAULT 'rootsift'  -- reid.local_features.Extraction.method
+{_LOCAL_FEATURES_COLUMNS}
 );
 """
 
@@ -183,6 +190,18 @@ class Store:
         columns = {row[1] for row in connection.execute("PRAGMA table_info(local_features)")}
         if "method" not in columns:  # a version 2 store: its features were extracted without equalisation
             connection.execute("ALTER TABLE local_features ADD COLUMN method TEXT NOT NULL DEFAULT 'rootsift'")
+        keys = [row[1] for row in connection.execute("PRAGMA table_info(local_features)") if row[5]]
+        if keys == ["image_id"]:  # versions 2 and 3 kept one set of features a photo: rebuilt, rows kept
+            connection.executescript(f"""
+                BEGIN IMMEDIATE;
+                ALTER TABLE local_features RENAME TO local_features_old;
+                CREATE TABLE local_features (
+                {_LOCAL_FEATURES_COLUMNS}
+                );
+                INSERT INTO local_features (image_id, max_side, features, method)
+                    SELECT image_id, max_side, features, method FROM local_features_old;
+                DROP TABLE local_features_old;
+                COMMIT;""")
         connection.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         if version < SCHEMA_VERSION:
             log.info("store %s upgraded from schema version %d to %d", self.root, version, SCHEMA_VERSION)
@@ -463,6 +482,12 @@ class Store:
                                         "method = ? ORDER BY image_id", (extraction.max_side, extraction.method))
             while rows := cursor.fetchmany(batch_size):
                 yield [(row[0], bytes(row[1])) for row in rows]
+
+    def local_features_of(self, extraction: Extraction, image_id: int) -> bytes | None:
+        """One photo's local-feature blob extracted by ``extraction``; None when it has none."""
+        row = self._reader().execute("SELECT features FROM local_features WHERE image_id = ? AND max_side = ? AND "
+                                     "method = ?", (int(image_id), extraction.max_side, extraction.method)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def put_local_features(self, extraction: Extraction, image_ids: Sequence[int],
                            features: Sequence[LocalFeatures]) -> None:

@@ -27,6 +27,25 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32), suffix_
     return path
 
 
+@pytest.fixture(scope="session")
+def slanted_turtle(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[np.ndarray], np.ndarray]:
+    """One upright photo (512 px) of each of four synthetic individuals, and the first one seen at a slant: squeezed
+    to 30% of its width, as by a camera tilted ~73 degrees, then turned 40 degrees. Plain SIFT matches the slanted
+    photo no better than random matches do; simulated tilts (ASIFT) match it."""
+    import cv2
+
+    from reid.data.synth import generate_synthetic_dataset
+    from reid.imageio import decode_image
+
+    root = tmp_path_factory.mktemp("slanted")
+    generate_synthetic_dataset(root, individuals=4, images_per_individual=1, seed=0, image_size=256, progress=False)
+    upright = [cv2.resize(decode_image(path), (512, 512), interpolation=cv2.INTER_CUBIC)
+               for path in sorted((root / "images").glob("*/*.png"))]
+    turned = cv2.warpAffine(upright[0], cv2.getRotationMatrix2D((256, 256), 40.0, 1.0), (512, 512),
+                            borderMode=cv2.BORDER_REFLECT)
+    return upright, cv2.resize(turned, (154, 512), interpolation=cv2.INTER_AREA)
+
+
 @pytest.fixture
 def zindi_folder(tmp_path: Path) -> Path:
     """The real Zindi CSV rows from tests/fixtures/zindi with generated images (extensions in mixed case)."""

@@ -130,12 +130,13 @@ def test_a_fit_called_from_python_ignores_the_callers_own_arguments(tmp_path: Pa
     assert sys.argv == ["reid-demo", "--out", "demo"]
 
 
-def test_verify_candidates_below_one_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("key, value", [("verify_candidates", "0"), ("verify_fallback", "-1")])
+def test_verify_settings_out_of_range_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, key: str, value: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--verify_candidates", "0"))
+        main(_fit_args(tmp_path, synth_dataset, "--verify", "true", f"--{key}", value))
     assert exit_info.value.code == 2
-    assert 'key "verify_candidates"' in capsys.readouterr().err
+    assert f'key "{key}"' in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs").exists()  # refused before any training
 
 
@@ -169,12 +170,13 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     individuals: no `reid calibrate --verify` step in between. Both thresholds are fitted with, and stored with, the
     runner-up weight, which evaluate then applies."""
     assert main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--trainer.max_epochs", "1",
-                          "--model.runner_up_weight", "0.5", "--verify_candidates", "8")) == 0
+                          "--model.runner_up_weight", "0.5", "--verify_candidates", "8", "--verify_fallback", "3")) == 0
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
     assert f"verification written to {best}" in capsys.readouterr().out
     meta = read_checkpoint(best)["reid"]
     verification = meta["verification"]
     assert verification["fusion"]["candidates"] == 8  # what the service and evaluate will verify per query
+    assert verification["fusion"]["fallback"]["top"] == 3 and "ASIFT fallback on the 3" in verification["threshold_origin"]
     assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
     assert 0.0 <= verification["threshold"] <= 1.0 and "held out of the gallery" in verification["threshold_origin"]
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays

@@ -15,8 +15,9 @@ from reid.cli import main
 from reid.errors import FeatureError
 from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder
-from reid.local_features import Extraction, extract_features
-from reid.verification import Fusion, extract_all, feature_cache_dir
+from reid.local_features import Extraction, LocalFeatures, extract_features
+from reid.verification import (Fallback, FallbackFeatures, Fusion, LocalVerifier, extract_all,
+                               feature_cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,68 @@ def test_a_fusion_learnt_from_cached_inlier_counts_equals_one_learnt_by_matching
     similarities, inliers, same = cached_pairs
     assert len(similarities) == len(inliers) == len(same) == len(identities) * 5
     assert same.any() and not same.all()
+
+
+#: A cheaper fallback extraction for the tests' 512 px photos (the default keeps 700 keypoints a simulated view).
+TEST_FALLBACK = Extraction(max_keypoints=300, affine_tilt=2)
+
+
+def test_the_fallback_matches_a_slanted_photo_that_plain_matching_misses(verified: Path, slanted_turtle) -> None:
+    """Where no candidate reaches the floor, the most similar are matched again under simulated tilts: the slanted
+    photo's own individual is found, the others stay under the floor. A query plain matching already matches never
+    pays for the fallback."""
+    import numpy as np
+
+    upright, slanted = slanted_turtle
+    fusion = replace(Embedder.from_checkpoint(verified).verification.fusion,
+                     fallback=Fallback(top=4, floor=10, extraction=TEST_FALLBACK))
+    plain = [extract_features(photo) for photo in upright]
+    tilted = [TEST_FALLBACK.extract(photo) for photo in upright]
+    asked: list[int] = []
+
+    def verifier(query: np.ndarray, fused: Fusion = fusion) -> LocalVerifier:
+        def gallery(image_id: int) -> LocalFeatures:
+            asked.append(image_id)
+            return tilted[image_id]
+        return LocalVerifier(fused, plain.__getitem__, [extract_features(query)],
+                             fallback=FallbackFeatures(gallery, lambda _: TEST_FALLBACK.extract(query)))
+
+    without = verifier(slanted, replace(fusion, fallback=None)).inliers(0, np.arange(4))
+    assert without.max() < 10 and asked == []
+    with_fallback = verifier(slanted).inliers(0, np.arange(4))
+    assert with_fallback[0] >= 30 and with_fallback[1:].max() < 10 and sorted(asked) == [0, 1, 2, 3]
+    asked.clear()
+    assert verifier(upright[0]).inliers(0, np.arange(4))[0] > 100 and asked == []
+    with pytest.raises(ValueError, match="needs their features"):
+        LocalVerifier(fusion, plain.__getitem__, [plain[0]])
+
+
+def test_a_fallback_travels_in_the_fusion_and_older_fusions_have_none(verified: Path) -> None:
+    fusion = Embedder.from_checkpoint(verified).verification.fusion
+    assert fusion.fallback is None
+    with_fallback = replace(fusion, fallback=Fallback(top=5))
+    stored = with_fallback.to_dict()
+    assert Fusion.from_dict(stored) == with_fallback
+    assert Fusion.from_dict(stored).fallback.extraction.method == "rootsift-clahe-700-asift2"
+    del stored["fallback"]  # what checkpoints calibrated before fallbacks existed hold
+    assert Fusion.from_dict(stored).fallback is None
+    with pytest.raises(ValueError, match="fallback top must be an integer >= 1, got 0"):
+        Fallback(top=0)
+
+
+def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
+        verified: Path, textured: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "fallback.ckpt"
+    shutil.copy(verified, checkpoint)
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify",
+                 "--candidates", "8", "--fallback", "3"]) == 0
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    assert verification.fusion.fallback == Fallback(top=3)
+    assert "ASIFT fallback on the 3 most similar photos" in verification.threshold_origin
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
+    assert "ASIFT fallback on the 3 most similar photos" in capsys.readouterr().out
+    for wrong, message in ((["--fallback", "3"], "got 3 without --verify"), (["--verify", "--fallback", "-1"], "got -1")):
+        assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), *wrong]) == 2
+        assert message in capsys.readouterr().err
+    assert Embedder.from_checkpoint(checkpoint).verification == verification, "a refused command changes nothing"

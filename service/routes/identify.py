@@ -63,7 +63,10 @@ def identify_batch(engine: EngineDep,
                        "headers": {"X-Similarity": {"description": "cosine similarity of the two embeddings",
                                                     "schema": {"type": "number"}},
                                    "X-Inliers": {"description": "verified local-feature matches",
-                                                 "schema": {"type": "integer"}}}},
+                                                 "schema": {"type": "integer"}},
+                                   "X-Fallback": {"description": "true when the matches drawn are the fallback's "
+                                                                "(simulated camera tilts), found where plain matching "
+                                                                "found too few", "schema": {"type": "boolean"}}}},
                  **error_responses(400, 401, 404, 413, 415, 422)})
 def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo that was identified")],
             individual_id: Annotated[IndividualId, Form(description="the individual it was matched to")],
@@ -72,4 +75,5 @@ def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the
     photo = engine.decode_upload(file.file.read(), "file", file.filename)
     explanation = engine.explain(photo, file.filename or "upload", individual_id, image_id)
     return Response(explanation.png, media_type="image/png",
-                    headers={"X-Similarity": f"{explanation.similarity:.6f}", "X-Inliers": str(explanation.inliers)})
+                    headers={"X-Similarity": f"{explanation.similarity:.6f}", "X-Inliers": str(explanation.inliers),
+                             "X-Fallback": str(explanation.fallback).lower()})

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,7 +25,9 @@ from reid import cli
 from reid.data.records import read_dataset
 from reid.data.synth import generate_synthetic_dataset
 from reid.imageio import decode_image
-from reid.inference import Embedder, export_encoder
+from reid.inference import Embedder, export_encoder, write_checkpoint_metadata
+from reid.local_features import Extraction
+from reid.verification import Fallback
 from service.engine import Engine, SharedLock
 from service.offline import enroll_dataset
 from service.settings import Settings
@@ -50,11 +55,20 @@ def verified_records(verified: tuple[Path, Path]) -> pd.DataFrame:
     return read_dataset(verified[1])
 
 
-def feature_rows(data_dir: Path) -> dict[int, tuple[int, str]]:
-    """image id → (long side, method) its stored local features were extracted at/by, read from the database."""
+def feature_rows(data_dir: Path) -> dict[int, set[tuple[int, str]]]:
+    """image id → the (long side, method) of each set of local features stored for it, read from the database."""
+    rows: dict[int, set[tuple[int, str]]] = {}
     with sqlite3.connect(data_dir / DATABASE_NAME) as database:
-        return {image_id: (max_side, method) for image_id, max_side, method in
-                database.execute("SELECT image_id, max_side, method FROM local_features").fetchall()}
+        for image_id, max_side, method in database.execute("SELECT image_id, max_side, method FROM local_features"):
+            rows.setdefault(image_id, set()).add((max_side, method))
+    return rows
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An RGB array as PNG bytes, what a client uploads."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def explain(client: httpx.Client, query: bytes, individual_id: str, image_id: int) -> httpx.Response:
@@ -150,25 +164,31 @@ def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, 
     plain.close()
     with caplog.at_level(logging.INFO, logger="service"):
         verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
-    assert "upgraded from schema version 1 to 3" in caplog.text
+    assert "upgraded from schema version 1 to 4" in caplog.text
     assert "extracting the local features of 6 photos" in caplog.text and "6/6 photos extracted" in caplog.text
     extraction = verifying.verification.fusion.extraction
     assert extraction.equalise, "a freshly calibrated checkpoint equalises"
-    assert feature_rows(data_dir) == {image_id: (1024, "rootsift-clahe") for image_id in range(1, 7)}
+    assert feature_rows(data_dir) == {image_id: {(1024, "rootsift-clahe")} for image_id in range(1, 7)}
     best = verifying.identify([query], 3, None)[0].predictions[0]
     assert best.individual_id == "turtle-1" and best.evidence.inliers > 0
 
     verifying.close()
-    with sqlite3.connect(data_dir / DATABASE_NAME) as database:  # a version 2 store: features without a method
-        database.execute("ALTER TABLE local_features DROP COLUMN method")
-        database.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    with sqlite3.connect(data_dir / DATABASE_NAME) as database:  # a version 2 store: one row a photo, no method
+        database.executescript("""
+            CREATE TABLE old (image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+                              max_side INTEGER NOT NULL, features BLOB NOT NULL);
+            INSERT INTO old SELECT image_id, max_side, features FROM local_features;
+            DROP TABLE local_features;
+            ALTER TABLE old RENAME TO local_features;
+            UPDATE meta SET value = '2' WHERE key = 'schema';""")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="service"):
         Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir)).close()
-    assert "upgraded from schema version 2 to 3" in caplog.text
+    assert "upgraded from schema version 2 to 4" in caplog.text
     assert "extracting the local features of 6 photos" in caplog.text, \
         "features of a version 2 store were not equalised: they are not mixed with equalised queries"
-    assert feature_rows(data_dir) == {image_id: (1024, "rootsift-clahe") for image_id in range(1, 7)}
+    assert feature_rows(data_dir) == {image_id: {(1024, "rootsift"), (1024, "rootsift-clahe")}
+                                      for image_id in range(1, 7)}, "the old rows are kept beside the new ones"
 
 
 def test_empty_gallery_and_offline_enrolment_with_verification(tmp_path: Path, verified: tuple[Path, Path],
@@ -233,3 +253,46 @@ def test_a_deletion_waits_for_the_verifications_in_flight() -> None:
         order.append("queries answered")
     deletion.join(timeout=10)
     assert order == ["queries answered", "deleted"]
+
+
+def test_the_fallback_matches_a_slanted_photo_and_keeps_its_features_in_the_store(
+        tmp_path: Path, verified: tuple[Path, Path], slanted_turtle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose fusion falls back to simulated tilts: the slanted photo's individual is answered with the
+    fallback's inliers as evidence, the gallery photos' fallback features are extracted once and stored beside the
+    plain ones, and explain draws the fallback's matches."""
+    upright, slanted = slanted_turtle
+    checkpoint = tmp_path / "fallback.ckpt"
+    shutil.copy(verified[0], checkpoint)
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    fallback = Fallback(top=4, extraction=Extraction(max_keypoints=300, affine_tilt=2))
+    write_checkpoint_metadata(checkpoint, verification=replace(
+        verification, fusion=replace(verification.fusion, fallback=fallback)).to_dict())
+    data_dir = tmp_path / "data"
+    engine = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    for i, photo in enumerate(upright):
+        engine.enroll(f"turtle-{i}", [engine.decode_upload(png_bytes(photo), "files", None)], "new")
+    assert all(methods == {(1024, "rootsift-clahe")} for methods in feature_rows(data_dir).values()), \
+        "enrolment extracts no fallback features"
+
+    answer = engine.identify([slanted], 4, None)[0]
+    found = {p.individual_id: p.evidence for p in answer.predictions if p.evidence is not None}
+    assert found["turtle-0"].inliers >= 30 and max(e.inliers for name, e in found.items() if name != "turtle-0") < 10
+    assert answer.predictions[0].individual_id in ("turtle-0", "new_turtle")
+    fallback_rows = {image_id for image_id, methods in feature_rows(data_dir).items()
+                     if (1024, "rootsift-clahe-300-asift2") in methods}
+    assert fallback_rows == {1, 2, 3, 4}
+    tilted_extractions: list[tuple[int, int]] = []
+    extract = Extraction.extract
+
+    def counted(self: Extraction, image: np.ndarray) -> object:
+        if self.affine_tilt:
+            tilted_extractions.append(image.shape[:2])
+        return extract(self, image)
+
+    monkeypatch.setattr(Extraction, "extract", counted)
+    engine.identify([slanted], 4, None)
+    assert tilted_extractions == [slanted.shape[:2]], "only the query is extracted again; the gallery's are read back"
+
+    explanation = engine.explain(engine.decode_upload(png_bytes(slanted), "file", None), "slanted.png", "turtle-0", 1)
+    assert explanation.fallback and explanation.inliers >= 30
+    engine.close()
