@@ -226,10 +226,12 @@ async function showMatches(explain, file, prediction) {
   try {
     const response = await api("/identify/explain", { method: "POST", body: form });
     const inliers = response.headers.get("X-Inliers");
+    const tilted = response.headers.get("X-Fallback") === "true"
+      ? " once the camera's tilt was simulated (the photos were taken from different angles)" : "";
     const image = el("img", { alt: `matching points between your photo and ${prediction.individual_id}`,
                               src: URL.createObjectURL(await response.blob()) });
     explain.replaceChildren(el("p", {}, `${inliers} points of your photo match points of ` +
-      `${prediction.individual_id}'s photo in a consistent arrangement (lines join them):`), image);
+      `${prediction.individual_id}'s photo in a consistent arrangement${tilted} (lines join them):`), image);
   } catch (error) {
     explain.replaceChildren(el("p", { className: "message error" }, error.message));
   }
