@@ -222,3 +222,31 @@ def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
         assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), *wrong]) == 2
         assert message in capsys.readouterr().err
     assert Embedder.from_checkpoint(checkpoint).verification == verification, "a refused command changes nothing"
+
+
+def test_predict_with_a_fallback_finds_the_slanted_photo_in_a_gallery_of_files(
+        verified: Path, slanted_turtle, tmp_path: Path) -> None:
+    """`reid predict` with a checkpoint whose fusion falls back: the photo files' fallback features are extracted
+    on demand, and the report's evidence for the right individual carries the fallback's inliers."""
+    from PIL import Image
+
+    from reid.inference import write_checkpoint_metadata
+
+    upright, slanted = slanted_turtle
+    checkpoint = tmp_path / "fallback.ckpt"
+    shutil.copy(verified, checkpoint)
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    write_checkpoint_metadata(checkpoint, verification=replace(verification, fusion=replace(
+        verification.fusion, fallback=Fallback(top=4, extraction=TEST_FALLBACK))).to_dict())
+    for i, photo in enumerate(upright):
+        (tmp_path / "gallery" / f"ind_00{i}").mkdir(parents=True)
+        Image.fromarray(photo).save(tmp_path / "gallery" / f"ind_00{i}" / "upright.png")
+    (tmp_path / "queries").mkdir()
+    Image.fromarray(slanted).save(tmp_path / "queries" / "slanted.png")
+    report = tmp_path / "report.json"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(tmp_path / "gallery"), "--queries",
+                 str(tmp_path / "queries"), "--out", str(tmp_path / "submission.csv"), "--report", str(report)]) == 0
+    evidence = {p["individual"]: p["evidence"] for p in json.loads(report.read_text())["queries"][0]["predictions"]
+                if p.get("evidence")}
+    assert evidence["ind_000"]["inliers"] >= 30
+    assert max(e["inliers"] for name, e in evidence.items() if name != "ind_000") < 10
