@@ -31,7 +31,7 @@ from reid.identify import Answer, Identifier, Threshold, threshold_in_force, ver
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
 from reid.local_features import Extraction, LocalFeatures
-from reid.verification import FallbackFeatures, LocalVerifier, Verification
+from reid.verification import FallbackFeatures, LocalVerifier, Verification, fallback_note
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo
@@ -167,7 +167,8 @@ class Engine:
         else:
             features = _cached_features(store, image_ids, verification.fusion.extraction)
             log.info("verification on: the %d most similar photos of each query are checked with local features "
-                     "(%d photos' features in memory)", verification.fusion.candidates, len(features))
+                     "(%d photos' features in memory)%s", verification.fusion.candidates, len(features),
+                     fallback_note(verification.fusion))
         return cls(settings, embedder, store, gallery, verification, features, folder_lock)
 
     def __enter__(self) -> Engine:
