@@ -26,11 +26,12 @@ Two levers outside the fusion can be scored the same way: ``--max-keypoints N`` 
 on) N SIFT keypoints a photo instead of 1,500, and ``--test-crops F`` embeds every photo with its centre crops of
 fraction F (``model.test_crops``) in place of the checkpoint's own preprocessing.
 
-``--affine-fallback N`` scores a third: where none of a query's verified photos reaches ``--match-inliers``, its N
-most similar photos are matched again with simulated camera tilts (ASIFT: ``extract_features(..., affine_tilt=2)``,
-700 keypoints a simulated view), and a count replaces the plain one where it is larger and reaches
-``--match-inliers`` too; the fusion stays the one learnt on plain SIFT pairs. Those features are extracted only for
-the photos a fallback needs and kept in ``--cache-dir`` with their counts.
+``--affine-fallback N`` scores a third, verification's ASIFT fallback (:class:`reid.verification.Fallback`, what
+``reid fit --verify_fallback N`` stores): where none of a query's verified photos reaches ``--match-inliers``, its N
+most similar photos are matched again under simulated camera tilts, and a count replaces the plain one where it is
+larger and reaches ``--match-inliers`` too; the fusion stays the one learnt on plain SIFT pairs. Those features are
+extracted only for the photos a fallback needs (into ``$REID_FEATURE_CACHE``), and their counts kept in
+``--cache-dir`` like the plain ones.
 
 Inlier counts are kept in ``--cache-dir`` keyed by the two photos' paths and the extraction, so a second checkpoint
 of the same photos only matches the pairs the first did not. The split options must be those the checkpoint was
@@ -40,13 +41,12 @@ trained with (the file's split by default).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import pickle
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from runner_up_weight import add_split_arguments, validation_sets
@@ -55,10 +55,10 @@ from sklearn.linear_model import LogisticRegression
 
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.fileio import write_atomically
-from reid.imageio import decode_image
-from reid.local_features import DEFAULT_MAX_KEYPOINTS, Extraction, LocalFeatures, extract_features, match_features
+from reid.local_features import DEFAULT_MAX_KEYPOINTS, Extraction, LocalFeatures, match_features
 from reid.metrics import NEW_TURTLE
-from reid.verification import Fusion, LocalVerifier, extract_all, fusion_from_pairs, fusion_training_pairs
+from reid.verification import (Fallback, FallbackFeatures, FeaturesOnDemand, Fusion, LocalVerifier, extract_all,
+                               fusion_from_pairs, fusion_training_pairs)
 
 log = logging.getLogger("open_set_levers")
 
@@ -83,56 +83,12 @@ class InlierCache:
         write_atomically(self.path, pickle.dumps(self.counts))
 
 
-class AffineMatches:
-    """Inlier counts of photo pairs under affine-simulated SIFT, each photo's features extracted once and kept on
-    disk: ~6,900 keypoints a turtles_dev photo and seven times plain SIFT's time, too costly to extract for photos
-    no fallback asks for."""
-
-    def __init__(self, directory: Path, tilt: int = 2, keypoints_per_view: int = 700) -> None:
-        self.extraction = {"max_keypoints": keypoints_per_view, "affine_tilt": tilt}
-        self.folder = directory / f"asift-tilt{tilt}-{keypoints_per_view}"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.cache = InlierCache(directory / f"inliers_asift-tilt{tilt}-{keypoints_per_view}.pkl")
-        self.loaded: dict[str, LocalFeatures] = {}
-
-    def features(self, path: str) -> LocalFeatures:
-        if path not in self.loaded:
-            stored = self.folder / (hashlib.sha256(path.encode()).hexdigest()[:20] + ".bin")
-            if not stored.exists():
-                write_atomically(stored, extract_features(decode_image(path), **self.extraction).to_bytes())
-            self.loaded[path] = LocalFeatures.from_bytes(stored.read_bytes())
-        return self.loaded[path]
-
-    def count(self, query: str, photo: str) -> int:
-        return self.cache.count_paths(query, photo, self.features)
-
-
-class AffineFallback(LocalVerifier):
-    """The bench's verifier, and where none of a query's candidates reaches ``floor`` inliers, its ``top`` most
-    similar candidates matched again with affine-simulated SIFT, a count kept where it reaches ``floor``: random
-    pairs reached 9 at most under it on turtles_dev, so counts under the floor would only lift new turtles.
-    ``verifier`` are :class:`LocalVerifier`'s own arguments."""
-
-    def __init__(self, matches: AffineMatches, top: int, floor: int, *verifier: Any) -> None:
-        super().__init__(*verifier)
-        self.matches, self.top, self.floor = matches, top, floor
-
-    def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
-        counts = super().inliers(query, image_ids)
-        if len(counts) and counts.max() < self.floor:
-            for n, image_id in enumerate(image_ids[:self.top]):
-                affine = self.matches.count(*self.pair_key(query, int(image_id)))
-                if affine >= self.floor:
-                    counts[n] = max(counts[n], affine)
-        return counts
-
-
 class Variant:
     """A fusion rule over the default fusion's two calibrations (the verifier only calls it and reads
-    ``candidates``)."""
+    ``candidates`` and ``fallback``, both the default fusion's)."""
 
-    def __init__(self, candidates: int, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        self.candidates, self.rule = candidates, rule
+    def __init__(self, base: Fusion, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.candidates, self.fallback, self.rule = base.candidates, base.fallback, rule
 
     def __call__(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         return self.rule(np.asarray(similarities, np.float64), np.asarray(inliers, np.float64))
@@ -148,13 +104,13 @@ def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], flo
     logistic = LogisticRegression().fit(both(pairs[0], pairs[1]), pairs[2])
     found: dict[str, object] = {
         "mean": base,
-        "log-odds": Variant(base.candidates, lambda s, i: 1 / (1 + np.exp(-both(s, i).sum(axis=1)))),
-        "max": Variant(base.candidates, lambda s, i: np.maximum(similarity(s), inliers(i))),
-        "logistic": Variant(base.candidates, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
+        "log-odds": Variant(base, lambda s, i: 1 / (1 + np.exp(-both(s, i).sum(axis=1)))),
+        "max": Variant(base, lambda s, i: np.maximum(similarity(s), inliers(i))),
+        "logistic": Variant(base, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
     }
     for floor in floors:
         found[f"floor-{floor}"] = Variant(
-            base.candidates, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
+            base, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
     return found
 
 
@@ -205,7 +161,11 @@ def main() -> None:
     query_features = list(zip(query_paths, extract_all(query_paths, extraction, True)))
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     cache = InlierCache(args.cache_dir / f"inliers_{extraction.method}_{extraction.max_side}.pkl")
-    affine = AffineMatches(args.cache_dir) if args.affine_fallback else None
+    fallback = Fallback(args.affine_fallback, args.match_inliers) if args.affine_fallback else None
+    if fallback is not None:
+        tilted = fallback.extraction
+        affine_cache = InlierCache(args.cache_dir / f"inliers_{tilted.method}_{tilted.max_side}.pkl")
+        affine_gallery, affine_queries = FeaturesOnDemand(gallery_paths, tilted), FeaturesOnDemand(query_paths, tilted)
 
     def gallery_pair(i: int, j: int) -> int:
         return cache.count(gallery_features[i], gallery_features[j])
@@ -216,14 +176,16 @@ def main() -> None:
             verifier = (fusion, lambda i: gallery_features[int(gallery_rows[i])][1],
                         [query_features[int(r)][1] for r in query_rows], cache.counts,
                         lambda q, i: (query_paths[int(query_rows[q])], gallery_paths[int(gallery_rows[i])]))
-            if affine is None:
+            if fallback is None:
                 return LocalVerifier(*verifier)
-            return AffineFallback(affine, args.affine_fallback, args.match_inliers, *verifier)
+            return LocalVerifier(*verifier, fallback=FallbackFeatures(
+                lambda i: affine_gallery[int(gallery_rows[i])], lambda q: affine_queries[int(query_rows[q])],
+                affine_cache.counts))
         return build
 
     pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features], progress=True,
                                   pair_inliers=gallery_pair)
-    base = fusion_from_pairs(pairs, extraction=extraction)
+    base = replace(fusion_from_pairs(pairs, extraction=extraction), fallback=fallback)
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
           f"{len(gallery)} training photos, {base.candidates} verified a query, "
           f"runner-up weight {runner_up_weight:g}"
@@ -245,8 +207,8 @@ def main() -> None:
         if name == "mean":
             default_closed, default_held_out = closed, held_out
         cache.save()
-        if affine is not None:
-            affine.cache.save()
+        if fallback is not None:
+            affine_cache.save()
 
     default = default_held_out.metrics
     print(f"\nDefault fusion, held-out folds: known queries {default['known_accuracy']:.3f} right at rank 1 "
