@@ -77,6 +77,13 @@ def _run_lightning(argv: list[str] | None) -> int:
                                      "similar again under simulated camera tilts (ASIFT; better open set, ~5 s more "
                                      "for such a query on a CPU; README, 'ASIFT fallback'); 0: off")
 
+        def before_instantiate_classes(self) -> None:
+            """Settings that only mean something together are checked before anything is built or trained."""
+            config = self.config[self.subcommand]
+            if config.get("verify_fallback") and not config.get("verify"):
+                raise ReIDError(f"--verify_fallback {config['verify_fallback']} needs --verify true: the fallback is "
+                                "part of the verification `reid fit --verify` learns")
+
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
             if callback is not None and callback.best_model_path and self.trainer.is_global_zero:

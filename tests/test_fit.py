@@ -137,6 +137,13 @@ def test_verify_settings_out_of_range_exit_2_naming_the_key(tmp_path: Path, synt
         main(_fit_args(tmp_path, synth_dataset, "--verify", "true", f"--{key}", value))
     assert exit_info.value.code == 2
     assert f'key "{key}"' in capsys.readouterr().err
+
+
+def test_a_fallback_without_verify_exit_2_before_training(tmp_path: Path, synth_dataset: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_fit_args(tmp_path, synth_dataset, "--verify_fallback", "20")) == 2
+    assert "--verify_fallback 20 needs --verify true" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()
     assert not (tmp_path / "lightning_logs").exists()  # refused before any training
 
 
