@@ -74,8 +74,8 @@ def _run_lightning(argv: list[str] | None) -> int:
                                      "answers, slower; README, 'How many photos to verify')")
             parser.add_argument("--verify_fallback", type=NonNegativeInt, default=0,
                                 help="with --verify: where no verified photo of a query matches, match its N most "
-                                     "similar again under simulated camera tilts (ASIFT; better open set, ~5 s more "
-                                     "for such a query on a CPU; README, 'ASIFT fallback'); 0: off")
+                                     "similar again under simulated camera tilts (ASIFT; better open set, ~3 s more "
+                                     "for such a query on a CPU; README, 'The ASIFT fallback'); 0: off")
 
         def before_instantiate_classes(self) -> None:
             """Settings that only mean something together are checked before anything is built or trained."""
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
     calibrate.add_argument("--fallback", type=int, default=0, metavar="N",
                            help="with --verify: where no verified photo of a query matches, match its N most similar "
-                                "again under simulated camera tilts (ASIFT; README, 'ASIFT fallback'); 0: off")
+                                "again under simulated camera tilts (ASIFT; README, 'The ASIFT fallback'); 0: off")
     calibrate.add_argument("--runner-up-weight", type=float,
                            help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
                                 "score (default: the checkpoint's, as reid fit stored it; 0 for older checkpoints)")
