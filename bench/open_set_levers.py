@@ -71,13 +71,10 @@ class InlierCache:
         self.counts: dict[tuple[str, str], int] = pickle.loads(path.read_bytes()) if path.exists() else {}
 
     def count(self, query: tuple[str, LocalFeatures], photo: tuple[str, LocalFeatures]) -> int:
-        return self.count_paths(query[0], photo[0], dict((query, photo)).__getitem__)
-
-    def count_paths(self, query: str, photo: str, features: Callable[[str], LocalFeatures]) -> int:
-        """The pair's count, matching ``features(path)`` of both only when it is not kept yet."""
-        if (query, photo) not in self.counts:
-            self.counts[query, photo] = match_features(features(query), features(photo)).inliers
-        return self.counts[query, photo]
+        key = (query[0], photo[0])
+        if key not in self.counts:
+            self.counts[key] = match_features(query[1], photo[1]).inliers
+        return self.counts[key]
 
     def save(self) -> None:
         write_atomically(self.path, pickle.dumps(self.counts))

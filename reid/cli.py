@@ -128,8 +128,8 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
     features = extract_all(paths, progress=True)
     split = len(gallery)
     fallback = _fallback(fallback_top)
-    on_demand = (None if fallback is None else
-                 (FeaturesOnDemand(paths[:split], fallback.extraction), FeaturesOnDemand(paths[split:], fallback.extraction)))
+    on_demand = None if fallback is None else (FeaturesOnDemand(paths[:split], fallback.extraction),
+                                               FeaturesOnDemand(paths[split:], fallback.extraction))
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),

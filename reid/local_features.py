@@ -186,8 +186,8 @@ def _check_image(image: np.ndarray) -> None:
         raise FeatureError(f"image has no pixels: shape {image.shape}")
 
 
-def _check_integer(name: str, value: int, minimum: int) -> None:
-    """An extraction setting must be a true integer (not a bool, not a float) of at least ``minimum``."""
+def check_integer(name: str, value: int, minimum: int) -> None:
+    """A local-feature setting must be a true integer (not a bool, not a float) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise FeatureError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -214,9 +214,9 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
         FeatureError: ``image`` is not H x W x 3 uint8, or an argument is out of range.
     """
     _check_image(image)
-    _check_integer("max_side", max_side, 16)
-    _check_integer("max_keypoints", max_keypoints, 1)
-    _check_integer("affine_tilt", affine_tilt, 0)
+    check_integer("max_side", max_side, 16)
+    check_integer("max_keypoints", max_keypoints, 1)
+    check_integer("affine_tilt", affine_tilt, 0)
     height, width = image.shape[:2]
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     factor = min(1.0, max_side / max(width, height))
@@ -264,9 +264,9 @@ class Extraction:
     affine_tilt: int = 0
 
     def __post_init__(self) -> None:
-        _check_integer("max_side", self.max_side, 16)
-        _check_integer("max_keypoints", self.max_keypoints, 1)
-        _check_integer("affine_tilt", self.affine_tilt, 0)
+        check_integer("max_side", self.max_side, 16)
+        check_integer("max_keypoints", self.max_keypoints, 1)
+        check_integer("affine_tilt", self.affine_tilt, 0)
 
     @property
     def method(self) -> str:

@@ -24,7 +24,7 @@ from reid.gallery import Gallery
 from reid.imageio import decode_image
 from reid.errors import FeatureError
 from reid.fileio import write_atomically
-from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, match_features
+from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, check_integer, match_features
 from reid.score_calibration import ScoreCalibration
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class Fallback:
     geometrically; some are turtles seen from a slant that SIFT's descriptors do not survive. Under simulated tilts
     three of 17 such errors reached 25-40 inliers against their own individual where plain SIFT reached 6-8. On the
     five runs of the default recipe it raised the held-out balanced accuracy in four and left the fifth level (0.889
-    -> 0.894), and the AUROC of the new_turtle score in all five (README, Results). The price: ~1.5 s to extract a photo's features
-    (0.2 s plain) and ~190 ms a match (7 ms), paid by the queries that fall back (43-46% on turtles_dev).
+    -> 0.894), and the AUROC of the new_turtle score in all five (README, Results). The price: ~1.5 s to extract a
+    photo's features (0.2 s plain) and ~190 ms a match (7 ms), paid by the queries that fall back (43-46% on
+    turtles_dev).
     The fusion is the one learnt on plain counts: a kept count is one a plain match of the same individual reaches.
     """
 
@@ -71,9 +72,8 @@ class Fallback:
     extraction: Extraction = FALLBACK_EXTRACTION
 
     def __post_init__(self) -> None:
-        for name, value in (("fallback top", self.top), ("fallback floor", self.floor)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_integer("fallback top", self.top, 1)
+        check_integer("fallback floor", self.floor, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"top": self.top, "floor": self.floor, **self.extraction.to_dict()}
@@ -199,9 +199,7 @@ class LocalVerifier:
         self.query_features = query_features
         self.memo = {} if memo is None else memo
         self.pair_key = pair_key
-        # fusion variants of bench/open_set_levers.py only read candidates and may have no fallback attribute
-        self.settings: Fallback | None = getattr(fusion, "fallback", None)
-        if self.settings is not None and fallback is None:
+        if fusion.fallback is not None and fallback is None:
             raise ValueError("this fusion falls back to simulated tilts; the verifier needs their features")
         self.fallback = fallback
 
@@ -222,10 +220,11 @@ class LocalVerifier:
         """Each photo's plain inlier count; where none reaches the fallback's floor, the fallback's counts of the
         most similar photos that reach it (:class:`Fallback`)."""
         counts = np.array([self._inliers(query, int(i)) for i in image_ids], dtype=np.int64)
-        if self.settings is not None and len(counts) and counts.max() < self.settings.floor:
-            for n, image_id in enumerate(image_ids[:self.settings.top]):
+        settings = self.fusion.fallback
+        if settings is not None and len(counts) and counts.max() < settings.floor:
+            for n, image_id in enumerate(image_ids[:settings.top]):
                 affine = self._fallback_inliers(query, int(image_id))
-                if affine >= self.settings.floor:
+                if affine >= settings.floor:
                     counts[n] = max(counts[n], affine)
         return counts
 
@@ -325,7 +324,8 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
                                  candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
                                  seed: int = 0, progress: bool = False, runner_up_weight: float = 0.0,
                                  fallback: Fallback | None = None,
-                                 fallback_features: tuple[Sequence[LocalFeatures], Sequence[LocalFeatures]] | None = None
+                                 fallback_features: tuple[Sequence[LocalFeatures],
+                                                          Sequence[LocalFeatures]] | None = None
                                  ) -> tuple[Verification, dict[str, float]]:
     """What `reid fit --verify` stores, from the photos its validation uses (training photos as the gallery).
 

@@ -183,7 +183,8 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     meta = read_checkpoint(best)["reid"]
     verification = meta["verification"]
     assert verification["fusion"]["candidates"] == 8  # what the service and evaluate will verify per query
-    assert verification["fusion"]["fallback"]["top"] == 3 and "ASIFT fallback on the 3" in verification["threshold_origin"]
+    assert verification["fusion"]["fallback"]["top"] == 3
+    assert "ASIFT fallback on the 3" in verification["threshold_origin"]
     assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
     assert 0.0 <= verification["threshold"] <= 1.0 and "held out of the gallery" in verification["threshold_origin"]
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays

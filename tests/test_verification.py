@@ -202,7 +202,7 @@ def test_a_fallback_travels_in_the_fusion_and_older_fusions_have_none(verified: 
     assert Fusion.from_dict(stored).fallback.extraction.method == "rootsift-clahe-700-asift2"
     del stored["fallback"]  # what checkpoints calibrated before fallbacks existed hold
     assert Fusion.from_dict(stored).fallback is None
-    with pytest.raises(ValueError, match="fallback top must be an integer >= 1, got 0"):
+    with pytest.raises(FeatureError, match="fallback top must be an integer >= 1, got 0"):
         Fallback(top=0)
 
 
@@ -218,7 +218,8 @@ def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
     assert "ASIFT fallback on the 3 most similar photos" in capsys.readouterr().out
-    for wrong, message in ((["--fallback", "3"], "got 3 without --verify"), (["--verify", "--fallback", "-1"], "got -1")):
+    for wrong, message in ((["--fallback", "3"], "got 3 without --verify"),
+                           (["--verify", "--fallback", "-1"], "got -1")):
         assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), *wrong]) == 2
         assert message in capsys.readouterr().err
     assert Embedder.from_checkpoint(checkpoint).verification == verification, "a refused command changes nothing"
