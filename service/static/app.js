@@ -227,7 +227,7 @@ async function showMatches(explain, file, prediction) {
     const response = await api("/identify/explain", { method: "POST", body: form });
     const inliers = response.headers.get("X-Inliers");
     const tilted = response.headers.get("X-Fallback") === "true"
-      ? " once the camera's tilt was simulated (the photos were taken from different angles)" : "";
+      ? " once a change of camera angle was simulated" : "";
     const image = el("img", { alt: `matching points between your photo and ${prediction.individual_id}`,
                               src: URL.createObjectURL(await response.blob()) });
     explain.replaceChildren(el("p", {}, `${inliers} points of your photo match points of ` +
