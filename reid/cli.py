@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     from reid.data.datamodule import ReIDDataModule
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
-    from reid.verification import Fallback, Verification
+    from reid.verification import Fallback, FeaturesOnDemand, Verification
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,19 @@ def _fallback(top: int) -> Fallback | None:
     return Fallback(top) if top else None
 
 
+def _fallback_features(fallback: Fallback | None, images: Sequence[str]) -> FeaturesOnDemand | None:
+    """The fallback's features of image files, each extracted only when a query falls back to it (None: no
+    fallback)."""
+    from reid.verification import FeaturesOnDemand
+
+    return None if fallback is None else FeaturesOnDemand(images, fallback.extraction)
+
+
 def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int,
                         fallback_top: int = 0) -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
-    from reid.verification import FeaturesOnDemand, extract_all, verification_from_validation
+    from reid.verification import extract_all, verification_from_validation
 
     gallery, queries = data.gallery_records, data.query_records
     paths = gallery["path"].tolist() + queries["path"].tolist()
@@ -128,8 +136,8 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
     features = extract_all(paths, progress=True)
     split = len(gallery)
     fallback = _fallback(fallback_top)
-    on_demand = None if fallback is None else (FeaturesOnDemand(paths[:split], fallback.extraction),
-                                               FeaturesOnDemand(paths[split:], fallback.extraction))
+    on_demand = None if fallback is None else (_fallback_features(fallback, paths[:split]),
+                                               _fallback_features(fallback, paths[split:]))
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
@@ -168,16 +176,14 @@ def _check_threshold(value: float | None) -> None:
 def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
     """Local features of every photo (cached on disk after the first run) and the verifier of any protocol; a
     fallback's features are extracted only for the photos it asks for."""
-    from reid.verification import FeaturesOnDemand, extract_all, verifier_factory
+    from reid.verification import extract_all, verifier_factory
 
     fusion = embedder.verification.fusion
     features = extract_all(list(images), fusion.extraction, progress=True)
     query_features = extract_all(list(queries), fusion.extraction, progress=True) if queries else None
-    if fusion.fallback is None:
-        return verifier_factory(fusion, features, query_features)
-    extraction = fusion.fallback.extraction
-    return verifier_factory(fusion, features, query_features, fallback_features=FeaturesOnDemand(images, extraction),
-                            fallback_query_features=FeaturesOnDemand(queries, extraction) if queries else None)
+    return verifier_factory(fusion, features, query_features,
+                            fallback_features=_fallback_features(fusion.fallback, images),
+                            fallback_query_features=_fallback_features(fusion.fallback, queries) if queries else None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -257,8 +263,8 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     from reid.evaluation import calibrate, closed_and_open_protocols
     from reid.metrics import runner_up_note
     from reid.local_features import Extraction
-    from reid.verification import (DEFAULT_CANDIDATES, FeaturesOnDemand, Verification, extract_all, fallback_note,
-                                   fit_fusion, verifier_factory)
+    from reid.verification import (DEFAULT_CANDIDATES, Verification, extract_all, fallback_note, fit_fusion,
+                                   verifier_factory)
 
     candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
     if candidates < 1 or args.max_side < 64:
@@ -272,8 +278,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     fusion = replace(fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
                                 [features[i] for i in gallery], candidates, extraction, progress=True),
                      fallback=_fallback(args.fallback))
-    on_demand = None if fusion.fallback is None else FeaturesOnDemand(records["path"].tolist(),
-                                                                      fusion.fallback.extraction)
+    on_demand = _fallback_features(fusion.fallback, records["path"].tolist())
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features,
                                                                               fallback_features=on_demand),
