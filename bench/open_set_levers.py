@@ -1,7 +1,7 @@
 """Which way of fusing the two scores tells a new turtle from a known one best? And where are the answers lost?
 
     .venv/bin/python bench/open_set_levers.py --checkpoint C [--split image --val-fraction 0.33 --seed N]
-        [--max-keypoints 3000] [--test-crops 0.5] [--affine-fallback 20]
+        [--max-keypoints 3000] [--test-crops 0.5] [--affine-fallback 20] [--objective balanced_accuracy]
 
 The checkpoint's validation photos are verified against its training photos exactly as ``reid fit --verify``
 does it (:func:`reid.verification.verification_from_validation`'s steps: a fusion learnt on the training photos
@@ -15,6 +15,8 @@ once per fusion variant:
 * ``floor-N``: the mean, with inlier counts under N read as 0 (counts a homography reaches on random matches).
 
 Each variant is printed with its closed-set verified MAP@5 and top-1, and its held-out balanced accuracy and AUROC.
+``--objective`` fits each fold's threshold for ``map5`` or ``balanced_accuracy`` (default: what the checkpoint's
+``model.threshold_objective`` says ``reid fit`` fits for).
 Then the diagnosis of the default fusion: how the known queries of the held-out folds are lost (wrong individual
 at rank 1, or right but flagged new_turtle) and how many unknown ones are accepted, split by whether the best
 individual was matched geometrically (``--match-inliers``, 10 by default: more than random matches reach) or the
@@ -56,7 +58,7 @@ from sklearn.linear_model import LogisticRegression
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.fileio import write_atomically
 from reid.local_features import DEFAULT_MAX_KEYPOINTS, Extraction, LocalFeatures, match_features
-from reid.metrics import NEW_TURTLE
+from reid.metrics import NEW_TURTLE, THRESHOLD_OBJECTIVES
 from reid.verification import (Fallback, FallbackFeatures, FeaturesOnDemand, Fusion, LocalVerifier, extract_all,
                                fusion_from_pairs, fusion_training_pairs)
 
@@ -143,6 +145,9 @@ def main() -> None:
     parser.add_argument("--floors", type=int, nargs="*", default=[8], help="inlier floors to score")
     parser.add_argument("--match-inliers", type=int, default=10,
                         help="inliers from which the diagnosis calls a best answer a geometric match")
+    parser.add_argument("--objective", choices=THRESHOLD_OBJECTIVES,
+                        help="what each held-out fold's threshold maximises on the other folds (default: the "
+                             "checkpoint's model.threshold_objective, as `reid fit` fits it)")
     parser.add_argument("--affine-fallback", type=int, default=0, metavar="N",
                         help="where no verified photo of a query reaches --match-inliers, match its N most similar "
                              "again with simulated tilts (ASIFT); 0: off")
@@ -151,6 +156,7 @@ def main() -> None:
 
     embedder, gallery, gallery_vectors, queries, query_vectors = validation_sets(args)
     runner_up_weight = embedder.runner_up_weight  # what `reid fit` fitted its thresholds with
+    objective = args.objective or embedder.threshold_objective
     extraction = Extraction(max_keypoints=args.max_keypoints)
     gallery_paths, query_paths = gallery["path"].tolist(), queries["path"].tolist()
     gallery_ids, query_ids = gallery["identity"].tolist(), queries["identity"].tolist()
@@ -185,7 +191,7 @@ def main() -> None:
     base = replace(fusion_from_pairs(pairs, extraction=extraction), fallback=fallback)
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
           f"{len(gallery)} training photos, {base.candidates} verified a query, "
-          f"runner-up weight {runner_up_weight:g}"
+          f"runner-up weight {runner_up_weight:g}, thresholds fitted for {objective}"
           + (f", ASIFT fallback on the {args.affine_fallback} most similar" if args.affine_fallback else "") + "\n")
     print("| fusion | verified MAP@5 | top-1 | held-out balanced accuracy | AUROC |")
     print("|---|---|---|---|---|")
@@ -197,7 +203,7 @@ def main() -> None:
                                 query_ids, known=set(gallery_ids))
         held_out = calibrate_on_held_out_individuals(gallery_vectors, gallery_ids, query_vectors, query_ids,
                                                      seed=args.seed, verifier_for=factory,
-                                                     runner_up_weight=runner_up_weight)
+                                                     runner_up_weight=runner_up_weight, objective=objective)
         scores = held_out.metrics
         print(f"| {name} | {closed.metrics['map5']:.3f} | {closed.metrics['top1']:.3f} | "
               f"{scores['balanced_accuracy']:.3f} | {scores['auroc']:.3f} |", flush=True)
@@ -209,7 +215,8 @@ def main() -> None:
 
     default = default_held_out.metrics
     print(f"\nDefault fusion, held-out folds: known queries {default['known_accuracy']:.3f} right at rank 1 "
-          f"and not flagged, unknown queries {default['unknown_accuracy']:.3f} flagged new_turtle")
+          f"and not flagged, unknown queries {default['unknown_accuracy']:.3f} flagged new_turtle; MAP@5 of the "
+          f"answers with new_turtle placed by each fold's threshold {default['map5']:.3f}")
     print_by_geometric_match(default_held_out, args.match_inliers)
     errors = [q for q, (ranking, truth) in enumerate(zip(default_closed.rankings, default_closed.truths))
               if ranking and ranking[0].individual != truth]

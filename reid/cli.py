@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reid.errors import ReIDError
+from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import numpy as np
@@ -94,7 +95,7 @@ def _run_lightning(argv: list[str] | None) -> int:
                 if config.get("verify"):
                     _store_verification(Path(callback.best_model_path), self.datamodule,
                                         float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]),
-                                        int(config["verify_fallback"]))
+                                        int(config["verify_fallback"]), self.model.hparams.threshold_objective)
 
     # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
     # reid.demo --out demo`) means nothing to the CLI: hidden, or Lightning warns that it was given both.
@@ -125,7 +126,7 @@ def _fallback_features(fallback: Fallback | None, images: Sequence[str]) -> Feat
 
 
 def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int,
-                        fallback_top: int = 0) -> None:
+                        fallback_top: int = 0, objective: ThresholdObjective = "map5") -> None:
     """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
     from reid.verification import extract_all, verification_from_validation
@@ -141,7 +142,8 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
     verification, metrics = verification_from_validation(
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
-        progress=True, runner_up_weight=runner_up_weight, fallback=fallback, fallback_features=on_demand)
+        progress=True, runner_up_weight=runner_up_weight, fallback=fallback, fallback_features=on_demand,
+        objective=objective)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
@@ -198,7 +200,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verify), args.seed,
                       args.query_fraction, args.unknown_fraction, args.query_split,
-                      _verifier_factory(embedder, records["path"].tolist()) if verify else None)
+                      _verifier_factory(embedder, records["path"].tolist()) if verify else None,
+                      embedder.threshold_objective)
     report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -221,7 +224,8 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"AUROC {open_set['auroc']:.4f}")
     if report["threshold_origin"]:
         print(f"threshold: {report['threshold_origin']}")
-    print(f"best threshold on this data (optimistic): {report['oracle_threshold']:.4f}")
+    print(f"best threshold on this data (optimistic, for {OBJECTIVE_NAMES[embedder.threshold_objective]}): "
+          f"{report['oracle_threshold']:.4f}")
     return 0
 
 
@@ -240,13 +244,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     if args.runner_up_weight is None:
         args.runner_up_weight = embedder.runner_up_weight
+    if args.objective is None:
+        args.objective = embedder.threshold_objective
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
-                                           args.query_split, runner_up_weight=args.runner_up_weight)
+                                           args.query_split, runner_up_weight=args.runner_up_weight,
+                                           objective=args.objective)
+    scored = f"open-set {OBJECTIVE_NAMES[args.objective]} {score:.4f}"
     write_checkpoint_metadata(args.checkpoint, threshold=threshold, runner_up_weight=args.runner_up_weight,
-                              threshold_origin=f"reid calibrate on {args.data} ({protocol}; open-set MAP@5 {score:.4f}"
+                              threshold_objective=args.objective,
+                              threshold_origin=f"reid calibrate on {args.data} ({protocol}; {scored}"
                                                + runner_up_note(args.runner_up_weight, "; ") + ")",
-                              calibration={"data": str(args.data), "protocol": protocol, "map5": score})
-    print(f"new_turtle threshold {threshold:.4f} (open-set MAP@5 {score:.4f}; {protocol}) written to {args.checkpoint}")
+                              calibration={"data": str(args.data), "protocol": protocol, args.objective: score})
+    print(f"new_turtle threshold {threshold:.4f} ({scored}; {protocol}) written to {args.checkpoint}")
     if args.verify:
         verification = _calibrate_verification(args, records, embedder, embeddings)
         write_checkpoint_metadata(args.checkpoint, verification=verification.to_dict())
@@ -282,10 +291,11 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features,
                                                                               fallback_features=on_demand),
-                                           args.runner_up_weight)
+                                           args.runner_up_weight, args.objective)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
                                            f"{len(gallery)} gallery photos{fallback_note(fusion)}; {protocol}; "
-                                           f"open-set MAP@5 {score:.4f}{runner_up_note(args.runner_up_weight, '; ')})",
+                                           f"open-set {OBJECTIVE_NAMES[args.objective]} {score:.4f}"
+                                           f"{runner_up_note(args.runner_up_weight, '; ')})",
                                            args.runner_up_weight)
 
 
@@ -464,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--runner-up-weight", type=float,
                            help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
                                 "score (default: the checkpoint's, as reid fit stored it; 0 for older checkpoints)")
+    calibrate.add_argument("--objective", choices=THRESHOLD_OBJECTIVES,
+                           help="what the threshold maximises: map5 (Zindi's score of whole answers) or "
+                                "balanced_accuracy (the new_turtle decision of the first answer); default: the "
+                                "checkpoint's, as reid fit stored it (model.threshold_objective; map5 for older ones)")
     calibrate.set_defaults(handler=_calibrate)
 
     predict = commands.add_parser("predict", help="write a Zindi submission (image_id,prediction1..5)")

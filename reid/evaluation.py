@@ -12,8 +12,8 @@ import pandas as pd
 from reid.data.splits import split_by_image, split_by_individual
 from reid.errors import DatasetError
 from reid.identify import Threshold, Verifier, answer_from_ranking, identifier_over
-from reid.metrics import (NEW_TURTLE, Individual, Ranking, calibrate_threshold, map_at_k, new_turtle_bar,
-                          runner_up_note, top_k_accuracy)
+from reid.metrics import (NEW_TURTLE, OBJECTIVE_NAMES, Individual, Ranking, ThresholdObjective, calibrate_threshold,
+                          map_at_k, new_turtle_bar, runner_up_note, top_k_accuracy)
 
 
 @dataclass
@@ -97,10 +97,23 @@ class HeldOutCalibration:
     predictions: list[list[Individual]]
 
 
+#: Folds of validation individuals that `reid fit` holds out of the gallery in turn to fit its thresholds.
+HELD_OUT_FOLDS = 4
+
+
+def held_out_folds(gallery_identities: Sequence[Individual], query_identities: Sequence[Individual],
+                   folds: int = HELD_OUT_FOLDS) -> int:
+    """How many folds :func:`calibrate_on_held_out_individuals` deals the individuals into (0: too few to hold out)."""
+    shared = len(set(gallery_identities) & set(query_identities))
+    return min(folds, shared) if shared >= 2 else 0
+
+
 def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_identities: Sequence[Individual],
-                                      query_embeddings: np.ndarray, query_identities: Sequence[Individual], folds: int = 4,
+                                      query_embeddings: np.ndarray, query_identities: Sequence[Individual],
+                                      folds: int = HELD_OUT_FOLDS,
                                       seed: int = 0, k: int = 5, verifier_for: VerifierFactory | None = None,
-                                      runner_up_weight: float = 0.0) -> HeldOutCalibration | None:
+                                      runner_up_weight: float = 0.0,
+                                      objective: ThresholdObjective = "map5") -> HeldOutCalibration | None:
     """Fit the new_turtle threshold without any photo of a truly new individual, as `reid fit` does.
 
     The individuals with queries are dealt into ``folds`` seeded folds. Removing one fold's photos from the
@@ -109,13 +122,14 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
     returned threshold is calibrated on all folds together. ``None`` when fewer than two individuals have both
     gallery photos and queries (there is nothing to hold out). ``verifier_for(gallery_rows, query_rows)`` adds
     local verification (rows of the gallery and query arrays), and the threshold is then one on fused scores.
+    Every threshold is fitted to maximise ``objective`` (:data:`reid.metrics.ThresholdObjective`).
     """
     gallery_ids = np.asarray(gallery_identities, dtype=object)
     query_ids = np.asarray(query_identities, dtype=object)
     shared = sorted(set(gallery_ids) & set(query_ids))
-    if len(shared) < 2:
+    folds = held_out_folds(gallery_ids, query_ids, folds)
+    if not folds:
         return None
-    folds = min(folds, len(shared))
     fold_of = {identity: i % folds for i, identity in enumerate(np.random.default_rng(seed).permutation(shared))}
     problems: list[tuple[list[Ranking], list[Individual]]] = []
     for fold in range(folds):
@@ -130,15 +144,16 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
     for fold, (rankings, truths) in enumerate(problems):
         others = [problem for f, problem in enumerate(problems) if f != fold]
         threshold, _ = calibrate_threshold([r for p in others for r in p[0]], [t for p in others for t in p[1]], k,
-                                           runner_up_weight)
+                                           runner_up_weight, objective)
         scored_rankings += rankings
         scored_truths += truths
         predictions += [answer_from_ranking(r, Threshold(threshold, runner_up_weight=runner_up_weight), k).labels
                         for r in rankings]
     metrics = {"map5": map_at_k(predictions, scored_truths, k),
                **open_set_scores(scored_rankings, predictions, scored_truths, runner_up_weight)}
-    threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k, runner_up_weight)
-    origin = (f"fitted on {len(shared)} individuals, each held out of the gallery in turn ({folds} folds, seed {seed}"
+    threshold, _ = calibrate_threshold(scored_rankings, scored_truths, k, runner_up_weight, objective)
+    origin = (f"fitted for {OBJECTIVE_NAMES[objective]} on {len(shared)} individuals, each held out of the gallery "
+              f"in turn ({folds} folds, seed {seed}"
               + runner_up_note(runner_up_weight, ", ")
               + f"); on held-out folds: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
               f"AUROC {metrics['auroc']:.3f}")
@@ -200,13 +215,14 @@ def run_protocol(embeddings: np.ndarray, identities: Sequence[str], protocol: Pr
 
 def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold, seed: int = 0,
              query_fraction: float = 0.25, unknown_fraction: float = 0.25, query_split: str = "test",
-             verifier_for: VerifierFactory | None = None) -> dict[str, object]:
+             verifier_for: VerifierFactory | None = None, objective: ThresholdObjective = "map5") -> dict[str, object]:
     """Closed-set and open-set scores of embedded records, as ``reid evaluate`` reports them.
 
     The closed set counts only queries of individuals that have gallery photos. The open set is scored at
     ``threshold`` (the checkpoint's calibrated one, or the user's); the best threshold for *this* data is reported
-    beside it as ``oracle_threshold`` (optimistic, for comparison only) and used when there is no threshold. When no
-    query shows an individual missing from the gallery, there is no open set to score and ``open_set`` is ``None``.
+    beside it as ``oracle_threshold`` (fitted for ``objective``; optimistic, for comparison only) and used when there
+    is no threshold. When no query shows an individual missing from the gallery, there is no open set to score and
+    ``open_set`` is ``None``.
     ``verifier_for(gallery_rows, query_rows)`` adds local verification to both protocols.
     """
     closed, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
@@ -221,12 +237,14 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold
         "threshold_source": threshold.source,
         "threshold_origin": threshold.origin,
         "runner_up_weight": threshold.runner_up_weight,
+        "threshold_objective": objective,
         "oracle_threshold": None,
     }
     open_plain = run_protocol(embeddings, identities.tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if NEW_TURTLE not in open_plain.truths:
         return report
-    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths, runner_up_weight=threshold.runner_up_weight)
+    oracle, _ = calibrate_threshold(open_plain.rankings, open_plain.truths, runner_up_weight=threshold.runner_up_weight,
+                                    objective=objective)
     if threshold.value is None:
         report.update(threshold=oracle, threshold_source="oracle",
                       threshold_origin="the best threshold for this very data (optimistic): the checkpoint has none")
@@ -239,12 +257,14 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold
 
 def calibrate(embeddings: np.ndarray, records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
               unknown_fraction: float = 0.25, query_split: str = "test", verifier_for: VerifierFactory | None = None,
-              runner_up_weight: float = 0.0) -> tuple[float, float, str]:
-    """The new_turtle threshold that maximises open-set MAP@5 on ``records``: (threshold, MAP@5, protocol)."""
+              runner_up_weight: float = 0.0, objective: ThresholdObjective = "map5") -> tuple[float, float, str]:
+    """The new_turtle threshold that maximises ``objective`` (open-set MAP@5 by default) on ``records``:
+    (threshold, that score, protocol)."""
     _, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
     result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if all(t != NEW_TURTLE for t in result.truths):
         raise DatasetError("calibration needs queries of individuals absent from the gallery; this data has none "
                            "(use a dataset without a split column, or test photos of individuals not in train/val)")
-    threshold, score = calibrate_threshold(result.rankings, result.truths, runner_up_weight=runner_up_weight)
+    threshold, score = calibrate_threshold(result.rankings, result.truths, runner_up_weight=runner_up_weight,
+                                           objective=objective)
     return threshold, score, open_set.description

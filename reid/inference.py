@@ -23,6 +23,7 @@ from reid.data.dataset import PhotoLoader, Photos
 from reid.data.transforms import EvalViews, Preprocess
 from reid.errors import CheckpointError, require
 from reid.fileio import atomic_target
+from reid.metrics import THRESHOLD_OBJECTIVES, ThresholdObjective
 from reid.model import Encoder, embed_views
 from reid.onnx_backend import BACKENDS, Backend, OnnxEncoder
 from reid.verification import CHECKPOINT_FIELD as VERIFICATION_FIELD
@@ -62,7 +63,8 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str, projection_dim: int,
                         config: dict[str, Any] | None = None, threshold: float | None = None,
-                        threshold_origin: str | None = None, runner_up_weight: float = 0.0) -> dict[str, Any]:
+                        threshold_origin: str | None = None, runner_up_weight: float = 0.0,
+                        threshold_objective: ThresholdObjective = "map5") -> dict[str, Any]:
     """The ``reid`` entry of a checkpoint: everything :meth:`Embedder.from_checkpoint` needs, as plain values."""
     return {
         "format": 1,
@@ -75,6 +77,7 @@ def checkpoint_metadata(encoder: Encoder, preprocess: Preprocess, backbone: str,
         "threshold": threshold,
         "threshold_origin": threshold_origin,
         "runner_up_weight": float(runner_up_weight),
+        "threshold_objective": threshold_objective,
         "config": config or {},
     }
 
@@ -111,7 +114,8 @@ class Embedder:
     def __init__(self, encoder: Encoder, preprocess: Preprocess, threshold: float | None = None,
                  name: str = "", fingerprint: str = "", device: str | None = None,
                  threshold_origin: str | None = None, verification: Verification | None = None,
-                 backend: Backend = "torch", runner_up_weight: float = 0.0) -> None:
+                 backend: Backend = "torch", runner_up_weight: float = 0.0,
+                 threshold_objective: ThresholdObjective = "map5") -> None:
         require("backend", backend, backend in BACKENDS, " or ".join(BACKENDS))
         self.device = torch.device("cpu" if backend == "onnx" else
                                    device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -133,6 +137,9 @@ class Embedder:
         #: how much the runner-up's score raises the threshold's bar (reid.metrics.new_turtle_bar); 0 in checkpoints
         #: written before it existed, whose thresholds were fitted without it
         self.runner_up_weight = runner_up_weight
+        #: what the checkpoint's thresholds were fitted to maximise (reid.metrics.ThresholdObjective); what `reid
+        #: calibrate` fits for again unless told otherwise ("map5" in checkpoints written before the choice existed)
+        self.threshold_objective = threshold_objective
         #: local verification learnt by `reid calibrate --verify` (None: answers rank by similarity alone)
         self.verification = verification
         self.name = name
@@ -163,13 +170,17 @@ class Embedder:
             encoder.load_state_dict(state, strict=True)
             preprocess = Preprocess.from_dict(meta["preprocess"])
             verification = Verification.from_dict(meta.get(VERIFICATION_FIELD))
+            objective = meta.get("threshold_objective", "map5")
+            if objective not in THRESHOLD_OBJECTIVES:
+                raise ValueError(f"threshold_objective {objective!r} is none of {', '.join(THRESHOLD_OBJECTIVES)}")
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is incomplete or does not match its metadata: {error}") from error
         threshold = meta.get("threshold")
         return cls(encoder, preprocess, threshold=None if threshold is None else float(threshold),
                    name=f"{meta['backbone']}@{Path(path).name}", fingerprint=weights_fingerprint(state),
                    device=device, threshold_origin=meta.get("threshold_origin"), verification=verification,
-                   backend=backend, runner_up_weight=float(meta.get("runner_up_weight", 0.0)))
+                   backend=backend, runner_up_weight=float(meta.get("runner_up_weight", 0.0)),
+                   threshold_objective=objective)
 
     @torch.inference_mode()
     def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32,

@@ -8,7 +8,7 @@ is Zindi's MAP@5: per query, 1/rank of the first occurrence of the true label am
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -120,18 +120,33 @@ def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5,
     return labels[:k]
 
 
+#: What a new_turtle threshold is fitted to maximise. ``map5``: Zindi's MAP@5 of the whole ranked answers, where
+#: new_turtle is a label like any other (what a submission is scored on). ``balanced_accuracy``: the decision of the
+#: first answer alone, the mean of the known queries answered with their individual (and not flagged) and the
+#: unknown ones flagged new_turtle: "is this a turtle we know, and which?", what a biologist reads first.
+ThresholdObjective = Literal["map5", "balanced_accuracy"]
+THRESHOLD_OBJECTIVES: tuple[str, ...] = get_args(ThresholdObjective)
+#: How a threshold's origin names what it was fitted for.
+OBJECTIVE_NAMES = {"map5": "MAP@5", "balanced_accuracy": "balanced accuracy"}
+
+
 def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual], k: int = 5,
-                        runner_up_weight: float = 0.0) -> tuple[float, float]:
-    """The new_turtle threshold that maximises MAP@k on held-out queries, and that MAP@k (the bar of each answer
-    rising with its runner-up's score by ``runner_up_weight``, see :func:`new_turtle_bar`).
+                        runner_up_weight: float = 0.0,
+                        objective: ThresholdObjective = "map5") -> tuple[float, float]:
+    """The new_turtle threshold that maximises ``objective`` (:data:`ThresholdObjective`) on held-out queries, and
+    that score (the bar of each answer rising with its runner-up's score by ``runner_up_weight``, see
+    :func:`new_turtle_bar`).
 
     ``truths`` holds :data:`NEW_TURTLE` for queries of individuals absent from the gallery. Every threshold
     between two consecutive observed scores gives the same rankings, so only observed scores (and one value
     above all of them) are tried; the threshold returned is the middle of the widest range of best thresholds,
-    so that it is not balanced on a single photo's score.
+    so that it is not balanced on a single photo's score. Balanced accuracy with only known (or only unknown)
+    queries is the accuracy of those.
     """
     if not truths:
         raise ValueError("calibration needs at least one query")
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(THRESHOLD_OBJECTIVES)}, got {objective!r}")
     scores = np.full((len(rankings), k), -np.inf)
     true_rank = np.full(len(rankings), k + 1)  # rank of the true individual among the ranked ones (0-based)
     for q, (ranking, truth) in enumerate(zip(rankings, truths)):
@@ -148,10 +163,17 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual
     candidates = np.concatenate([[lowest - 1e-6], observed, [observed.max() + 1e-6 if observed.size else 1.0]])
     # position of new_turtle for every (candidate, query): how many ranked scores are >= the threshold
     position = (scores[None, :, :] >= candidates[:, None, None]).sum(axis=2)
-    is_new = np.array([t == NEW_TURTLE for t in truths])[None, :]
-    effective = np.where(is_new, position, np.where(position <= true_rank[None, :], true_rank + 1, true_rank))
-    ap = np.where(effective < k, 1.0 / (effective + 1.0), 0.0)
-    means = ap.mean(axis=1)
+    is_new = np.array([t == NEW_TURTLE for t in truths])
+    if objective == "map5":
+        effective = np.where(is_new[None, :], position,
+                             np.where(position <= true_rank[None, :], true_rank + 1, true_rank))
+        means = np.where(effective < k, 1.0 / (effective + 1.0), 0.0).mean(axis=1)
+    else:
+        # the first answer is an individual when its score reaches the bar (position >= 1); a known query is
+        # right when that individual is its own, an unknown one when it is new_turtle (position 0)
+        parts = [((position >= 1) & (true_rank == 0)[None, :])[:, ~is_new].mean(axis=1) if (~is_new).any() else None,
+                 (position == 0)[:, is_new].mean(axis=1) if is_new.any() else None]
+        means = np.mean([part for part in parts if part is not None], axis=0)
     # Every threshold in (candidates[i - 1], candidates[i]] behaves like candidates[i]. Of the runs of best
     # candidates, take the widest interval of thresholds and return its middle: the largest margin on both sides.
     best = np.isclose(means, means.max())

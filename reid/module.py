@@ -28,6 +28,7 @@ from reid.data.transforms import Preprocess
 from reid.errors import ConfigError, require
 from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individuals, score_rankings, search_gallery
 from reid.inference import CHECKPOINT_KEY, checkpoint_metadata
+from reid.metrics import THRESHOLD_OBJECTIVES, ThresholdObjective
 from reid.model import EmbeddingSource, Encoder, embed_views
 from reid.rsm import compute_rsm, plot_rsm
 from reid.weights import check_input_size
@@ -69,6 +70,10 @@ class ReIDModule(L.LightningModule):
         runner_up_weight: how much the second individual's score raises the new_turtle threshold's bar in each
             answer (:func:`reid.metrics.new_turtle_bar`); the threshold fitted at validation, and the one ``verify``
             fits on fused scores, are fitted with it and stored with it. 0: the plain threshold.
+        threshold_objective: what those thresholds are fitted to maximise on the held-out folds
+            (:data:`reid.metrics.ThresholdObjective`): ``map5``, the Zindi score of whole answers, or
+            ``balanced_accuracy``, the new_turtle decision of the first answer; stored with the checkpoint, and
+            what ``reid calibrate`` fits for unless told otherwise.
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, image_size: int = 224,
@@ -77,7 +82,7 @@ class ReIDModule(L.LightningModule):
                  temperature: float = 0.1, arcface_margin: float = 28.6, arcface_scale: float = 64.0,
                  sub_centers: int = 3, lr: float = 1e-3, backbone_lr_scale: float = 1.0, weight_decay: float = 1e-4,
                  warmup_fraction: float = 0.05, channels_last: bool = True, rsm_individuals: int = 16,
-                 runner_up_weight: float = 0.0) -> None:
+                 runner_up_weight: float = 0.0, threshold_objective: ThresholdObjective = "map5") -> None:
         super().__init__()
         self.save_hyperparameters()
         require("model.loss", loss, loss in ("ntxent", "supcon", "subcenter_arcface"),
@@ -92,6 +97,8 @@ class ReIDModule(L.LightningModule):
         require("model.sub_centers", sub_centers, sub_centers >= 1, ">= 1")
         require("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")
         require("model.runner_up_weight", runner_up_weight, 0 <= runner_up_weight <= 1, "in [0, 1]")
+        require("model.threshold_objective", threshold_objective, threshold_objective in THRESHOLD_OBJECTIVES,
+                " or ".join(THRESHOLD_OBJECTIVES))
         self.encoder = Encoder(backbone, pretrained, projection_dim, embedding, image_size=image_size)
         if test_image_size is not None and test_image_size != image_size:
             # a ViT built for image_size fails here, naming the setting, not at the first validation
@@ -185,7 +192,8 @@ class ReIDModule(L.LightningModule):
         self._log_metric("val_top5", result.metrics["top5"])
         self.calibration = calibrate_on_held_out_individuals(gallery, gallery_ids, queries, query_ids,
                                                              seed=int(self.trainer.datamodule.hparams.seed),
-                                                             runner_up_weight=self.hparams.runner_up_weight)
+                                                             runner_up_weight=self.hparams.runner_up_weight,
+                                                             objective=self.hparams.threshold_objective)
         if self.calibration is not None:
             self._log_metric("val_open_balanced_accuracy", self.calibration.metrics["balanced_accuracy"])
             self._log_metric("val_open_auroc", self.calibration.metrics["auroc"])
@@ -250,5 +258,5 @@ class ReIDModule(L.LightningModule):
             threshold=None if calibration is None else calibration.threshold,
             threshold_origin=None if calibration is None else
             f"reid fit, validation of epoch {self.current_epoch}: {calibration.origin}",
-            runner_up_weight=hp.runner_up_weight,
+            runner_up_weight=hp.runner_up_weight, threshold_objective=hp.threshold_objective,
         )

@@ -25,6 +25,7 @@ from reid.imageio import decode_image
 from reid.errors import FeatureError
 from reid.fileio import write_atomically
 from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, check_integer, match_features
+from reid.metrics import ThresholdObjective
 from reid.score_calibration import ScoreCalibration
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,22 @@ class LocalVerifier:
         return self.fusion(similarities, inliers)
 
 
+class ProgressVerifier:
+    """A verifier that ticks a progress bar at each query it verifies: `reid fit --verify` verifies every validation
+    photo once per held-out fold and once more, minutes of matching on a CPU that a user should see advance."""
+
+    def __init__(self, verifier: LocalVerifier, bar: tqdm) -> None:
+        self.verifier, self.bar, self.candidates = verifier, bar, verifier.candidates
+
+    def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
+        counts = self.verifier.inliers(query, image_ids)
+        self.bar.update()
+        return counts
+
+    def fuse(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        return self.verifier.fuse(similarities, inliers)
+
+
 def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
                      query_features: Sequence[LocalFeatures] | None = None,
                      memo: dict[tuple[int, int], int] | None = None,
@@ -323,7 +340,7 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
                                  query_identities: Sequence[str], query_features: Sequence[LocalFeatures],
                                  candidates: int = DEFAULT_CANDIDATES, extraction: Extraction = Extraction(),
                                  seed: int = 0, progress: bool = False, runner_up_weight: float = 0.0,
-                                 fallback: Fallback | None = None,
+                                 fallback: Fallback | None = None, objective: ThresholdObjective = "map5",
                                  fallback_features: tuple[Sequence[LocalFeatures],
                                                           Sequence[LocalFeatures]] | None = None
                                  ) -> tuple[Verification, dict[str, float]]:
@@ -335,15 +352,22 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
     Returns the verification and the verified validation scores (closed-set MAP@5 and top-1, and the held-out
     balanced accuracy and AUROC when there were individuals to hold out). Each (query, photo) pair is matched once.
     A ``fallback`` is stored in the fusion and in force while the threshold is fitted; ``fallback_features`` are the
-    gallery's and the queries' features for it (:class:`FeaturesOnDemand`).
+    gallery's and the queries' features for it (:class:`FeaturesOnDemand`). The threshold is fitted to maximise
+    ``objective``.
     """
-    from reid.evaluation import calibrate_on_held_out_individuals, score_rankings, search_gallery
+    from reid.evaluation import calibrate_on_held_out_individuals, held_out_folds, score_rankings, search_gallery
 
     fusion = replace(fit_fusion(gallery_embeddings, gallery_identities, gallery_features, candidates, extraction,
                                 progress), fallback=fallback)
     gallery_fallback, query_fallback = (None, None) if fallback is None else fallback_features
-    factory = verifier_factory(fusion, gallery_features, query_features, memo={}, fallback_features=gallery_fallback,
-                               fallback_query_features=query_fallback)
+    plain_factory = verifier_factory(fusion, gallery_features, query_features, memo={},
+                                     fallback_features=gallery_fallback, fallback_query_features=query_fallback)
+    bar = tqdm(total=len(query_identities) * (1 + held_out_folds(gallery_identities, query_identities)),
+               desc="verifying validation photos", unit="query", disable=not progress)
+
+    def factory(gallery_rows: np.ndarray, query_rows: np.ndarray) -> ProgressVerifier:
+        return ProgressVerifier(plain_factory(gallery_rows, query_rows), bar)
+
     log.info("verifying %d validation photos against their %d most similar training photos, then again with each "
              "validation individual held out in turn", len(query_identities), candidates)
     closed = score_rankings(
@@ -353,7 +377,8 @@ def verification_from_validation(gallery_embeddings: np.ndarray, gallery_identit
     metrics = {"map5": closed.metrics["map5"], "top1": closed.metrics["top1"]}
     calibration = calibrate_on_held_out_individuals(gallery_embeddings, gallery_identities, query_embeddings,
                                                     query_identities, seed=seed, verifier_for=factory,
-                                                    runner_up_weight=runner_up_weight)
+                                                    runner_up_weight=runner_up_weight, objective=objective)
+    bar.close()
     origin = f"reid fit --verify, fusion learnt on the {len(gallery_identities)} training photos{fallback_note(fusion)}"
     if calibration is None:
         return Verification(fusion, None, f"{origin}; no threshold (fewer than 2 validation individuals)",

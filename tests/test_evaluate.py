@@ -57,6 +57,27 @@ def test_calibrate_keeps_the_checkpoints_runner_up_weight_unless_told(checkpoint
     assert Embedder.from_checkpoint(checkpoint).threshold == pytest.approx(embedder.threshold)  # nothing lost
 
 
+def test_calibrate_fits_for_the_objective_asked_and_keeps_it(checkpoint: Path, synth_dataset: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--objective balanced_accuracy is stored with the threshold, named in its origin, and what a later calibrate
+    (and evaluate's optimistic threshold) fits for unless told otherwise; an unknown objective changes nothing."""
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset),
+                 "--objective", "balanced_accuracy"]) == 0
+    assert "open-set balanced accuracy" in capsys.readouterr().out
+    embedder = Embedder.from_checkpoint(checkpoint)
+    assert embedder.threshold_objective == "balanced_accuracy"
+    assert "open-set balanced accuracy" in embedder.threshold_origin
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset)]) == 0
+    assert "open-set balanced accuracy" in Embedder.from_checkpoint(checkpoint).threshold_origin
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold_objective"] == "balanced_accuracy"
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--objective", "accuracy"])
+    assert exit_info.value.code == 2 and "invalid choice: 'accuracy'" in capsys.readouterr().err
+    assert Embedder.from_checkpoint(checkpoint).threshold == pytest.approx(embedder.threshold)  # nothing lost
+
+
 def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--threshold", "1.5"]) == 2

@@ -105,6 +105,16 @@ def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset
     assert "ConfigError" not in error and "WeightsError" not in error
 
 
+def test_an_unknown_threshold_objective_exits_2_naming_the_key(tmp_path: Path, synth_dataset: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A choice outside the list is refused by the config parser itself, naming the key and the choices."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, synth_dataset, "--model.threshold_objective", "accuracy"))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "model.threshold_objective" in error and "balanced_accuracy" in error and "Traceback" not in error
+
+
 def test_a_fit_from_the_shell_prints_each_lightning_line_once(tmp_path: Path, synth_dataset: Path) -> None:
     """Lightning's messages ("GPU available: ...") and ours share stderr without doubling (they printed twice: once
     through Lightning's own handler, once through the root handler the CLI sets up)."""
@@ -175,11 +185,14 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """fit --verify -> evaluate/serve verify by default, with a threshold on fused scores fitted on held-out
     individuals: no `reid calibrate --verify` step in between. Both thresholds are fitted with, and stored with, the
-    runner-up weight, which evaluate then applies."""
+    runner-up weight, which evaluate then applies, and fitted for the objective the config names."""
     assert main(_fit_args(tmp_path, synth_dataset, "--verify", "true", "--trainer.max_epochs", "1",
-                          "--model.runner_up_weight", "0.5", "--verify_candidates", "8", "--verify_fallback", "3")) == 0
+                          "--model.runner_up_weight", "0.5", "--verify_candidates", "8", "--verify_fallback", "3",
+                          "--model.threshold_objective", "balanced_accuracy")) == 0
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
-    assert f"verification written to {best}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"verification written to {best}" in printed.out
+    assert "verifying validation photos" in printed.err  # minutes of matching on real photos: a progress bar
     meta = read_checkpoint(best)["reid"]
     verification = meta["verification"]
     assert verification["fusion"]["candidates"] == 8  # what the service and evaluate will verify per query
@@ -190,6 +203,9 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays
     assert meta["runner_up_weight"] == verification["runner_up_weight"] == 0.5
     assert "0.5 x the runner-up's score" in meta["threshold_origin"] and "runner-up" in verification["threshold_origin"]
+    assert meta["threshold_objective"] == "balanced_accuracy"
+    assert all("fitted for balanced accuracy" in origin for origin in (meta["threshold_origin"],
+                                                                       verification["threshold_origin"]))
 
     assert main(["evaluate", "--checkpoint", str(best), "--data", str(synth_dataset), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -95,3 +95,26 @@ def test_calibration_with_a_runner_up_weight_separates_what_the_best_score_alone
     threshold, weighted = calibrate_threshold(rankings, truths, runner_up_weight=1.0)
     assert plain < 1.0 and weighted == pytest.approx(1.0)
     assert [insert_new_turtle(r, threshold, runner_up_weight=1.0)[0] for r in rankings] == truths
+
+
+def test_a_threshold_fitted_for_balanced_accuracy_flags_what_map5_would_rank() -> None:
+    """MAP@5 credits an unknown query's new_turtle at rank 2 and a known one's individual behind it; balanced accuracy
+    reads only the first answer. On the same answers the two objectives choose different thresholds, each the best
+    for its own score (worked by hand: MAP@5 0.8 for thresholds in (0.3, 0.55], balanced accuracy 2/3 in (0.6, 0.9])."""
+    rankings = [[Hit("a", 0.9), Hit("b", 0.1)],   # known a, right and clear
+                [Hit("b", 0.55), Hit("a", 0.5)],  # known b, right but weak
+                [Hit("a", 0.7), Hit("c", 0.65)],  # known c, wrong individual first
+                [Hit("a", 0.6), Hit("b", 0.2)],   # a new turtle that resembles a
+                [Hit("b", 0.3), Hit("a", 0.2)]]   # a new turtle like no one
+    truths = ["a", "b", "c", NEW_TURTLE, NEW_TURTLE]
+    by_map5, map5 = calibrate_threshold(rankings, truths)
+    by_balance, balance = calibrate_threshold(rankings, truths, objective="balanced_accuracy")
+    assert (by_map5, map5) == pytest.approx((0.425, 0.8))
+    assert (by_balance, balance) == pytest.approx((0.75, 2 / 3))
+    assert [insert_new_turtle(r, by_balance)[0] for r in rankings] == ["a"] + [NEW_TURTLE] * 4
+    assert [insert_new_turtle(r, by_map5)[0] for r in rankings] == ["a", "b", "a", "a", NEW_TURTLE]
+    # with no unknown query there is nothing to flag: the threshold accepts every first answer
+    threshold, accuracy = calibrate_threshold(rankings[:3], truths[:3], objective="balanced_accuracy")
+    assert accuracy == pytest.approx(2 / 3) and threshold <= 0.55
+    with pytest.raises(ValueError, match="objective must be one of map5, balanced_accuracy, got 'accuracy'"):
+        calibrate_threshold(rankings, truths, objective="accuracy")
