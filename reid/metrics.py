@@ -171,9 +171,9 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual
     else:
         # the first answer is an individual when its score reaches the bar (position >= 1); a known query is
         # right when that individual is its own, an unknown one when it is new_turtle (position 0)
-        parts = [((position >= 1) & (true_rank == 0)[None, :])[:, ~is_new].mean(axis=1) if (~is_new).any() else None,
-                 (position == 0)[:, is_new].mean(axis=1) if is_new.any() else None]
-        means = np.mean([part for part in parts if part is not None], axis=0)
+        known_right = ((position >= 1) & (true_rank == 0)[None, :])[:, ~is_new]
+        unknown_flagged = (position == 0)[:, is_new]
+        means = np.mean([right.mean(axis=1) for right in (known_right, unknown_flagged) if right.shape[1]], axis=0)
     # Every threshold in (candidates[i - 1], candidates[i]] behaves like candidates[i]. Of the runs of best
     # candidates, take the widest interval of thresholds and return its middle: the largest margin on both sides.
     best = np.isclose(means, means.max())
