@@ -382,11 +382,16 @@ def _fit_text(text: str, width: int, font: int, font_scale: float) -> str:
     return text
 
 
+#: the widest a photo's panel in :func:`draw_matches` may be, in panel heights (a 3:1 panorama fits)
+MAX_PANEL_ASPECT = 3
+
+
 def draw_matches(query_image: np.ndarray, photo_image: np.ndarray, match: Match, max_lines: int = 100,
                  labels: tuple[str, str] | None = None, height: int = 480) -> np.ndarray:
     """The evidence for a verification, for a person to judge: an RGB image of both photos and their inliers.
 
-    The photos are scaled to ``height`` pixels and placed side by side (query left), each inlier pair is joined
+    The photos are scaled to ``height`` pixels (a photo wider than :data:`MAX_PANEL_ASPECT` times that, shorter)
+    and placed side by side (query left), each inlier pair is joined
     by a thin line ending in small circles, coloured along a rainbow by the point's height in the query so that
     crossing lines stay tellable apart. At most ``max_lines`` pairs are drawn, spread over the whole set. A
     caption band below names each photo under it (``labels``, shortened from the left when too long) and states
@@ -406,16 +411,18 @@ def draw_matches(query_image: np.ndarray, photo_image: np.ndarray, match: Match,
     gap = max(4, height // 60)
     panels, scales = [], []
     for image in (query_image, photo_image):
-        scale = height / image.shape[0]
-        width = max(1, round(image.shape[1] * scale))
+        # A panel is at most MAX_PANEL_ASPECT heights wide: a 20,000 x 1 photo, within any pixel limit, would
+        # otherwise be drawn 9.6 million pixels wide (gigabytes). Such a photo is drawn shorter, top-aligned.
+        scale = min(height / image.shape[0], MAX_PANEL_ASPECT * height / image.shape[1])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        panels.append(cv2.resize(image, (width, height), interpolation=interpolation))
+        panels.append(cv2.resize(image, size, interpolation=interpolation))
         scales.append(scale)
     offset = panels[0].shape[1] + gap
     row_height = max(20, height // 16)
     canvas = np.full((height + 2 * row_height, offset + panels[1].shape[1], 3), 255, dtype=np.uint8)
-    canvas[:height, : panels[0].shape[1]] = panels[0]
-    canvas[:height, offset:] = panels[1]
+    canvas[: panels[0].shape[0], : panels[0].shape[1]] = panels[0]
+    canvas[: panels[1].shape[0], offset:] = panels[1]
 
     count = len(match.query_points)
     chosen = np.arange(count)

@@ -170,6 +170,15 @@ def test_draw_matches_size(photos) -> None:
                         height=200).shape[0] == 200 + 40
 
 
+def test_a_sliver_of_a_photo_is_drawn_at_a_bounded_size(photos) -> None:
+    """A 20,000 x 1 photo passes any pixel limit; scaled to the panel height it would be 9.6 million pixels wide."""
+    sliver = np.full((1, 20_000, 3), 128, dtype=np.uint8)
+    none = Match(0, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32))
+    canvas = draw_matches(sliver, photos["ind_000"][0], none)
+    assert canvas.shape == (480 + 60, 3 * 480 + 8 + 480, 3), "the sliver's panel is three heights wide at most"
+    assert draw_matches(photos["ind_000"][0], sliver.transpose(1, 0, 2).copy(), none).shape[1] == 480 + 8 + 1
+
+
 def test_features_of_a_real_file(tmp_path: Path, photos) -> None:
     path = tmp_path / "photo.png"
     cv2.imwrite(str(path), cv2.cvtColor(photos["ind_001"][2], cv2.COLOR_RGB2BGR))

@@ -233,6 +233,13 @@ def test_explain_without_verification_extracts_features_on_the_fly(client: httpx
     assert float(drawn.headers["x-similarity"]) == pytest.approx(1.0, abs=1e-3), "a photo against itself"
     assert client.get("/health").json()["verification"] is False
 
+    sliver = io.BytesIO()
+    Image.new("RGB", (20_000, 1)).save(sliver, format="PNG")  # 143 bytes that once cost the server 24 GB
+    drawn = explain(client, sliver.getvalue(), "explained", image_id)
+    assert drawn.status_code == 200 and drawn.content.startswith(b"\x89PNG"), drawn.text
+    assert Image.open(io.BytesIO(drawn.content)).width < 3_000
+    assert client.get("/health").status_code == 200
+
     documented = client.get("/openapi.json").json()["paths"]["/identify/explain"]["post"]["responses"]
     assert "image/png" in documented["200"]["content"]
     assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
