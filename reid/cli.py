@@ -559,8 +559,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler()
     except ReIDError as error:
-        print(f"reid: error: {error}", file=sys.stderr)
+        print(f"reid: error: {_own_message(error)}", file=sys.stderr)
         return 2
+
+
+def _own_message(error: ReIDError) -> str:
+    """The error's own message. An error raised in a DataLoader worker (an image that fails to decode mid-epoch)
+    reaches the main process re-raised by torch with the worker's whole traceback as its message; its last line is
+    the message the user needs ("reid.errors.ImageDecodeError: <path>: the image is corrupt or truncated")."""
+    message = str(error)
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 if __name__ == "__main__":

@@ -138,16 +138,21 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAU
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error
 
 
-def check_image_header(path: str | Path) -> None:
-    """Cheaply check that ``path`` opens as a supported image (header only, no pixel decode).
+def check_image_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Cheaply check that ``path`` opens as a supported image of at most ``max_pixels`` (header only, no pixel decode).
 
-    Dataset readers call this on every row so that a broken file is reported with its row up front instead of
-    crashing a training run hours later.
+    Dataset readers call this on every row so that a broken or oversized file is reported with its row up front
+    instead of crashing a training run hours later. (A file cut short after its header still passes: only a full
+    decode finds it, and it is reported with its path when it is read.)
     """
     try:
         with Image.open(path) as image:
             if image.format not in SUPPORTED_FORMATS:
                 raise UnsupportedImageFormatError(f"{path}: image format {image.format} is not supported")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{path}: image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     except UnidentifiedImageError as error:
         raise ImageDecodeError(f"{path}: not a recognisable image (corrupt, or not an image file)") from error
     except OSError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,20 @@ def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint:
     (tmp_path / "notes.ckpt").write_text("a text file saved under the wrong name")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "notes.ckpt"), "--data", str(synth_dataset)]) == 2
     assert f"cannot read checkpoint {tmp_path / 'notes.ckpt'}: torch.load cannot open it (" in capsys.readouterr().err
+
+
+def test_a_photo_that_fails_to_decode_mid_run_is_named_without_a_traceback(
+        tmp_path: Path, checkpoint: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file cut short after its header passes the up-front check and fails in a DataLoader worker, whose error
+    torch re-raises with the worker's whole traceback as its message: the user reads the file's name alone."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    broken = sorted((data / "images").rglob("*.png"))[5]
+    broken.write_bytes(broken.read_bytes()[:300])
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--batch-size", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "DataLoader worker" not in error
+    assert error.splitlines()[-1].startswith(f"reid: error: {broken}: the image is corrupt or truncated")
 
 
 def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:

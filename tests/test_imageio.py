@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
-from reid.imageio import decode_image
+from reid.imageio import check_image_header, decode_image
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -87,3 +87,14 @@ def test_decompression_bomb_header_is_refused_before_decoding() -> None:
     big = Image.new("L", (20000, 20000))  # 400 Mpx of zeros: a few hundred KB as PNG
     with pytest.raises(ImageTooLargeError):
         decode_image(_encode(big, "PNG", compress_level=1))
+
+
+def test_the_header_check_refuses_an_image_over_the_pixel_limit(tmp_path) -> None:
+    """Before any training: a photo too large to decode is found from its header, with its size."""
+    from PIL import Image
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    check_image_header(path, max_pixels=60_000)
+    with pytest.raises(ImageTooLargeError, match=r"wide.png: image is 300x200 = 60000 pixels, over the limit of 59999"):
+        check_image_header(path, max_pixels=59_999)
