@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reid.errors import ReIDError
 from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
@@ -78,6 +78,14 @@ def _run_lightning(argv: list[str] | None) -> int:
                                      "similar again under simulated camera tilts (ASIFT; better open set, ~3 s more "
                                      "for such a query on a CPU; README, 'The ASIFT fallback'); 0: off")
 
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            """Lightning reads ``--ckpt_path``'s hyperparameters right after parsing, with torch.load: the file is
+            checked first, so that a wrong one is a user error rather than a traceback."""
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            if subcommand:
+                _check_resumable(self.config[subcommand].get("ckpt_path"))
+
         def before_instantiate_classes(self) -> None:
             """Settings that only mean something together are checked before anything is built or trained."""
             config = self.config[self.subcommand]
@@ -108,6 +116,25 @@ def _run_lightning(argv: list[str] | None) -> int:
     finally:
         sys.argv = caller_argv
     return 0
+
+
+def _check_resumable(ckpt_path: str | None) -> None:
+    """``--ckpt_path`` (Lightning's resume) names a checkpoint `reid fit` wrote with its training state: checked
+    before anything is built, where Lightning would fail after setting up with FileNotFoundError or a bare KeyError.
+    Lightning's own names (``last``, ``best``, ...) are left to it."""
+    from reid.errors import CheckpointError
+    from reid.weights import load_tensors
+
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        return
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    checkpoint = load_tensors(path, lambda reason: CheckpointError(f"--ckpt_path {ckpt_path}: {reason}"))
+    if not isinstance(checkpoint, dict) or not {"state_dict", "optimizer_states", "loops"} <= checkpoint.keys():
+        raise CheckpointError(f"--ckpt_path {ckpt_path} holds no training state to resume from: give a best.ckpt or "
+                              "last.ckpt that `reid fit` wrote (a `reid export` checkpoint, or one with weights only, "
+                              "can start a fit as --model.pretrained instead)")
 
 
 def _fallback(top: int) -> Fallback | None:
@@ -237,9 +264,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
         raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
-    if args.fallback < 0 or (args.fallback and not args.verify):
-        raise ReIDError(f"--fallback must be 0 (off) or, with --verify, the number of photos matched again; got "
-                        f"{args.fallback}{'' if args.verify else ' without --verify'}")
+    if args.fallback and not args.verify:
+        raise ReIDError(f"--fallback {args.fallback} needs --verify: the fallback is part of the verification")
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     if args.runner_up_weight is None:
@@ -250,15 +276,17 @@ def _calibrate(args: argparse.Namespace) -> int:
                                            args.query_split, runner_up_weight=args.runner_up_weight,
                                            objective=args.objective)
     scored = f"open-set {OBJECTIVE_NAMES[args.objective]} {score:.4f}"
+    # Both thresholds are computed before either is written: an interrupted `--verify` (minutes of matching) leaves
+    # the checkpoint as it was, not with a new similarity threshold beside the old verification.
+    verification = _calibrate_verification(args, records, embedder, embeddings) if args.verify else None
     write_checkpoint_metadata(args.checkpoint, threshold=threshold, runner_up_weight=args.runner_up_weight,
                               threshold_objective=args.objective,
                               threshold_origin=f"reid calibrate on {args.data} ({protocol}; {scored}"
                                                + runner_up_note(args.runner_up_weight, "; ") + ")",
-                              calibration={"data": str(args.data), "protocol": protocol, args.objective: score})
+                              calibration={"data": str(args.data), "protocol": protocol, args.objective: score},
+                              **({} if verification is None else {"verification": verification.to_dict()}))
     print(f"new_turtle threshold {threshold:.4f} ({scored}; {protocol}) written to {args.checkpoint}")
-    if args.verify:
-        verification = _calibrate_verification(args, records, embedder, embeddings)
-        write_checkpoint_metadata(args.checkpoint, verification=verification.to_dict())
+    if verification is not None:
         print(f"verification with threshold {verification.threshold:.4f} on fused scores written to {args.checkpoint}: "
               f"{verification.threshold_origin}")
     return 0
@@ -276,8 +304,6 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
                                    verifier_factory)
 
     candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
-    if candidates < 1 or args.max_side < 64:
-        raise ReIDError(f"--candidates must be >= 1 and --max-side >= 64, got {candidates} and {args.max_side}")
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
@@ -389,6 +415,34 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
                         help="torch, or onnx: ONNX Runtime on the CPU, same embeddings, faster there (see BENCHMARKS.md)")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """The argparse type of a whole number of at least ``minimum`` (a batch size, a count), so that 0 or -1 is a
+    usage error naming the flag rather than a traceback from deep inside the work."""
+
+    def checked(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return checked
+
+
+def open_fraction(value: str) -> float:
+    """The argparse type of a share strictly between 0 and 1 (of photos, of individuals): 0 or 1 leaves one side
+    of a protocol empty, and a larger value was silently clamped."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return number
+
+
 def output_file(example: str) -> Callable[[str], Path]:
     """The argparse type of an ``--out`` file, checked when the command line is read: a folder given as the file, or
     a file where a folder should be, would otherwise fail with a traceback after all the work (embedding every
@@ -411,15 +465,15 @@ def output_file(example: str) -> Callable[[str], Path]:
 def _add_checkpoint_and_data(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by reid fit or reid export")
     parser.add_argument("--data", required=True, type=Path, help=data_help)
-    parser.add_argument("--batch-size", type=int, default=32, help="photos embedded at once")
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="photos embedded at once")
     add_backend(parser)
 
 
 def _add_protocol(parser: argparse.ArgumentParser, seed: int) -> None:
     parser.add_argument("--seed", type=int, default=seed, help="seed of the query and held-out-individual choice")
-    parser.add_argument("--query-fraction", type=float, default=0.25,
+    parser.add_argument("--query-fraction", type=open_fraction, default=0.25,
                         help="share of each individual's photos used as queries (no split column)")
-    parser.add_argument("--unknown-fraction", type=float, default=0.25,
+    parser.add_argument("--unknown-fraction", type=open_fraction, default=0.25,
                         help="share of individuals left out of the gallery for the open set (no split column)")
     parser.add_argument("--query-split", default="test",
                         help="split whose photos are the queries when the dataset has a split column; "
@@ -465,10 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--verify", action="store_true",
                            help="also learn local verification (fusion of similarity and inliers, WildFusion-style) "
                                 "and its own threshold; later commands then verify by default")
-    calibrate.add_argument("--candidates", type=int,
+    calibrate.add_argument("--candidates", type=at_least(1),
                            help="most similar photos verified per query (default: as many as reid fit verifies, 80)")
-    calibrate.add_argument("--max-side", type=int, default=1024, help="long side local features are extracted at")
-    calibrate.add_argument("--fallback", type=int, default=0, metavar="N",
+    calibrate.add_argument("--max-side", type=at_least(64), default=1024, help="long side local features are extracted at")
+    calibrate.add_argument("--fallback", type=at_least(0), default=0, metavar="N",
                            help="with --verify: where no verified photo of a query matches, match its N most similar "
                                 "again under simulated camera tilts (ASIFT; README, 'The ASIFT fallback'); 0: off")
     calibrate.add_argument("--runner-up-weight", type=float,
@@ -491,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--report", type=output_file("report.json"),
                          help="also write each query's ranked answer with its evidence (the best-matching gallery "
                               "photo, its similarity) as JSON")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--batch-size", type=at_least(1), default=32)
     add_backend(predict)
     predict.set_defaults(handler=_predict)
 
@@ -512,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsm = commands.add_parser("rsm", help="representational similarity matrix heatmap of a dataset")
     _add_checkpoint_and_data(rsm, "dataset to draw photos from")
     rsm.add_argument("--out", required=True, type=output_file("rsm.png"), help="PNG to write")
-    rsm.add_argument("--individuals", type=int, default=12)
-    rsm.add_argument("--per-individual", type=int, default=8)
+    rsm.add_argument("--individuals", type=at_least(1), default=12)
+    rsm.add_argument("--per-individual", type=at_least(1), default=8)
     rsm.add_argument("--by-view", action="store_true", help="group photos by view inside each individual")
     rsm.add_argument("--seed", type=int, default=0)
     rsm.set_defaults(handler=_rsm)

@@ -10,6 +10,7 @@ too, so every tensor file is read the same safe way and every failure is a user 
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -39,8 +40,18 @@ def load_tensors(source: str | Path | IO[bytes], error: Callable[[str], ReIDErro
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as failure:  # noqa: BLE001 - any reader failure means "not a file we can read"
-        first_line = (str(failure).strip().splitlines() or ["no detail"])[0]
-        raise error(f"torch.load cannot open it ({type(failure).__name__}: {first_line})") from failure
+        raise error(_unreadable_because(source, failure)) from failure
+
+
+def _unreadable_because(source: str | Path | IO[bytes], failure: Exception) -> str:
+    """Why a tensor file could not be read, in the user's terms. torch's own first line for a file of Python
+    objects advises loading it with ``weights_only=False``, which would run code from the file: never passed on."""
+    if isinstance(source, (str, Path)) and Path(source).is_file() and not zipfile.is_zipfile(source):
+        return "not a file written by torch.save (those are zip archives)"
+    if "Weights only load failed" in str(failure):
+        return "it holds Python objects beyond tensors and plain values, which are never loaded (they could run code)"
+    first_line = (str(failure).strip().splitlines() or ["no detail"])[0]
+    return f"torch.load cannot open it ({type(failure).__name__}: {first_line})"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +66,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = timm.models.load_state_dict(str(path), use_ema=False)
     except Exception as error:  # noqa: BLE001 - any reader failure means "not a weights file we can read"
-        raise WeightsError(f"cannot read weights file {path}: {error}") from error
+        reason = ("not a safetensors file" if path.suffix == ".safetensors" else _unreadable_because(path, error))
+        raise WeightsError(f"cannot read weights file {path}: {reason}") from error
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data.get(key), dict):
             data = timm.models.clean_state_dict(data[key])

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reid.cli import add_backend
+from reid.cli import add_backend, at_least
 from reid.errors import ReIDError
 
 if TYPE_CHECKING:
@@ -156,11 +156,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     _store_arguments(enroll, required=True)
     enroll.add_argument("--data", type=Path, required=True,
                         help="dataset folder (labels.csv, Zindi layout, or one folder per individual)")
-    enroll.add_argument("--batch-size", type=int, default=32)
+    enroll.add_argument("--batch-size", type=at_least(1), default=32)
     add_backend(enroll)
     enroll.set_defaults(handler=_enroll)
 
     reindex = commands.add_parser("reindex", help="re-embed every stored photo with a new checkpoint (offline)")
     _store_arguments(reindex, required=True)
-    reindex.add_argument("--batch-size", type=int, default=32)
+    reindex.add_argument("--batch-size", type=at_least(1), default=32)
     reindex.set_defaults(handler=_reindex)

@@ -40,8 +40,13 @@ class FolderLock:
             FolderInUseError: another process holds it; the message says which, and what to do instead.
         """
         self.path = Path(root).expanduser() / LOCK_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise StoreError(f"the data folder {root} is a file; name a folder (it is created if missing)") from None
+        except OSError as error:
+            raise StoreError(f"cannot use {root} as the data folder: {error.strerror or error}") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from reid.cli import main
 from reid.inference import Embedder, export_encoder
@@ -87,7 +89,13 @@ def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint:
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "notes.ckpt").write_text("a text file saved under the wrong name")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "notes.ckpt"), "--data", str(synth_dataset)]) == 2
-    assert f"cannot read checkpoint {tmp_path / 'notes.ckpt'}: torch.load cannot open it (" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"cannot read checkpoint {tmp_path / 'notes.ckpt'}: not a file written by torch.save" in error
+    assert "weights_only" not in error, "torch's advice to load with weights_only=False would run code from the file"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "objects.ckpt")  # unpickling it could run code
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "objects.ckpt"), "--data", str(synth_dataset)]) == 2
+    error = capsys.readouterr().err
+    assert "holds Python objects beyond tensors and plain values" in error and "weights_only" not in error
 
 
 def test_a_photo_that_fails_to_decode_mid_run_is_named_without_a_traceback(
@@ -102,6 +110,45 @@ def test_a_photo_that_fails_to_decode_mid_run_is_named_without_a_traceback(
     error = capsys.readouterr().err
     assert "Traceback" not in error and "DataLoader worker" not in error
     assert error.splitlines()[-1].startswith(f"reid: error: {broken}: the image is corrupt or truncated")
+
+
+@pytest.mark.parametrize(("command", "flags", "message"), [
+    ("evaluate", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("evaluate", ["--query-fraction", "2"], "argument --query-fraction: must be between 0 and 1 (exclusive), got 2"),
+    ("evaluate", ["--unknown-fraction", "0"], "argument --unknown-fraction: must be between 0 and 1"),
+    ("calibrate", ["--query-fraction", "3"], "argument --query-fraction: must be between 0 and 1"),
+    ("calibrate", ["--verify", "--candidates", "0"], "argument --candidates: must be at least 1, got 0"),
+    ("calibrate", ["--verify", "--max-side", "10"], "argument --max-side: must be at least 64, got 10"),
+    ("rsm", ["--individuals", "0", "--out", "rsm.png"], "argument --individuals: must be at least 1, got 0"),
+    ("rsm", ["--per-individual", "x", "--out", "rsm.png"], "argument --per-individual: 'x' is not a whole number"),
+])
+def test_numbers_out_of_range_are_usage_errors_that_change_nothing(
+        command: str, flags: list[str], message: str, checkpoint: Path, synth_dataset: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset)]) == 0
+    stored = Embedder.from_checkpoint(checkpoint).threshold
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--checkpoint", str(checkpoint), "--data", str(synth_dataset), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert Embedder.from_checkpoint(checkpoint).threshold == stored
+
+
+def test_calibrate_verify_that_fails_midway_leaves_the_checkpoint_as_it_was(
+        checkpoint: Path, synth_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The similarity threshold is written together with the verification, never before it: an interrupted
+    `calibrate --verify` (minutes of matching) must not leave a new threshold beside an old verification."""
+    from reid import cli
+    from reid.errors import ReIDError
+
+    before = checkpoint.read_bytes()
+
+    def interrupted(*_: object) -> None:
+        raise ReIDError("interrupted while matching")
+
+    monkeypatch.setattr(cli, "_calibrate_verification", interrupted)
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--verify"]) == 2
+    assert checkpoint.read_bytes() == before
 
 
 def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from reid.cli import main
 from reid.data.transforms import Preprocess
-from reid.inference import Embedder, read_checkpoint
+from reid.inference import Embedder, export_encoder, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,19 @@ def test_a_fallback_without_verify_exit_2_before_training(tmp_path: Path, synth_
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_fit_args(tmp_path, synth_dataset, "--verify_fallback", "20")) == 2
     assert "--verify_fallback 20 needs --verify true" in capsys.readouterr().err
-    assert not (tmp_path / "lightning_logs").exists()
+    assert not (tmp_path / "lightning_logs").exists()  # refused before any training
+
+
+def test_resuming_from_what_is_not_a_training_checkpoint_exit_2_before_training(
+        tmp_path: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    exported = export_encoder(tmp_path / "frozen.ckpt", "lcnet_050", False, 48)
+    for path, says in [(tmp_path / "missing.ckpt", "no such checkpoint file"),
+                       (tmp_path / "notes.txt", "not a file written by torch.save"),
+                       (exported, "holds no training state to resume from")]:
+        assert main(_fit_args(tmp_path, synth_dataset, "--ckpt_path", str(path))) == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"reid: error: --ckpt_path {path}") and says in last
     assert not (tmp_path / "lightning_logs").exists()  # refused before any training
 
 

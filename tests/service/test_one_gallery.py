@@ -88,6 +88,20 @@ def test_a_busy_port_is_one_line_and_frees_the_folder(tmp_path: Path, checkpoint
 
 
 
+def test_a_data_folder_that_cannot_be_one_is_a_user_error(tmp_path: Path) -> None:
+    """`--data-dir` naming a file, or a place no folder can be made, is refused in one line, not with a traceback."""
+    from service.errors import StoreError
+    from service.folder_lock import FolderLock
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("kept as it is")
+    with pytest.raises(StoreError, match=f"the data folder {notes} is a file; name a folder"):
+        FolderLock(notes, "reid serve")
+    with pytest.raises(StoreError, match=f"cannot use {notes / 'data'} as the data folder: Not a directory"):
+        FolderLock(notes / "data", "reid enroll")
+    assert notes.read_text() == "kept as it is"
+
+
 @pytest.mark.parametrize(("host", "problem"), [
     ("999.1.1.1", "'999.1.1.1' is not an address or a name this machine can resolve (--host: e.g. 127.0.0.1"),
     ("192.0.2.1", f"{os.strerror(errno.EADDRNOTAVAIL)} (--host must be an address of this machine"),
