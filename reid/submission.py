@@ -41,15 +41,31 @@ def read_queries(source: str | Path) -> pd.DataFrame:
             row, image_id = missing[0]
             raise DatasetError(f"{source} row {row + 2}: image {image_id!r} not found in {folder} "
                                f"({len(missing)} of {len(frame)} rows have no image)")
-        return pd.DataFrame({"image_id": frame["image_id"], "path": [str(images[i]) for i in frame["image_id"]]})
+        return _one_row_per_id(pd.DataFrame({"image_id": frame["image_id"],
+                                             "path": [str(images[i]) for i in frame["image_id"]]}), source)
     if source.is_file():
         source = source.parent
     if source.is_dir() and not (source / "labels.csv").exists() and not (source / "train.csv").exists():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if files:
-            return pd.DataFrame({"image_id": [p.stem for p in files], "path": [str(p) for p in files]})
+            return _one_row_per_id(pd.DataFrame({"image_id": [p.stem for p in files], "path": [str(p) for p in files]}),
+                                   source)
     records = read_dataset(source)
-    return records[["image_id", "path"]].reset_index(drop=True)
+    return _one_row_per_id(records[["image_id", "path"]].reset_index(drop=True), source)
+
+
+def _one_row_per_id(queries: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """``queries``, refused when two rows share an image id: a submission answers each id once, and ids are file
+    stems, which repeat across folders and cameras (``a/IMG_0001.JPG``, ``b/IMG_0001.JPG``, ``001.png`` beside
+    ``001.jpg``)."""
+    repeated = queries["image_id"].duplicated(keep=False)
+    if repeated.any():
+        first = queries.loc[repeated, "image_id"].iloc[0]
+        paths = queries.loc[queries["image_id"] == first, "path"].tolist()
+        raise DatasetError(f"{source}: {int(repeated.sum())} query photos share image ids, e.g. {first!r} for "
+                           f"{', '.join(paths)}; a submission answers each id once: rename the photos so that "
+                           "their names (without extension) differ")
+    return queries
 
 
 def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Sequence[Sequence[str]]) -> Path:

@@ -111,3 +111,23 @@ def test_predict_with_too_small_gallery_explains(tmp_path: Path, checkpoint: Pat
     assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(tmp_path / "gallery"),
                  "--queries", str(tmp_path / "queries"), "--out", str(tmp_path / "s.csv")]) == 2
     assert "needs five" in capsys.readouterr().err
+
+
+def test_query_photos_sharing_a_name_are_refused_before_any_work(tmp_path: Path, checkpoint: Path,
+                                                                  synth_dataset: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Ids are file stems: a folder holding 001.png and 001.jpg, or a labels.csv listing a/001.png and b/001.png,
+    would give a submission answering '001' twice, which Zindi (and `reid score`) refuse."""
+    write_image(tmp_path / "folder" / "001.png", seed=1)
+    write_image(tmp_path / "folder" / "001.jpg", seed=2)
+    write_image(tmp_path / "dataset" / "a" / "001.png", seed=3)
+    write_image(tmp_path / "dataset" / "b" / "001.png", seed=4)
+    (tmp_path / "dataset" / "labels.csv").write_text("path,identity\na/001.png,x\nb/001.png,y\n")
+    for queries, paths in [(tmp_path / "folder", ["001.jpg", "001.png"]),
+                           (tmp_path / "dataset", ["a/001.png", "b/001.png"])]:
+        assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(synth_dataset),
+                     "--queries", str(queries), "--out", str(tmp_path / "s.csv")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"reid: error: {queries}: 2 query photos share image ids, e.g. '001' for ")
+        assert all(str(queries / path) in error for path in paths) and "rename the photos" in error
+    assert not (tmp_path / "s.csv").exists()
