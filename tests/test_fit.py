@@ -93,6 +93,9 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--data.photos_per_individual", "1"], "data.photos_per_individual must be >= 2"),
     (["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),
     (["--data.augmentations", "[{type: NoSuchTransform}]"], "data.augmentations: unknown albumentations transform"),
+    (["--data.augmentations", "[{type: GaussianBlur, blur_limt: [3, 5]}]"],
+     "data.augmentations: {'type': 'GaussianBlur', 'blur_limt': [3, 5]}: Argument(s) 'blur_limt' are not valid for "
+     "transform GaussianBlur (a misspelt argument?)"),
 ])
 def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, override: list[str],
                                                    message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ to the same values as the evaluation transform's (tested).
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -159,7 +160,13 @@ def build_augmentation(spec: AugmentationSpec, image_size: int) -> A.BasicTransf
         raise ConfigError(f"data.augmentations: unknown albumentations transform {spec['type']!r}")
     if "size" in inspect.signature(cls.__init__).parameters and "size" not in kwargs:
         kwargs["size"] = (image_size, image_size)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"data.augmentations: {spec!r}: {error}") from error
+    # albumentations only warns about an argument it does not know and builds the transform with its default:
+    # a misspelt `blur_limt` would train silently with another blur than the config says.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"Argument\(s\) .* are not valid for transform")
+        try:
+            return cls(**kwargs)
+        except UserWarning as warning:
+            raise ConfigError(f"data.augmentations: {spec!r}: {warning} (a misspelt argument?)") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"data.augmentations: {spec!r}: {error}") from error
