@@ -16,7 +16,7 @@ import pandas as pd
 
 from reid.identify import Answer
 
-from reid.data.records import IMAGE_EXTENSIONS, read_csv_table, read_dataset
+from reid.data.records import photo_files, read_csv_table, read_dataset
 from reid.errors import DatasetError, SubmissionError
 from reid.metrics import map_at_k, top_k_accuracy
 
@@ -35,7 +35,7 @@ def read_queries(source: str | Path) -> pd.DataFrame:
     if source.is_file() and source.name != "labels.csv":
         frame = read_csv_table(source, ["image_id"])
         folder = source.parent / "images"
-        images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS} if folder.is_dir() else {}
+        images = {p.stem: p for p in photo_files(folder)} if folder.is_dir() else {}
         missing = [(i, image_id) for i, image_id in enumerate(frame["image_id"]) if image_id not in images]
         if missing:
             row, image_id = missing[0]
@@ -46,7 +46,7 @@ def read_queries(source: str | Path) -> pd.DataFrame:
     if source.is_file():
         source = source.parent
     if source.is_dir() and not (source / "labels.csv").exists() and not (source / "train.csv").exists():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = photo_files(source)
         if files:
             return _one_row_per_id(pd.DataFrame({"image_id": [p.stem for p in files], "path": [str(p) for p in files]}),
                                    source)

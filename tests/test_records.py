@@ -51,6 +51,23 @@ def test_folder_per_individual(tmp_path: Path) -> None:
     assert records.groupby("identity").size().to_dict() == {"alpha": 3, "beta": 3}
 
 
+def test_every_decodable_format_is_read_and_other_files_are_counted(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """GIF and JFIF photos are read like any other; an individual of .heic photos (which nothing here decodes) is
+    not dropped without a word."""
+    write_image(tmp_path / "t1" / "a.png", seed=1)
+    write_image(tmp_path / "t2" / "b.gif", seed=2, suffix_format="GIF")
+    write_image(tmp_path / "t2" / "c.jfif", seed=3, suffix_format="JPEG")
+    (tmp_path / "t3").mkdir()
+    (tmp_path / "t3" / "IMG_0001.HEIC").write_bytes(b"not decodable here")
+    (tmp_path / "t3" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="reid.data.records"):
+        records = read_dataset(tmp_path)
+    assert records["identity"].tolist() == ["t1", "t2", "t2"]
+    assert "skipped 1 files that are not photos turtle-reid reads (1 .heic; e.g. " in caplog.text
+    assert "IMG_0001.HEIC" in caplog.text and ".DS_Store" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 #: ``path`` is absolute; ``view`` and ``split`` are lower-case, ``""`` where unknown.
 RECORD_COLUMNS = ["image_id", "path", "identity", "view", "split"]
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+#: file extensions read as photos: every format :data:`reid.imageio.SUPPORTED_FORMATS` decodes
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
+                              ".ppm", ".gif"})
 VALID_SPLITS = frozenset({"", "train", "val", "test"})
 
 
@@ -54,11 +56,33 @@ def normalise_view(view: str) -> str:
     return view.strip().lower()
 
 
+def photo_files(folders: Path | list[Path]) -> list[Path]:
+    """The photos in ``folders`` (extensions matched case-insensitively), sorted within each folder.
+
+    Other files are skipped with one warning that counts them by extension: a folder of iPhone ``.heic`` photos
+    would otherwise drop a whole individual without a word. Hidden files (``.DS_Store``) are skipped silently.
+    """
+    photos: list[Path] = []
+    skipped: dict[str, list[Path]] = {}
+    for folder in [folders] if isinstance(folders, Path) else folders:
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                photos.append(path)
+            elif path.is_file() and not path.name.startswith("."):
+                skipped.setdefault(path.suffix.lower() or "(no extension)", []).append(path)
+    if skipped:
+        counts = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(skipped.items()))
+        example = next(iter(skipped.values()))[0]
+        log.warning("skipped %d files that are not photos turtle-reid reads (%s; e.g. %s): it reads %s",
+                    sum(map(len, skipped.values())), counts, example, " ".join(sorted(IMAGE_EXTENSIONS)))
+    return photos
+
+
 def _index_images(folder: Path) -> dict[str, Path]:
     """Map image stem → file for every image in ``folder``, matching extensions case-insensitively."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return {p.stem: p for p in photo_files(folder)}
 
 
 def _read_labels_csv(root: Path) -> pd.DataFrame:
@@ -109,20 +133,18 @@ def _read_zindi(root: Path) -> pd.DataFrame:
 
 
 def _read_folders(root: Path) -> pd.DataFrame:
-    rows = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for image in sorted(folder.iterdir()):
-            if image.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append(
-                    {
-                        "image_id": f"{folder.name}/{image.stem}",
-                        "path": str(image),
-                        "identity": folder.name,
-                        "view": "",
-                        "split": "",
-                        "_source": str(image),
-                    }
-                )
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rows = [
+        {
+            "image_id": f"{image.parent.name}/{image.stem}",
+            "path": str(image),
+            "identity": image.parent.name,
+            "view": "",
+            "split": "",
+            "_source": str(image),
+        }
+        for image in photo_files(folders)
+    ]
     return pd.DataFrame(rows, columns=[*RECORD_COLUMNS, "_source"])
 
 
