@@ -178,8 +178,22 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
 
 
 def _synth(args: argparse.Namespace) -> int:
+    import re
+
+    from reid.data.records import read_csv_table
     from reid.data.synth import generate_synthetic_dataset
 
+    labels = args.out / "labels.csv"
+    if labels.is_file() and not args.force:
+        # A synthetic dataset is replaced (re-running the command is how it is refreshed); anyone else's is not.
+        synthetic = re.compile(r"images/ind_\d{3,}/ind_\d{3,}_\d{2,}_(top|left|right)\.(png|jpg)")
+        listed = read_csv_table(labels)
+        paths = listed["path"].tolist() if "path" in listed.columns else [f"{labels.name} without a path column"]
+        theirs = [path for path in paths if not synthetic.fullmatch(path)]
+        if theirs:
+            raise ReIDError(f"{args.out} already holds a dataset whose labels.csv lists photos reid synth did not "
+                            f"write (e.g. {theirs[0]}): choose another --out, or pass --force to replace its "
+                            "labels.csv")
     labels = generate_synthetic_dataset(args.out, individuals=args.individuals,
                                         images_per_individual=args.images_per_individual, seed=args.seed,
                                         image_size=args.image_size, first_individual=args.first_individual)
@@ -502,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=96)
     synth.add_argument("--first-individual", type=int, default=0,
                        help="index of the first individual (generate unseen individuals with a higher start)")
+    synth.add_argument("--force", action="store_true",
+                       help="replace the labels.csv of a folder that holds another dataset (a synthetic one is "
+                            "always replaced)")
     synth.set_defaults(handler=_synth)
 
     evaluate = commands.add_parser("evaluate", help="closed-set and open-set MAP@5, top-1, top-5 of a checkpoint")

@@ -149,6 +149,23 @@ def test_rerun_into_same_folder_lists_only_new_images(tmp_path: Path) -> None:
     assert not (out / "labels.csv.tmp").exists()
 
 
+def test_reid_synth_never_replaces_another_datasets_labels_unless_forced(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from reid.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "labels.csv").write_text("path,identity\nphotos/a.jpg,t1\n")
+    assert main(["synth", "--out", str(mine), "--individuals", "1", "--images-per-individual", "1"]) == 2
+    assert "lists photos reid synth did not write (e.g. photos/a.jpg)" in capsys.readouterr().err
+    assert (mine / "labels.csv").read_text() == "path,identity\nphotos/a.jpg,t1\n"
+    assert main(["synth", "--out", str(mine), "--individuals", "1", "--images-per-individual", "1", "--force"]) == 0
+    assert len(_rows(mine / "labels.csv")) == 1
+    # a synthetic dataset is refreshed by running the command again, as before
+    assert main(["synth", "--out", str(mine), "--individuals", "2", "--images-per-individual", "1"]) == 0
+    assert len(_rows(mine / "labels.csv")) == 2
+
+
 def _nn_top1(features: np.ndarray, labels: np.ndarray) -> float:
     """Leave-one-out nearest-neighbour (Euclidean) top-1 accuracy."""
     dist = ((features[:, None, :] - features[None, :, :]) ** 2).sum(axis=-1)
