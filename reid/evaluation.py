@@ -47,7 +47,7 @@ def score_rankings(rankings: list[Ranking], query_identities: Sequence[Individua
         "map5": map_at_k(predictions, truths, k),
         "top1": top_k_accuracy(predictions, truths, 1),
         "top5": top_k_accuracy(predictions, truths, 5),
-        "queries": float(len(truths)),
+        "queries": len(truths),
     }
     if NEW_TURTLE in truths:
         metrics.update(open_set_scores(rankings, predictions, truths, runner_up_weight))

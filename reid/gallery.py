@@ -233,7 +233,7 @@ class Gallery:
         with self._lock:
             if not self._identity:
                 return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
-            return self._search_index().search(vectors, min(n, len(self._identity)))
+            return _cosines(self._search_index(), vectors, min(n, len(self._identity)))
 
     def search(self, queries: np.ndarray, k: int) -> list[Ranking]:
         """Rank up to ``k`` distinct individuals for each query, each scored by its best-matching photo.
@@ -250,7 +250,7 @@ class Gallery:
             wanted_individuals = min(k, len(self._photos_of))
             fetch = min(total, max(4 * k, 32))
             while True:
-                scores, ids = index.search(vectors, fetch)
+                scores, ids = _cosines(index, vectors, fetch)
                 rankings = [
                     rank_individuals(s[i >= 0], [self._identity[int(j)] for j in i[i >= 0]], k, i[i >= 0])
                     for s, i in zip(scores, ids)
@@ -258,3 +258,11 @@ class Gallery:
                 if fetch >= total or all(len(r) >= wanted_individuals for r in rankings):
                     return rankings
                 fetch = min(total, fetch * 4)
+
+
+def _cosines(index: faiss.Index, vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, its inner products clipped to a cosine's range: float32 rounding scores a photo against
+    itself 1.0000001, which a user reads as a bug in the evidence."""
+    scores, ids = index.search(vectors, n)
+    np.clip(scores, -1.0, 1.0, out=scores)
+    return scores, ids

@@ -147,4 +147,4 @@ def score_submission(submission: str | Path, truth: str | Path) -> dict[str, flo
     predictions = answers[PREDICTION_COLUMNS].to_numpy().tolist()
     actual = [truth_of[i] for i in answers["image_id"]]
     return {"map5": map_at_k(predictions, actual), "top1": top_k_accuracy(predictions, actual, 1),
-            "top5": top_k_accuracy(predictions, actual, 5), "rows": float(len(actual))}
+            "top5": top_k_accuracy(predictions, actual, 5), "rows": len(actual)}

@@ -36,6 +36,16 @@ def test_search_ranks_distinct_individuals_and_forgets_removed_ones(kind: str) -
     assert len(gallery) == 63 and gallery.device == "cpu"
 
 
+def test_a_photo_against_itself_scores_a_cosine_of_at_most_one() -> None:
+    """float32 inner products of unit vectors land a hair above 1 (1.0000001): evidence a user reads as a bug."""
+    vectors = _unit(np.random.default_rng(1), 200, 1280)
+    gallery = Gallery(1280)
+    gallery.add(np.arange(200), vectors, [f"i{n}" for n in range(200)])
+    best = np.array([ranking[0].score for ranking in gallery.search(vectors, k=1)])
+    scores, _ = gallery.search_photos(vectors, 1)
+    assert best.max() == 1.0 and scores.max() == 1.0 and best.min() > 0.9999
+
+
 def test_empty_gallery_and_id_clash() -> None:
     gallery = Gallery(4)
     assert gallery.search(np.ones((2, 4), dtype=np.float32), k=5) == [[], []]
