@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -46,6 +47,10 @@ def _run_lightning(argv: list[str] | None) -> int:
     from reid.data.datamodule import ReIDDataModule
     from reid.module import ReIDModule
     from reid.verification import DEFAULT_CANDIDATES
+
+    # Lightning's own code asks torch `isinstance(treespec, LeafSpec)` at every fit; torch deprecates it. Nothing a
+    # user can act on, so it is not printed at the top of every run.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
     class ReIDLightningCLI(LightningCLI):
         """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from

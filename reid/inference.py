@@ -39,6 +39,13 @@ BULK_WORKERS = 4
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file (tensors and plain values only: no code from the file is executed)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        # the places `reid fit` writes to, not a walk of the whole tree (the folder might be a home or "/")
+        found = sorted((found for pattern in ("*.ckpt", "checkpoints/*.ckpt", "*/checkpoints/*.ckpt",
+                                              "lightning_logs/*/checkpoints/*.ckpt")
+                        for found in path.glob(pattern)), key=lambda found: (found.name == "best.ckpt", found))
+        raise CheckpointError(f"checkpoint {path} is a folder: give the checkpoint file"
+                              + (f", e.g. {found[-1]}" if found else " (reid fit writes .../checkpoints/best.ckpt)"))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     checkpoint = load_tensors(path, lambda reason: CheckpointError(f"cannot read checkpoint {path}: {reason}"))

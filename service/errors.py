@@ -115,8 +115,12 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def validation_body(error: RequestValidationError) -> ErrorBody:
-    """One message listing every invalid field with the value it had; ``field`` is the first of them."""
+def validation_body(error: RequestValidationError, content_type: str = "multipart/form-data") -> ErrorBody:
+    """One message listing every invalid field with the value it had; ``field`` is the first of them.
+
+    Two mistakes of curl users get the fix spelled out: a photo sent as the raw body or as JSON (``content_type``
+    is then not multipart, so every form field is "missing"), and a text value where a file belongs (``-F
+    file=photo.jpg``, without curl's ``@``)."""
     problems = []
     fields = []
     for item in error.errors():
@@ -129,6 +133,12 @@ def validation_body(error: RequestValidationError) -> ErrorBody:
             problems.append(f"{field}: {message.removeprefix('Value error, ')}")
         else:
             problems.append(f"{field}: {message} (got {_shown(item.get('input'))})")
+        if "Expected UploadFile" in message:
+            problems[-1] += "; send the file itself: curl -F file=@photo.jpg (with the @)"
+    body_fields = any(item.get("loc", ())[:1] == ("body",) for item in error.errors())
+    if body_fields and not content_type.lower().startswith("multipart/form-data"):
+        problems.append(f"the request was sent as {content_type or 'no content type'}: send the fields as "
+                        "multipart/form-data (curl -F individual_id=t042 -F files=@photo.jpg)")
     return ErrorBody(error="invalid_field", message="; ".join(problems), field=fields[0] if fields else None)
 
 
@@ -141,8 +151,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error.status, error.body(), headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(422, validation_body(error))
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, validation_body(error, request.headers.get("content-type", "")))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -87,6 +87,9 @@ def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint:
     assert "[-1, 1], got 1.5" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.ckpt"), "--data", str(synth_dataset)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(checkpoint.parent), "--data", str(synth_dataset)]) == 2
+    assert f"checkpoint {checkpoint.parent} is a folder: give the checkpoint file, e.g. {checkpoint}" in \
+        capsys.readouterr().err
     (tmp_path / "notes.ckpt").write_text("a text file saved under the wrong name")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "notes.ckpt"), "--data", str(synth_dataset)]) == 2
     error = capsys.readouterr().err

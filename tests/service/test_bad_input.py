@@ -227,6 +227,13 @@ def test_missing_and_malformed_fields(client: httpx.Client, records: pd.DataFram
     for response, field in cases:
         assert response.status_code == 422, response.text
         assert response.json()["field"] == field and field in response.json()["message"]
+    raw = client.post("/identify", content=image, headers={"Content-Type": "image/png"})
+    assert raw.status_code == 422 and "sent as image/png: send the fields as multipart/form-data" in raw.json()["message"]
+    assert "multipart/form-data (curl -F" in client.post("/identify", json={"file": "x"}).json()["message"]
+    text = client.post("/identify", data={"file": "photo.jpg"})  # curl -F file=photo.jpg, without the @
+    assert text.status_code == 422 and "curl -F file=@photo.jpg (with the @)" in text.json()["message"]
+    multipart = client.post("/identify", data={"k": "3"}, files={"photo": ("a.png", image)})  # a misnamed field
+    assert multipart.json()["message"] == "file: field required", "a multipart request needs no hint about it"
     garbled = client.post("/identify", content=b"--x\r\nnonsense",
                           headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert 400 <= garbled.status_code < 500 and "message" in garbled.json()
