@@ -24,7 +24,7 @@ from reid.gallery import Gallery
 from reid.imageio import decode_image
 from reid.errors import FeatureError
 from reid.fileio import write_atomically
-from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, check_integer, match_features
+from reid.local_features import FORMAT_VERSION, Extraction, LocalFeatures, check_integer, match_all
 from reid.metrics import ThresholdObjective
 from reid.score_calibration import ScoreCalibration
 
@@ -204,29 +204,33 @@ class LocalVerifier:
             raise ValueError("this fusion falls back to simulated tilts; the verifier needs their features")
         self.fallback = fallback
 
-    def _inliers(self, query: int, image_id: int) -> int:
-        key = self.pair_key(query, image_id)
-        if key not in self.memo:
-            self.memo[key] = match_features(self.query_features[query], self.gallery_features(image_id)).inliers
-        return self.memo[key]
-
-    def _fallback_inliers(self, query: int, image_id: int) -> int:
-        key = self.pair_key(query, image_id)
-        if key not in self.fallback.memo:
-            self.fallback.memo[key] = match_features(self.fallback.query(query),
-                                                     self.fallback.gallery(image_id)).inliers
-        return self.fallback.memo[key]
+    def _counts(self, query: int, image_ids: Sequence[int], memo: dict[tuple[Any, Any], int],
+                query_features: LocalFeatures | Callable[[], LocalFeatures],
+                photo_features: Callable[[int], LocalFeatures]) -> list[int]:
+        """The inlier count of ``query`` against each photo, from ``memo`` or matched (in parallel) and memoised.
+        ``query_features`` may be a callable, so that features extracted on demand are extracted only if needed."""
+        keys = [self.pair_key(query, image_id) for image_id in image_ids]
+        missing = [n for n, key in enumerate(keys) if key not in memo]
+        if missing:
+            features = query_features() if callable(query_features) else query_features
+            matches = match_all([(features, photo_features(image_ids[n])) for n in missing])
+            for n, match in zip(missing, matches):
+                memo[keys[n]] = match.inliers
+        return [memo[key] for key in keys]
 
     def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
         """Each photo's plain inlier count; where none reaches the fallback's floor, the fallback's counts of the
         most similar photos that reach it (:class:`Fallback`)."""
-        counts = np.array([self._inliers(query, int(i)) for i in image_ids], dtype=np.int64)
+        ids = [int(i) for i in image_ids]
+        counts = np.array(self._counts(query, ids, self.memo, self.query_features[query], self.gallery_features),
+                          dtype=np.int64)
         settings = self.fusion.fallback
         if settings is not None and len(counts) and counts.max() < settings.floor:
-            for n, image_id in enumerate(image_ids[:settings.top]):
-                affine = self._fallback_inliers(query, int(image_id))
-                if affine >= settings.floor:
-                    counts[n] = max(counts[n], affine)
+            affine = self._counts(query, ids[:settings.top], self.fallback.memo,
+                                  lambda: self.fallback.query(query), self.fallback.gallery)
+            for n, count in enumerate(affine):
+                if count >= settings.floor:
+                    counts[n] = max(counts[n], count)
         return counts
 
     def fuse(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
@@ -299,18 +303,16 @@ def fusion_training_pairs(embeddings: np.ndarray, identities: Sequence[str], fea
     replaces matching ``features`` when the caller already has the counts (bench/open_set_levers.py keeps them
     across runs, so that comparing fusions on the same photos costs no matching).
     """
-    count = pair_inliers or (lambda i, j: match_features(features[i], features[j]).inliers)
     gallery = Gallery(int(embeddings.shape[1]))
     gallery.add(np.arange(len(identities)), embeddings, list(identities))
     scores, ids = gallery.search_photos(embeddings, candidates + 1)
     similarities, inliers, same = [], [], []
     for q in tqdm(range(len(identities)), desc="fitting the fusion", unit="photo", disable=not progress):
-        for score, i in zip(scores[q], ids[q]):
-            if i < 0 or i == q:
-                continue
-            similarities.append(float(score))
-            inliers.append(count(q, int(i)))
-            same.append(identities[q] == identities[int(i)])
+        others = [(float(score), int(i)) for score, i in zip(scores[q], ids[q]) if i >= 0 and i != q]
+        similarities.extend(score for score, _ in others)
+        same.extend(identities[q] == identities[i] for _, i in others)
+        inliers.extend([pair_inliers(q, i) for _, i in others] if pair_inliers is not None else
+                       [match.inliers for match in match_all([(features[q], features[i]) for _, i in others])])
     return np.array(similarities), np.array(inliers, dtype=np.int64), np.array(same, dtype=bool)
 
 

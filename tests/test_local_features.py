@@ -13,7 +13,8 @@ from reid import local_features
 from reid.data.synth import generate_synthetic_dataset
 from reid.errors import FeatureError, ReIDError
 from reid.imageio import decode_image
-from reid.local_features import Extraction, LocalFeatures, Match, draw_matches, extract_features, match_features
+from reid.local_features import (Extraction, LocalFeatures, Match, draw_matches, extract_features, match_all,
+                                 match_features)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,34 @@ def test_bad_inputs_name_the_value() -> None:
     empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (10, 10))
     with pytest.raises(FeatureError, match="ratio"):
         match_features(empty, empty, ratio=1.5)
+
+
+def test_matching_in_parallel_gives_each_pair_its_own_match_and_leaves_blas_as_it_was(photos) -> None:
+    """match_all is match_features pair by pair, whoever else matches at the same time; the BLAS libraries, held to
+    one thread while the pairs run, get their own thread counts back."""
+    import threading
+
+    import threadpoolctl
+
+    features = [extract_features(image) for name in sorted(photos) for image in photos[name]]
+    pairs = [(features[a], features[b]) for a in range(len(features)) for b in range(len(features)) if a != b]
+    expected = [match_features(query, photo) for query, photo in pairs]
+    before = [(library["filepath"], library["num_threads"]) for library in threadpoolctl.threadpool_info()]
+    results: dict[int, list[Match]] = {}
+
+    def run(slot: int) -> None:
+        results[slot] = match_all(pairs[slot::2])
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [m.inliers for m in results[0]] == [m.inliers for m in expected[0::2]]
+    assert [m.inliers for m in results[1]] == [m.inliers for m in expected[1::2]]
+    assert all(np.array_equal(got.query_points, want.query_points) for got, want in zip(results[0], expected[0::2]))
+    assert max(m.inliers for m in expected) > 20, "some pairs are of one individual"
+    assert [(library["filepath"], library["num_threads"]) for library in threadpoolctl.threadpool_info()] == before
 
 
 def test_draw_matches_size(photos) -> None:
