@@ -49,7 +49,7 @@ async function api(path, options = {}) {
     try {
       message = (await response.json()).message || message;
     } catch (_) { /* not a JSON error body: keep the status line */ }
-    if (response.status === 401) message += ". Enter the service's API key at the top right.";
+    if (response.status === 401) message += ". Enter the service's API key in the API key box at the top of the page.";
     throw new Error(message);
   }
   return response;
@@ -176,11 +176,14 @@ function renderAnswer(card, file, answer, note) {
   }
   const explain = el("div", { className: "explain" });
   const verified = answer.predictions.some((p) => p.evidence && p.evidence.inliers !== null);
-  const rows = answer.predictions.map((p, i) => predictionRow(card, file, p, i + 1, explain, verified));
+  const line = answer.predictions.findIndex((p) => p.individual_id === "new_turtle");
+  const rows = answer.predictions.map((p, i) => predictionRow(card, file, p, i + 1, explain, verified,
+                                                              line >= 0 && i > line));
   const titles = ["Rank", "Individual", "Score", "Matched photo", verified ? "Matching points" : null, ""];
   const table = el("table", {},
     el("thead", {}, el("tr", {}, titles.filter((t) => t !== null).map((title) => el("th", {}, title)))),
     el("tbody", {}, rows));
+  const scroller = el("div", { className: "table-scroll" }, table);  // a phone scrolls the table, not the page
   const name = el("input", { type: "text", placeholder: "new individual's id, e.g. t-0421", "aria-label":
     "id of the new individual", pattern: "[A-Za-z0-9_.\\-]{1,128}", className: "new-id" });
   const enrol = el("form", { className: "actions", onsubmit: (event) => {
@@ -188,10 +191,10 @@ function renderAnswer(card, file, answer, note) {
     confirmMatch(card, file, name.value.trim(), true);
   } }, el("span", {}, "Not any of these?"), name, el("button", { type: "submit" }, "Enrol as a new individual"));
   card.replaceChildren(el("h2", {}, file.name), note ? el("p", { className: "muted" }, note) : "", verdict, pair,
-    table, enrol, explain);
+    scroller, enrol, explain);
 }
 
-function predictionRow(card, file, prediction, rank, explain, verified) {
+function predictionRow(card, file, prediction, rank, explain, verified, belowLine) {
   if (prediction.individual_id === "new_turtle") {
     return el("tr", { className: "new-turtle" }, el("td", {}, rank),
       el("td", { colspan: verified ? 5 : 4 }, `new turtle: every individual below here scores under ` +
@@ -209,8 +212,13 @@ function predictionRow(card, file, prediction, rank, explain, verified) {
     actions.append(el("button", { className: "secondary", onclick: () => showMatches(explain, file, prediction) },
       "Show matching points"));
   }
-  actions.append(el("button", { onclick: () => confirmMatch(card, file, prediction.individual_id, false) },
-    `It is ${prediction.individual_id}: add this photo`));
+  const add = () => {
+    // under the new-turtle line the service would not have named it: one click must not file the photo there
+    if (belowLine && !confirm(`${prediction.individual_id} scores ${formatScore(prediction.score)}, under the ` +
+        `new-turtle line. Add this photo to ${prediction.individual_id} anyway?`)) return;
+    confirmMatch(card, file, prediction.individual_id, false);
+  };
+  actions.append(el("button", { onclick: add }, `It is ${prediction.individual_id}: add this photo`));
   return el("tr", { "data-individual": prediction.individual_id }, el("td", {}, rank),
     el("td", {}, prediction.individual_id),
     el("td", {}, el("span", { className: "bar", style: `width:${width}px` }), formatScore(prediction.score)),
@@ -301,6 +309,17 @@ function individualTile(item) {
     el("span", { className: "muted" }, `${item.image_count} photo${item.image_count === 1 ? "" : "s"}`));
 }
 
+/** Redraw one individual's tile in the grid (its photo count and cover change when photos are added or deleted). */
+async function refreshTile(individualId) {
+  const tile = [...document.querySelectorAll("#individual-grid .tile")]
+    .find((node) => node.dataset.individual === individualId);
+  if (!tile) return;
+  try {
+    const item = await (await api(`/individuals/${encodeURIComponent(individualId)}`)).json();
+    tile.replaceWith(individualTile(item));
+  } catch (_) { /* the detail view has already said what went wrong */ }
+}
+
 async function showIndividual(individualId) {
   clearMessage();
   const detail = $("individual-detail");
@@ -334,9 +353,10 @@ async function addPhotos(individualId, files) {
   for (const file of files) form.append("files", file);
   try {
     await api(`/individuals/${encodeURIComponent(individualId)}/images`, { method: "POST", body: form });
+    await showIndividual(individualId);  // it clears the message: say what happened after it
+    await refreshTile(individualId);
     showMessage(`Added ${files.length} photo${files.length === 1 ? "" : "s"} to ${individualId}.`, "ok");
     refreshHealth();
-    await showIndividual(individualId);
   } catch (error) {
     showMessage(error.message);
   }
@@ -346,9 +366,10 @@ async function deletePhoto(individualId, imageId) {
   if (!confirm(`Delete photo ${imageId} of ${individualId}? This cannot be undone.`)) return;
   try {
     await api(`/individuals/${encodeURIComponent(individualId)}/images/${imageId}`, { method: "DELETE" });
+    await showIndividual(individualId);
+    await refreshTile(individualId);
     showMessage(`Deleted photo ${imageId} of ${individualId}.`, "ok");
     refreshHealth();
-    await showIndividual(individualId);
   } catch (error) {
     showMessage(error.message);
   }

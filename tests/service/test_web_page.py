@@ -151,6 +151,14 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     expect(page.locator("#status")).to_contain_text("4 individuals, 7 photos")
     steps.shot("enrolled_and_identified_again")
 
+    asked: list[str] = []  # an individual under the new-turtle line is added only once the user confirms
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    stranger_card.locator("tr[data-individual='resident-0'] button", has_text="add this photo").click()
+    expect(stranger_card.locator(".verdict")).to_have_text("Best match: visitor-7 (score 1.000)")
+    assert asked and "under the new-turtle line" in asked[0], asked
+    with server.client() as client:
+        assert client.get("/individuals/resident-0").json()["image_count"] == 2
+
     page.click("#tab-individuals")
     expect(page.locator("#individual-count")).to_have_text("4 individuals")
     page.fill("#search", "VISIT")
@@ -202,6 +210,9 @@ def test_delete_a_photo_with_confirmation_and_cancel(page: Page, server_with_res
     photo_buttons.first.click()
     expect(page.locator("#message")).to_contain_text("Deleted photo")
     expect(photo_buttons).to_have_count(1)
+    expect(page.locator(".tile[data-individual='resident-2']")).to_contain_text("1 photo")  # the grid follows
+    page.wait_for_timeout(300)
+    expect(page.locator("#message")).to_be_visible()  # not wiped by the redrawn detail view
     with server.client() as client:
         assert client.get("/individuals/resident-2").json()["image_count"] == 1
         health = client.get("/health").json()
