@@ -33,7 +33,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            name = str(item["loc"][0]) if item["loc"] else "settings"
+            if not item["loc"]:  # settings that only mean something together
+                problems.append(str(item["msg"]).removeprefix("Value error, "))
+                continue
+            name = str(item["loc"][0])
             where = f"--{name.replace('_', '-')} or REID_{name.upper()}"
             problems.append(f"{where}: {'required' if item['type'] == 'missing' else item['msg']}")
         raise ReIDError("invalid service settings: " + "; ".join(problems)) from error

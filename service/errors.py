@@ -115,7 +115,8 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def validation_body(error: RequestValidationError, content_type: str = "multipart/form-data") -> ErrorBody:
+def validation_body(error: RequestValidationError, content_type: str = "multipart/form-data",
+                    path: str = "") -> ErrorBody:
     """One message listing every invalid field with the value it had; ``field`` is the first of them.
 
     Two mistakes of curl users get the fix spelled out: a photo sent as the raw body or as JSON (``content_type``
@@ -137,8 +138,9 @@ def validation_body(error: RequestValidationError, content_type: str = "multipar
             problems[-1] += "; send the file itself: curl -F file=@photo.jpg (with the @)"
     body_fields = any(item.get("loc", ())[:1] == ("body",) for item in error.errors())
     if body_fields and not content_type.lower().startswith("multipart/form-data"):
+        example = "-F file=@photo.jpg" if path.startswith("/identify") else "-F individual_id=t042 -F files=@photo.jpg"
         problems.append(f"the request was sent as {content_type or 'no content type'}: send the fields as "
-                        "multipart/form-data (curl -F individual_id=t042 -F files=@photo.jpg)")
+                        f"multipart/form-data (curl {example})")
     return ErrorBody(error="invalid_field", message="; ".join(problems), field=fields[0] if fields else None)
 
 
@@ -152,7 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(422, validation_body(error, request.headers.get("content-type", "")))
+        return error_response(422, validation_body(error, request.headers.get("content-type", ""), request.url.path))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -53,8 +53,9 @@ class FolderLock:
             holder = self._holder()
             os.close(self._fd)
             self._fd = None
-            advice = (f"enrol through its API (POST {holder['url']}/individuals) or stop it first"
-                      if holder.get("url") else "wait for it to finish")
+            advice = ("wait for it to finish" if not holder.get("url")
+                      else "stop it first" if command == "reid reindex"  # re-indexing is not done through an API
+                      else f"enrol through its API (POST {holder['url']}/individuals) or stop it first")
             raise FolderInUseError(f"the data folder {root} is in use by {_describe(holder)}; {advice}") from None
         holder = {"command": command, "pid": os.getpid(), "url": url,
                   "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}

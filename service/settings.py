@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reid.gallery import IndexKind
@@ -51,3 +51,10 @@ class Settings(BaseSettings):
         description="new_turtle threshold when neither the request nor the checkpoint gives one; "
                     "unset, an uncalibrated model never reports new_turtle",
     )
+
+    @model_validator(mode="after")
+    def _reads_protected_by_a_key(self) -> Settings:
+        """`protect_reads` with no key to protect them would start a server that protects nothing."""
+        if self.protect_reads and self.api_key is None:
+            raise ValueError("protect_reads needs api_key (REID_API_KEY): without a key nothing can be protected")
+        return self

@@ -228,7 +228,8 @@ def test_missing_and_malformed_fields(client: httpx.Client, records: pd.DataFram
         assert response.status_code == 422, response.text
         assert response.json()["field"] == field and field in response.json()["message"]
     raw = client.post("/identify", content=image, headers={"Content-Type": "image/png"})
-    assert raw.status_code == 422 and "sent as image/png: send the fields as multipart/form-data" in raw.json()["message"]
+    assert raw.status_code == 422 and raw.json()["message"].endswith(
+        "sent as image/png: send the fields as multipart/form-data (curl -F file=@photo.jpg)")
     assert "multipart/form-data (curl -F" in client.post("/identify", json={"file": "x"}).json()["message"]
     text = client.post("/identify", data={"file": "photo.jpg"})  # curl -F file=photo.jpg, without the @
     assert text.status_code == 422 and "curl -F file=@photo.jpg (with the @)" in text.json()["message"]

@@ -36,7 +36,10 @@ def test_a_served_folder_refuses_other_writers_until_the_server_stops(start_serv
         assert refused.returncode == 2, (command, refused.stderr)
         assert refused.stderr.strip().splitlines()[-1].startswith(f"reid: error: the data folder {data_dir} is in use by reid serve "
                                          f"(pid {pid}) at {server.url}"), (command, refused.stderr)
-        assert f"POST {server.url}/individuals" in refused.stderr and "Traceback" not in refused.stderr
+        assert "Traceback" not in refused.stderr
+        advice = "stop it first" if command == "reindex" else f"enrol through its API (POST {server.url}/individuals)"
+        assert refused.stderr.strip().endswith(advice) or advice in refused.stderr, (command, refused.stderr)
+    assert "POST" not in refusals["reindex"].stderr, "re-indexing is not something its API does"
     with server.client() as client:
         health = client.get("/health").json()
         assert (health["gallery_size"], health["photos"]) == (0, 0), "nothing was written behind the server's back"
@@ -129,3 +132,5 @@ def test_every_setting_is_a_flag_and_a_wrong_value_names_it(tmp_path: Path, chec
     assert _settings(build_parser().parse_args([*base, "--default-k", "2"])).default_k == 2, "a flag beats the variable"
     with pytest.raises(ReIDError, match="--default-k or REID_DEFAULT_K: Input should be less than or equal to 50"):
         _settings(build_parser().parse_args([*base, "--default-k", "51"]))
+    with pytest.raises(ReIDError, match=r"invalid service settings: protect_reads needs api_key \(REID_API_KEY\)"):
+        _settings(build_parser().parse_args([*base, "--protect-reads"]))  # a server that would protect nothing
