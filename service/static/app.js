@@ -49,8 +49,13 @@ async function api(path, options = {}) {
     try {
       message = (await response.json()).message || message;
     } catch (_) { /* not a JSON error body: keep the status line */ }
-    if (response.status === 401) message += ". Enter the service's API key in the API key box at the top of the page.";
-    throw new Error(message);
+    if (response.status === 401) {  // the service speaks of headers; a person needs to know where to type
+      message = (/wrong/.test(message) ? "This API key is wrong" : "This service asks for its API key") +
+        ": type it in the API key box at the top of the page.";
+    }
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return response;
 }
@@ -74,7 +79,7 @@ async function refreshHealth() {
   try {
     health = await (await api("/health")).json();
   } catch (error) {
-    $("status").textContent = `Service unavailable: ${error.message}`;
+    $("status").textContent = error.status === 401 ? error.message : `Service unavailable: ${error.message}`;
     return;
   }
   const matching = health.verification ? "embeddings checked with local features" : "embeddings";
@@ -125,7 +130,13 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("over");
-  identifyFiles([...event.dataTransfer.files].filter((file) => file.type.startsWith("image/")));
+  const files = [...event.dataTransfer.files];
+  // the service decides what is a photo (an iPhone's HEIC has no image/ type in many browsers): only plain text and
+  // the like are held back here, and the user is told
+  const photos = files.filter((file) => !file.type || file.type.startsWith("image/"));
+  identifyFiles(photos);
+  const skipped = files.length - photos.length;
+  if (skipped) showMessage(`${skipped} dropped file${skipped === 1 ? " is" : "s are"} not a photo and ${skipped === 1 ? "was" : "were"} skipped.`);
 });
 
 async function identifyFiles(files) {
@@ -185,7 +196,8 @@ function renderAnswer(card, file, answer, note) {
     el("tbody", {}, rows));
   const scroller = el("div", { className: "table-scroll" }, table);  // a phone scrolls the table, not the page
   const name = el("input", { type: "text", placeholder: "new individual's id, e.g. t-0421", "aria-label":
-    "id of the new individual", pattern: "[A-Za-z0-9_.\\-]{1,128}", className: "new-id" });
+    "id of the new individual", pattern: "[A-Za-z0-9_.\\-]{1,128}", className: "new-id",
+    title: "letters, digits and _ . - only (no spaces), up to 128" });
   const enrol = el("form", { className: "actions", onsubmit: (event) => {
     event.preventDefault();
     confirmMatch(card, file, name.value.trim(), true);
@@ -248,6 +260,17 @@ async function showMatches(explain, file, prediction) {
 /** Save the photo to an individual (a new one, or one it was matched to), then identify it again to show it. */
 async function confirmMatch(card, file, individualId, isNew) {
   clearMessage();
+  // one save at a time: a second click while the first is on its way would enrol the same id twice (a 409)
+  const buttons = [...card.querySelectorAll("button")].filter((button) => !button.disabled);
+  for (const button of buttons) button.disabled = true;
+  try {
+    await saveToIndividual(card, file, individualId, isNew);
+  } finally {
+    for (const button of buttons) button.disabled = false;
+  }
+}
+
+async function saveToIndividual(card, file, individualId, isNew) {
   if (!individualId) {
     showMessage("Type an id for the new individual first (letters, digits, _ . -).");
     return;

@@ -139,7 +139,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
 
     stranger_card.locator("input.new-id").fill("visitor-7")
     stranger_card.get_by_role("button", name="Enrol as a new individual").click()
-    expect(page.locator("#message")).to_contain_text("needs the API key")
+    expect(page.locator("#message")).to_contain_text("asks for its API key: type it in the API key box")
     steps.shot("key_needed")
     page.fill("#api-key", API_KEY)
     page.press("#api-key", "Enter")
