@@ -62,7 +62,8 @@ def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> 
     print(f"""
 Demo finished in {minutes:.1f} minutes.
   checkpoint : {checkpoint}
-  results    : {results}  (closed-set MAP@5 {report['closed_set']['map5']:.3f})
+  results    : {results}  (closed-set MAP@5 {report['closed_set']['map5']:.3f}; its open set is scored on
+               individuals this fit may have trained on, so it flatters: README, "Results", uses unseen ones)
   RSM        : {out / 'rsm.png'}
   logs       : {checkpoint.parents[1]}  (tensorboard --logdir {runs})
 
