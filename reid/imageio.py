@@ -83,6 +83,18 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     return decode_image_with_format(source, max_pixels)[0]
 
 
+def _check_opened(image: Image.Image, name: str, max_pixels: int) -> None:
+    """What a header tells without decoding a pixel: a supported format, at most ``max_pixels`` pixels. The one
+    check of both the decoder and the dataset readers' up-front pass, so both refuse the same files alike."""
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageFormatError(f"{name}: image format {image.format} is not supported; "
+                                          f"use one of {', '.join(sorted(SUPPORTED_FORMATS))}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
+                                 f"{max_pixels}")
+
+
 def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
     """:func:`decode_image`, and Pillow's name of the format (``JPEG``, ``PNG``...), read from the same header
     (the service stores an upload under its format: a second parse would cost each request ~0.3 ms).
@@ -106,16 +118,7 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAU
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.format not in SUPPORTED_FORMATS:
-                raise UnsupportedImageFormatError(
-                    f"{name}: image format {image.format} is not supported; "
-                    f"use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-                )
+            _check_opened(image, name, max_pixels)
             if image.format == "JPEG" and image.mode in ("RGB", "L"):  # CMYK and others keep Pillow's conversion
                 decoded = _decode_jpeg(data)
                 if decoded is not None:
@@ -147,12 +150,7 @@ def check_image_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -
     """
     try:
         with Image.open(path) as image:
-            if image.format not in SUPPORTED_FORMATS:
-                raise UnsupportedImageFormatError(f"{path}: image format {image.format} is not supported")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{path}: image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            _check_opened(image, str(path), max_pixels)
     except UnidentifiedImageError as error:
         raise ImageDecodeError(f"{path}: not a recognisable image (corrupt, or not an image file)") from error
     except OSError as error:
