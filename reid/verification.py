@@ -205,14 +205,14 @@ class LocalVerifier:
         self.fallback = fallback
 
     def _counts(self, query: int, image_ids: Sequence[int], memo: dict[tuple[Any, Any], int],
-                query_features: LocalFeatures | Callable[[], LocalFeatures],
+                query_features: Callable[[], LocalFeatures],
                 photo_features: Callable[[int], LocalFeatures]) -> list[int]:
         """The inlier count of ``query`` against each photo, from ``memo`` or matched (in parallel) and memoised.
-        ``query_features`` may be a callable, so that features extracted on demand are extracted only if needed."""
+        The query's features are asked for only when a pair is missing (a fallback's are extracted on demand)."""
         keys = [self.pair_key(query, image_id) for image_id in image_ids]
         missing = [n for n, key in enumerate(keys) if key not in memo]
         if missing:
-            features = query_features() if callable(query_features) else query_features
+            features = query_features()
             matches = match_all([(features, photo_features(image_ids[n])) for n in missing])
             for n, match in zip(missing, matches):
                 memo[keys[n]] = match.inliers
@@ -222,8 +222,8 @@ class LocalVerifier:
         """Each photo's plain inlier count; where none reaches the fallback's floor, the fallback's counts of the
         most similar photos that reach it (:class:`Fallback`)."""
         ids = [int(i) for i in image_ids]
-        counts = np.array(self._counts(query, ids, self.memo, self.query_features[query], self.gallery_features),
-                          dtype=np.int64)
+        counts = np.array(self._counts(query, ids, self.memo, lambda: self.query_features[query],
+                                       self.gallery_features), dtype=np.int64)
         settings = self.fusion.fallback
         if settings is not None and len(counts) and counts.max() < settings.floor:
             affine = self._counts(query, ids[:settings.top], self.fallback.memo,
