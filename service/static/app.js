@@ -332,17 +332,6 @@ function individualTile(item) {
     el("span", { className: "muted" }, `${item.image_count} photo${item.image_count === 1 ? "" : "s"}`));
 }
 
-/** Redraw one individual's tile in the grid (its photo count and cover change when photos are added or deleted). */
-async function refreshTile(individualId) {
-  const tile = [...document.querySelectorAll("#individual-grid .tile")]
-    .find((node) => node.dataset.individual === individualId);
-  if (!tile) return;
-  try {
-    const item = await (await api(`/individuals/${encodeURIComponent(individualId)}`)).json();
-    tile.replaceWith(individualTile(item));
-  } catch (_) { /* the detail view has already said what went wrong */ }
-}
-
 async function showIndividual(individualId) {
   clearMessage();
   const detail = $("individual-detail");
@@ -353,6 +342,10 @@ async function showIndividual(individualId) {
     showMessage(error.message);
     return;
   }
+  // its tile in the grid shows what was just read (photos added or deleted change its count and cover)
+  const tile = [...document.querySelectorAll("#individual-grid .tile")]
+    .find((node) => node.dataset.individual === individualId);
+  if (tile) tile.replaceWith(individualTile(individual));
   const photos = individual.images.map((image) => el("figure", {},
     loadImage(el("img", { alt: `photo ${image.image_id} of ${individualId}` }), `${image.url}?max_side=320`),
     el("figcaption", {}, `photo ${image.image_id}` + (image.view ? ` · ${image.view}` : "") +
@@ -377,7 +370,6 @@ async function addPhotos(individualId, files) {
   try {
     await api(`/individuals/${encodeURIComponent(individualId)}/images`, { method: "POST", body: form });
     await showIndividual(individualId);  // it clears the message: say what happened after it
-    await refreshTile(individualId);
     showMessage(`Added ${files.length} photo${files.length === 1 ? "" : "s"} to ${individualId}.`, "ok");
     refreshHealth();
   } catch (error) {
@@ -390,7 +382,6 @@ async function deletePhoto(individualId, imageId) {
   try {
     await api(`/individuals/${encodeURIComponent(individualId)}/images/${imageId}`, { method: "DELETE" });
     await showIndividual(individualId);
-    await refreshTile(individualId);
     showMessage(`Deleted photo ${imageId} of ${individualId}.`, "ok");
     refreshHealth();
   } catch (error) {
