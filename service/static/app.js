@@ -34,6 +34,9 @@ function clearMessage() {
   $("message").hidden = true;
 }
 
+// the banner stays in view while the user scrolls (it would cover what is under it): a click puts it away
+$("message").addEventListener("click", clearMessage);
+
 /** fetch with the API key; a refusal becomes an Error carrying the service's own message. */
 async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});

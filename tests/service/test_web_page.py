@@ -213,6 +213,8 @@ def test_delete_a_photo_with_confirmation_and_cancel(page: Page, server_with_res
     expect(page.locator(".tile[data-individual='resident-2']")).to_contain_text("1 photo")  # the grid follows
     page.wait_for_timeout(300)
     expect(page.locator("#message")).to_be_visible()  # not wiped by the redrawn detail view
+    page.locator("#message").click()  # it floats over the page as the user scrolls: a click puts it away
+    expect(page.locator("#message")).to_be_hidden()
     with server.client() as client:
         assert client.get("/individuals/resident-2").json()["image_count"] == 1
         health = client.get("/health").json()
