@@ -104,7 +104,11 @@ HELD_OUT_FOLDS = 4
 def held_out_folds(gallery_identities: Sequence[Individual], query_identities: Sequence[Individual],
                    folds: int = HELD_OUT_FOLDS) -> int:
     """How many folds :func:`calibrate_on_held_out_individuals` deals the individuals into (0: too few to hold out)."""
-    shared = len(set(gallery_identities) & set(query_identities))
+    return _fold_count(len(set(gallery_identities) & set(query_identities)), folds)
+
+
+def _fold_count(shared: int, folds: int) -> int:
+    """Folds for ``shared`` individuals with both gallery photos and queries: at most one each, none below two."""
     return min(folds, shared) if shared >= 2 else 0
 
 
@@ -127,7 +131,7 @@ def calibrate_on_held_out_individuals(gallery_embeddings: np.ndarray, gallery_id
     gallery_ids = np.asarray(gallery_identities, dtype=object)
     query_ids = np.asarray(query_identities, dtype=object)
     shared = sorted(set(gallery_ids) & set(query_ids))
-    folds = held_out_folds(gallery_ids, query_ids, folds)
+    folds = _fold_count(len(shared), folds)
     if not folds:
         return None
     fold_of = {identity: i % folds for i, identity in enumerate(np.random.default_rng(seed).permutation(shared))}
