@@ -115,7 +115,7 @@ class ReIDModule(L.LightningModule):
         self.normalise_pixels = self.preprocess.pixel_normaliser()
         self.criterion: torch.nn.Module | None = None
         #: per validation loader, (embeddings, labels, dataset indices) of each batch this rank embedded
-        self._validation: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._validation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         #: the new_turtle threshold fitted at the latest validation; saved with the checkpoint of that validation
         self.calibration: HeldOutCalibration | None = None
         if loss != "subcenter_arcface":
@@ -151,14 +151,13 @@ class ReIDModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int,
-                        dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels, indices = batch
         embeddings = embed_views(lambda views: self.encoder.embed(self._images(views)), images)
-        self._validation.setdefault(dataloader_idx, []).append((embeddings, labels, indices))
+        self._validation.append((embeddings, labels, indices))
 
     def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-        """One validation loader's embeddings and labels from every rank, each photo once, in dataset order.
+        """The validation embeddings and labels from every rank, each photo once, in dataset order.
 
         Under DDP each rank embedded a shard padded with repeats (Lightning's ``DistributedSampler``); keeping the
         first copy of each dataset index gives exactly the photos, in the order, that one process embeds.
@@ -179,10 +178,15 @@ class ReIDModule(L.LightningModule):
         self.log(name, value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_end(self) -> None:
-        outputs, self._validation = self._validation, {}
-        if self.trainer.sanity_checking or len(outputs) < 2:
+        batches, self._validation = self._validation, []
+        if self.trainer.sanity_checking or not batches:
             return
-        (gallery, gallery_labels), (queries, query_labels) = self._gathered(outputs[0]), self._gathered(outputs[1])
+        embeddings, labels = self._gathered(batches)
+        split = len(self.trainer.datamodule.gallery_records)  # the loader holds the gallery, then the queries
+        if not 0 < split < len(embeddings):
+            return
+        gallery, gallery_labels = embeddings[:split], labels[:split]
+        queries, query_labels = embeddings[split:], labels[split:]
         # Scored on the integer labels themselves: the ranking code only compares individuals for equality, and the
         # labels follow the names' sorted order, so the held-out folds are the ones the names would give.
         gallery_ids, query_ids = gallery_labels.tolist(), query_labels.tolist()

@@ -40,8 +40,7 @@ def test_training_crops_at_the_image_size_and_validation_embeds_at_the_test_size
     data.setup("fit")
     images, _, _ = next(iter(data.train_dataloader()))
     assert images.shape[-2:] == (48, 48)
-    for loader in data.val_dataloader():
-        assert next(iter(loader))[0].shape[-2:] == (64, 64)
+    assert next(iter(data.val_dataloader()))[0].shape[-2:] == (64, 64)
     assert data.preprocess().image_size == 64  # what the checkpoint will store
 
 

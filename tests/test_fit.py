@@ -63,6 +63,12 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     report = json.loads(capsys.readouterr().out)
     assert report["threshold_source"] == "checkpoint" and report["threshold_origin"] == meta["threshold_origin"]
 
+    # `reid validate` reproduces the score the checkpoint was kept for, each metric printed once
+    assert main(["validate", *_fit_args(tmp_path, synth_dataset)[1:], "--ckpt_path", str(best)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("val_map5") == 1 and "DataLoader 1" not in table
+    assert f"{float(callback_state['best_model_score']):.6f}"[:7] in table
+
 
 def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -58,8 +58,7 @@ def test_validation_embeds_each_photo_with_its_crops(synth_dataset: Path) -> Non
     data.setup("fit")
     images, _, _ = next(iter(data.train_dataloader()))
     assert images.shape[1:] == (3, 48, 48)  # training is untouched
-    for loader in data.val_dataloader():
-        assert next(iter(loader))[0].shape[1:] == (2, 3, 48, 48)  # the photo, then its crop
+    assert next(iter(data.val_dataloader()))[0].shape[1:] == (2, 3, 48, 48)  # the photo, then its crop
     assert data.preprocess().crops == (0.5,)
 
 

@@ -127,13 +127,15 @@ class ReIDDataModule(L.LightningDataModule):
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
                             sampler=sampler, drop_last=True)
 
-    def val_dataloader(self) -> list[PhotoLoader]:
-        """Two loaders: the gallery (index 0) and the queries (index 1), both with the evaluation transform.
+    def val_dataloader(self) -> PhotoLoader:
+        """One loader with the evaluation transform: the gallery photos (the first ``len(gallery_records)`` indices),
+        then the queries. One loader, not one each: Lightning reports epoch-level metrics under every loader, and
+        `reid validate` printed each score twice.
 
-        Under DDP Lightning gives each rank a shard of each through a ``DistributedSampler``, padded with repeated
-        photos; :meth:`reid.module.ReIDModule.on_validation_epoch_end` gathers the shards and keeps each photo once.
+        Under DDP Lightning gives each rank a shard through a ``DistributedSampler``, padded with repeated photos;
+        :meth:`reid.module.ReIDModule.on_validation_epoch_end` gathers the shards, keeps each photo once and splits
+        them back into gallery and queries by index.
         """
-        transform = self.preprocess().eval_transform()
-        size = int(self.hparams.eval_batch_size)
-        return [self._loader(ImageRecords(frame, transform), batch_size=size)
-                for frame in (self.gallery_records, self.query_records)]
+        photos = pd.concat([self.gallery_records, self.query_records], ignore_index=True)
+        return self._loader(ImageRecords(photos, self.preprocess().eval_transform()),
+                            batch_size=int(self.hparams.eval_batch_size))
