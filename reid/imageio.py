@@ -7,6 +7,7 @@ that is EXIF-rotated, greyscale, 16-bit, CMYK or has an alpha channel becomes th
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+from reid.errors import ConfigError, ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 
 #: Formats a camera or phone produces (an animated GIF or multi-page TIFF is read as its first frame). Anything
 #: else Pillow can open (EPS, ICO, PSD...) is refused, so a mislabelled upload is reported, not silently embedded.
@@ -34,6 +35,33 @@ _FOREIGN_SIGNATURES = (
 #: Default pixel limit: 64 megapixels is more than any camera trap or phone gives, and far below the size at
 #: which a decompression bomb exhausts memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+
+#: The variable that raises (or lowers) that limit: the service reads it for ``--max-pixels``, and every command of
+#: ``reid`` that reads photos (datasets, queries, ``reid enroll``) reads it too, so one setting serves both.
+MAX_PIXELS_ENV = "REID_MAX_PIXELS"
+
+#: The shortest side a photo may have. A photo a few pixels across (a 1 x 1 tracking pixel, an icon, a thumbnail
+#: strip) shows no one, yet would be stretched to the model's input size and answered with confidence.
+MIN_SIDE = 16
+
+
+def configured_max_pixels() -> int:
+    """The pixel limit in force: ``$REID_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises:
+        ConfigError: the variable is not a positive whole number.
+    """
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={value!r} is not a positive whole number of pixels "
+                          f"(the default is {DEFAULT_MAX_PIXELS})")
+    return limit
 
 
 def _foreign_format(data: bytes) -> str | None:
@@ -74,36 +102,43 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     return image if image is not None and image.ndim == 3 else None
 
 
-def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(source: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode ``source`` (raw bytes or a file path) into an ``H x W x 3`` uint8 RGB array.
 
-    EXIF orientation is applied, so a phone photo taken sideways is embedded upright. Errors as
-    :func:`decode_image_with_format`.
+    EXIF orientation is applied, so a phone photo taken sideways is embedded upright. ``max_pixels`` defaults to
+    :func:`configured_max_pixels`. Errors as :func:`decode_image_with_format`.
     """
     return decode_image_with_format(source, max_pixels)[0]
 
 
 def _check_opened(image: Image.Image, name: str, max_pixels: int) -> None:
-    """What a header tells without decoding a pixel: a supported format, at most ``max_pixels`` pixels. The one
-    check of both the decoder and the dataset readers' up-front pass, so both refuse the same files alike."""
+    """What a header tells without decoding a pixel: a supported format, at least :data:`MIN_SIDE` pixels a side, at
+    most ``max_pixels`` pixels. The one check of both the decoder and the dataset readers' up-front pass, so both
+    refuse the same files alike."""
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedImageFormatError(f"{name}: image format {image.format} is not supported; "
                                           f"use one of {', '.join(sorted(SUPPORTED_FORMATS))}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                                 f"{max_pixels}")
+                                 f"{max_pixels} ({MAX_PIXELS_ENV} raises it)")
+    if min(width, height) < MIN_SIDE:
+        raise ImageDecodeError(f"{name}: image is {width}x{height} pixels, too small to show an individual: a photo "
+                               f"needs at least {MIN_SIDE} pixels a side")
 
 
-def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """:func:`decode_image`, and Pillow's name of the format (``JPEG``, ``PNG``...), read from the same header
     (the service stores an upload under its format: a second parse would cost each request ~0.3 ms).
 
     Raises:
         UnsupportedImageFormatError: the bytes are a format outside :data:`SUPPORTED_FORMATS`.
         ImageTooLargeError: the image has more than ``max_pixels`` pixels.
-        ImageDecodeError: the bytes are empty, truncated, corrupt or not an image at all.
+        ImageDecodeError: the bytes are empty, truncated, corrupt, not an image at all, or under :data:`MIN_SIDE`
+            pixels a side.
+        ConfigError: ``max_pixels`` is not given and ``$REID_MAX_PIXELS`` is not a number.
     """
+    max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
     name = str(source) if isinstance(source, (str, Path)) else "uploaded bytes"
     if isinstance(source, (str, Path)):
         try:
@@ -141,13 +176,15 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int = DEFAU
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error
 
 
-def check_image_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Cheaply check that ``path`` opens as a supported image of at most ``max_pixels`` (header only, no pixel decode).
+def check_image_header(path: str | Path, max_pixels: int | None = None) -> None:
+    """Cheaply check that ``path`` opens as a supported image of at most ``max_pixels`` (header only, no pixel decode;
+    ``max_pixels`` defaults to :func:`configured_max_pixels`).
 
     Dataset readers call this on every row so that a broken or oversized file is reported with its row up front
     instead of crashing a training run hours later. (A file cut short after its header still passes: only a full
     decode finds it, and it is reported with its path when it is read.)
     """
+    max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
     try:
         with Image.open(path) as image:
             _check_opened(image, str(path), max_pixels)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from reid.data.records import read_dataset
 from reid.errors import DatasetError, ImageDecodeError
-from reid.imageio import DEFAULT_MAX_PIXELS
+from reid.imageio import configured_max_pixels
 from reid.inference import Embedder
 from reid.onnx_backend import Backend
 from service.engine import model_record
@@ -78,6 +78,7 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
                     progress: bool) -> tuple[int, int, int]:
     """Enrol every record's photo, skipping those already stored; returns (added, already enrolled, skipped)."""
     extraction = embedder.verification.fusion.extraction if embedder.verification is not None else None
+    max_pixels = configured_max_pixels()  # $REID_MAX_PIXELS, as read_dataset's header pass applied it
     added = already = skipped = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
@@ -89,7 +90,7 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
                     if hashlib.sha256(data).hexdigest() in known:
                         already += 1
                         continue
-                    photos.append(read_photo(data, DEFAULT_MAX_PIXELS, view))
+                    photos.append(read_photo(data, max_pixels, view))
                 except (OSError, ImageDecodeError) as error:
                     log.warning("skipping %s: %s", path, error)
                     skipped += 1

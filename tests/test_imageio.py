@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from reid.errors import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+from reid.errors import ConfigError, ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 from reid.imageio import check_image_header, decode_image
 
 
@@ -35,7 +35,7 @@ def test_any_mode_becomes_rgb(photo: Image.Image, mode: str) -> None:
 
 
 def test_sixteen_bit_keeps_its_contrast() -> None:
-    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
     array = decode_image(_encode(Image.fromarray(ramp), "PNG"))
     assert array[..., 0].min() == 0 and array[..., 0].max() == 255  # not clipped to white
 
@@ -98,3 +98,35 @@ def test_the_header_check_refuses_an_image_over_the_pixel_limit(tmp_path) -> Non
     check_image_header(path, max_pixels=60_000)
     with pytest.raises(ImageTooLargeError, match=r"wide.png: image is 300x200 = 60000 pixels, over the limit of 59999"):
         check_image_header(path, max_pixels=59_999)
+
+
+def test_the_pixel_limit_of_every_command_is_the_services_variable(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REID_MAX_PIXELS, which the service reads for --max-pixels, raises the limit of datasets and queries too."""
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    monkeypatch.setenv("REID_MAX_PIXELS", "59_999")
+    with pytest.raises(ImageTooLargeError, match=r"over the limit of 59999 \(REID_MAX_PIXELS raises it\)"):
+        check_image_header(path)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 59999"):
+        decode_image(path)
+    monkeypatch.setenv("REID_MAX_PIXELS", "60000")
+    assert decode_image(path).shape == (200, 300, 3)
+    for wrong in ("many", "0", "-5", "1.5e6"):
+        monkeypatch.setenv("REID_MAX_PIXELS", wrong)
+        with pytest.raises(ConfigError, match=rf"REID_MAX_PIXELS='{wrong}' is not a positive whole number"):
+            decode_image(path)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (20_000, 1), (15, 400)])
+def test_a_photo_too_small_to_show_anyone_is_refused_from_its_header(tmp_path, size: tuple[int, int]) -> None:
+    """A 1 x 1 tracking pixel or a thin strip would be stretched to the model's input and answered with confidence."""
+    path = tmp_path / "tiny.png"
+    Image.new("RGB", size).save(path)
+    width, height = size
+    message = rf"tiny.png: image is {width}x{height} pixels, too small to show an individual: .* at least 16 pixels a side"
+    with pytest.raises(ImageDecodeError, match=message):
+        check_image_header(path)
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(path)
+    Image.new("RGB", (16, 16)).save(path)
+    assert decode_image(path).shape == (16, 16, 3)

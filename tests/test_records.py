@@ -74,7 +74,7 @@ def test_every_decodable_format_is_read_and_other_files_are_counted(tmp_path: Pa
         ("img/0.png,a\nimg/missing.png,b\n", r"labels\.csv row 3: image file .*missing\.png does not exist"),
         ("img/0.png,a\nimg/1.png,\n", r"labels\.csv row 3: empty identity"),
         ("img/0.png,a\nimg/0.png,b\n", r"labels\.csv row 3: duplicate path"),
-        ("img/0.png,a\nimg/bad.png,b\n", r"labels\.csv row 3: unreadable image"),
+        ("img/0.png,a\nimg/bad.png,b\n", r"labels\.csv row 3: .*bad\.png: not a recognisable image"),
     ],
 )
 def test_bad_labels_csv_rows_are_named(tmp_path: Path, rows: str, message: str) -> None:

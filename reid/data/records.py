@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from reid.errors import DatasetError, ImageDecodeError
-from reid.imageio import check_image_header
+from reid.imageio import check_image_header, configured_max_pixels
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +185,16 @@ def _validate(frame: pd.DataFrame, root: Path, check_images: bool) -> None:
         raise DatasetError(
             f"{frame.at[row, '_source']}: split {frame.at[row, 'split']!r} is not one of train, val, test"
         )
+    max_pixels = configured_max_pixels() if check_images else None
     for row, path in frame["path"].items():
         if not Path(path).is_file():
             raise DatasetError(f"{frame.at[row, '_source']}: image file {path} does not exist")
         if check_images:
             try:
-                check_image_header(path)
+                check_image_header(path, max_pixels)
             except ImageDecodeError as error:
-                raise DatasetError(f"{frame.at[row, '_source']}: unreadable image: {error}") from error
+                source = frame.at[row, "_source"]  # a folder dataset's row is its path, which the error names
+                raise DatasetError(str(error) if source == str(path) else f"{source}: {error}") from error
 
 
 def read_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:

@@ -234,7 +234,7 @@ def test_explain_without_verification_extracts_features_on_the_fly(client: httpx
     assert client.get("/health").json()["verification"] is False
 
     sliver = io.BytesIO()
-    Image.new("RGB", (20_000, 1)).save(sliver, format="PNG")  # 143 bytes that once cost the server 24 GB
+    Image.new("RGB", (20_000, 16)).save(sliver, format="PNG")  # a few hundred bytes; 20,000 x 1 once cost the server 24 GB
     drawn = explain(client, sliver.getvalue(), "explained", image_id)
     assert drawn.status_code == 200 and drawn.content.startswith(b"\x89PNG"), drawn.text
     assert Image.open(io.BytesIO(drawn.content)).width < 3_000
