@@ -202,7 +202,7 @@ def _synth(args: argparse.Namespace) -> int:
     labels = generate_synthetic_dataset(args.out, individuals=args.individuals,
                                         images_per_individual=args.images_per_individual, seed=args.seed,
                                         image_size=args.image_size, first_individual=args.first_individual)
-    print(f"wrote {labels}")
+    print(f"wrote {args.individuals * args.images_per_individual} photos of {args.individuals} individuals and {labels}")
     return 0
 
 
@@ -515,10 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="generate a synthetic multi-view dataset")
     synth.add_argument("--out", required=True, type=Path, help="output folder (labels.csv + images/)")
-    synth.add_argument("--individuals", type=int, default=30)
-    synth.add_argument("--images-per-individual", type=int, default=8)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=96)
+    synth.add_argument("--individuals", type=int, default=30, help="how many individuals (default 30)")
+    synth.add_argument("--images-per-individual", type=int, default=8,
+                       help="photos of each, their views cycling top, left, right (default 8)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same files, byte for byte")
+    synth.add_argument("--image-size", type=int, default=96, help="side of the square photos in pixels (default 96)")
     synth.add_argument("--first-individual", type=int, default=0,
                        help="index of the first individual (generate unseen individuals with a higher start)")
     synth.add_argument("--force", action="store_true",

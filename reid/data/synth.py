@@ -367,5 +367,5 @@ def generate_synthetic_dataset(
         writer.writerow(("path", "identity", "view"))
         writer.writerows(rows)
     os.replace(tmp, labels)  # atomic: readers never see a half-written labels.csv
-    log.info("wrote %d images and %s", len(rows), labels)
+    log.debug("wrote %d images and %s", len(rows), labels)  # the caller says what it made: `reid synth` prints it
     return labels
