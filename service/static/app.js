@@ -76,6 +76,41 @@ function formatScore(value) {
   return value === null || value === undefined ? "" : value.toFixed(3);
 }
 
+const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
+
+/** A field for the side of the head a photo shows (top, left, right...: suggested, not imposed, as in the API). */
+function viewInput(label) {
+  return el("input", { type: "text", className: "view", list: "views", placeholder: "view, e.g. left (optional)",
+                       "aria-label": label, maxlength: 64 });
+}
+
+/** The form fields of photos to enrol: each file, and the views only when one was given (then one per file). */
+function photoForm(files, views) {
+  const form = new FormData();
+  for (const file of files) form.append("files", file);
+  if (views.some(Boolean)) for (const view of views) form.append("view", view);
+  return form;
+}
+
+/** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
+function photoList(files, buttonLabel, send) {
+  const rows = files.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
+  const button = el("button", { type: "button" }, buttonLabel);
+  button.addEventListener("click", async () => {
+    button.disabled = true;  // one upload at a time: a double click would enrol twice
+    try {
+      await send(rows.map((row) => row.file), rows.map((row) => row.view.value.trim()));
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return el("div", { className: "photo-list" },
+    el("ul", {}, rows.map((row) => el("li", {},
+      el("img", { className: "thumb", alt: `chosen photo ${row.file.name}`, src: URL.createObjectURL(row.file) }),
+      el("span", { className: "file-name" }, row.file.name), row.view))),
+    button);
+}
+
 // -- status and API key ---------------------------------------------------------------------------------------
 
 async function refreshHealth() {
@@ -85,7 +120,8 @@ async function refreshHealth() {
     $("status").textContent = error.status === 401 ? error.message : `Service unavailable: ${error.message}`;
     return;
   }
-  const matching = health.verification ? "embeddings checked with local features" : "embeddings";
+  const matching = health.verification
+    ? "the model's similarity, checked by matching points between the photos" : "the model's similarity";
   const threshold = health.threshold === null
     ? "no new-turtle threshold (every photo gets its closest individuals)"
     : `new turtle below a score of ${formatScore(health.threshold)}` +
@@ -147,6 +183,7 @@ async function identifyFiles(files) {
   const cards = files.map((file) => {
     const card = el("article", { className: "card result", "data-filename": file.name },
       el("h2", {}, file.name), el("p", { className: "muted" }, "Identifying…"));
+    card.fileToIdentify = file;
     $("results").prepend(card);
     return [card, file];
   });
@@ -154,12 +191,15 @@ async function identifyFiles(files) {
 }
 
 async function identifyInto(card, file, note = "") {
+  // what the user typed on the card (a new id, the photo's view) survives its redraw
+  const typed = [...card.querySelectorAll("input")].map((input) => input.value);
   const form = new FormData();
   form.append("file", file);
   form.append("k", "5");
   try {
     const answer = await (await api("/identify", { method: "POST", body: form })).json();
     renderAnswer(card, file, answer, note);
+    card.querySelectorAll("input").forEach((input, i) => { if (typed[i]) input.value = typed[i]; });
   } catch (error) {
     card.replaceChildren(el("h2", {}, file.name), el("p", { className: "message error" }, error.message));
   }
@@ -205,8 +245,10 @@ function renderAnswer(card, file, answer, note) {
     event.preventDefault();
     confirmMatch(card, file, name.value.trim(), true);
   } }, el("span", {}, "Not any of these?"), name, el("button", { type: "submit" }, "Enrol as a new individual"));
+  const view = el("p", { className: "actions" }, el("span", {}, "This photo shows the"),
+    viewInput(`view of ${file.name}`), el("span", { className: "muted" }, "side: saved with it when you save it"));
   card.replaceChildren(el("h2", {}, file.name), note ? el("p", { className: "muted" }, note) : "", verdict, pair,
-    scroller, enrol, explain);
+    scroller, view, enrol, explain);
 }
 
 function predictionRow(card, file, prediction, rank, explain, verified, belowLine) {
@@ -278,8 +320,7 @@ async function saveToIndividual(card, file, individualId, isNew) {
     showMessage("Type an id for the new individual first (letters, digits, _ . -).");
     return;
   }
-  const form = new FormData();
-  form.append("files", file);
+  const form = photoForm([file], [card.querySelector("input.view").value.trim()]);
   const path = isNew ? "/individuals" : `/individuals/${encodeURIComponent(individualId)}/images`;
   if (isNew) form.append("individual_id", individualId);
   try {
@@ -288,9 +329,24 @@ async function saveToIndividual(card, file, individualId, isNew) {
     showMessage(already ? `This photo was already enrolled for ${individualId}.`
       : isNew ? `Enrolled ${individualId} with this photo.` : `Added this photo to ${individualId}.`, "ok");
     refreshHealth();
+    card.dataset.saved = individualId;
+    if (isNew) card.querySelector("input.new-id").value = "";  // done with: the redraw must not offer it again
     await identifyInto(card, file, `Identified again after saving it to ${individualId}:`);
+    await identifyOthersAgain(card, individualId);
   } catch (error) {
     showMessage(`Could not save the photo to ${individualId}: ${error.message}`);
+  }
+}
+
+/** Photos identified before ``individualId`` existed (or had this photo) were never offered it: the other cards not
+ *  saved yet, and not already listing it, are identified again, so the next photo of a turtle just enrolled is one
+ *  click away. */
+async function identifyOthersAgain(saved, individualId) {
+  const stale = [...document.querySelectorAll(".card.result")].filter((card) => card !== saved &&
+    !card.dataset.saved && card.fileToIdentify &&
+    !card.querySelector(`tr[data-individual="${CSS.escape(individualId)}"]`));
+  for (const card of stale) {
+    await identifyInto(card, card.fileToIdentify, `Identified again now that a photo of ${individualId} was saved:`);
   }
 }
 
@@ -354,30 +410,68 @@ async function showIndividual(individualId) {
     el("figcaption", {}, `photo ${image.image_id}` + (image.view ? ` · ${image.view}` : "") +
       ` · ${image.created.slice(0, 10)}`),
     el("button", { className: "danger", onclick: () => deletePhoto(individualId, image.image_id) }, "Delete photo")));
+  const chosen = el("div", {});
   const adder = el("input", { type: "file", accept: "image/*", multiple: true, "aria-label": "add photos",
-                              onchange: (event) => addPhotos(individualId, [...event.target.files]) });
+                              onchange: (event) => chosen.replaceChildren(photoList([...event.target.files],
+                                `Add these photos to ${individualId}`, (files, views) => addPhotos(individualId,
+                                  files, views))) });
   detail.replaceChildren(el("article", { className: "card", id: "individual-card" },
     el("h2", {}, individualId),
     el("p", { className: "muted" }, `${individual.image_count} photo${individual.image_count === 1 ? "" : "s"} · enrolled ${individual.created.slice(0, 10)}`),
     el("div", { className: "photos" }, photos),
     el("p", { className: "actions" }, el("label", {}, "Add photos: ", adder),
       el("button", { className: "danger", onclick: () => deleteIndividual(individualId) },
-        `Delete ${individualId} and all its photos`))));
+        `Delete ${individualId} and all its photos`)), chosen));
   detail.hidden = false;
   detail.scrollIntoView({ behavior: "smooth" });
 }
 
-async function addPhotos(individualId, files) {
-  const form = new FormData();
-  for (const file of files) form.append("files", file);
+async function addPhotos(individualId, files, views) {
   try {
-    await api(`/individuals/${encodeURIComponent(individualId)}/images`, { method: "POST", body: form });
+    const saved = await (await api(`/individuals/${encodeURIComponent(individualId)}/images`,
+                                   { method: "POST", body: photoForm(files, views) })).json();
     await showIndividual(individualId);  // it clears the message: say what happened after it
-    showMessage(`Added ${files.length} photo${files.length === 1 ? "" : "s"} to ${individualId}.`, "ok");
+    showMessage(`Added ${plural(files.length, "photo")} to ${individualId}.` + alreadyThere(saved), "ok");
     refreshHealth();
   } catch (error) {
     showMessage(error.message);
   }
+}
+
+/** The part of a confirmation about photos that were enrolled already (the service keeps one copy). */
+function alreadyThere(saved) {
+  const already = saved.images.filter((image) => image.already_enrolled).length;
+  return already ? ` (${plural(already, "photo")} of them ${already === 1 ? "was" : "were"} enrolled already.)` : "";
+}
+
+// a new individual with all the photos the user has of it, each with its view
+$("new-files").addEventListener("change", (event) => {
+  $("new-photos").replaceChildren(photoList([...event.target.files], "Enrol the new individual", enrolNew));
+});
+$("new-individual").addEventListener("submit", (event) => event.preventDefault());
+
+async function enrolNew(files, views) {
+  clearMessage();
+  const individualId = $("new-id").value.trim();
+  if (!individualId || !$("new-id").checkValidity()) {
+    showMessage("Type an id for the new individual first (letters, digits, _ . -; no spaces).");
+    return;
+  }
+  const form = photoForm(files, views);
+  form.append("individual_id", individualId);
+  try {
+    await api("/individuals", { method: "POST", body: form });
+  } catch (error) {
+    showMessage(`Could not enrol ${individualId}: ${error.message}`);
+    return;
+  }
+  $("new-individual").reset();
+  $("new-photos").replaceChildren();
+  $("search").value = "";
+  await loadIndividuals(true);
+  await showIndividual(individualId);
+  showMessage(`Enrolled ${individualId} with ${plural(files.length, "photo")}.`, "ok");
+  refreshHealth();
 }
 
 async function deletePhoto(individualId, imageId) {

@@ -2,7 +2,7 @@
 ``reid serve``: identify -> matches -> enrol a new individual -> identify again ranks it first -> delete, plus the
 API-key prompt, the similarity map and offline ``/docs``.
 
-A screenshot of each step is kept in ``test-artifacts/web/`` (or ``$REID_TEST_ARTIFACTS/web``) for a person to look
+A screenshot of each step is kept in ``test-artifacts/web/<story>/`` (or ``$REID_TEST_ARTIFACTS/web``) for a person to look
 at. Without a Chromium the test is skipped, unless ``REID_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs
 one) makes that a failure.
 """
@@ -55,17 +55,18 @@ def browser() -> Iterator[Browser]:
 
 
 class Steps:
-    """Screenshots named by step, in order, so the folder reads as the story of the test."""
+    """Screenshots named by step, in order, in a folder per story, so each folder reads as the story of a test."""
 
-    def __init__(self, page: Page) -> None:
+    def __init__(self, page: Page, story: str) -> None:
         self.page = page
         self.count = 0
-        shutil.rmtree(ARTIFACTS, ignore_errors=True)
-        ARTIFACTS.mkdir(parents=True)
+        self.folder = ARTIFACTS / story
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
 
     def shot(self, name: str) -> None:
         self.count += 1
-        self.page.screenshot(path=ARTIFACTS / f"{self.count:02d}_{name}.png", full_page=True)
+        self.page.screenshot(path=self.folder / f"{self.count:02d}_{name}.png", full_page=True)
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def _upload(tmp_path: Path, name: str, data: bytes) -> Path:
 def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_with_residents: Server,
                                                           tmp_path: Path, records: pd.DataFrame) -> None:
     server = server_with_residents
-    steps = Steps(page)
+    steps = Steps(page, "identify")
     with server.client() as client:
         known_bytes = client.get("/individuals/resident-1").json()["images"][0]["url"]
         known = _upload(tmp_path, "known.png", client.get(known_bytes).content)
@@ -138,6 +139,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     steps.shot("matching_points")
 
     stranger_card.locator("input.new-id").fill("visitor-7")
+    stranger_card.locator("input.view").fill("Left")
     stranger_card.get_by_role("button", name="Enrol as a new individual").click()
     expect(page.locator("#message")).to_contain_text("asks for its API key: type it in the API key box")
     steps.shot("key_needed")
@@ -149,6 +151,9 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     expect(stranger_card).to_contain_text("Identified again after saving it to visitor-7")
     expect(stranger_card.locator(".verdict")).to_have_text("Best match: visitor-7 (score 1.000)")
     expect(page.locator("#status")).to_contain_text("4 individuals, 7 photos")
+    # the card identified before visitor-7 existed is identified again, so it is offered visitor-7 too
+    expect(known_card).to_contain_text("Identified again now that a photo of visitor-7 was saved")
+    expect(known_card.locator("tr[data-individual='visitor-7']")).to_have_count(1)
     steps.shot("enrolled_and_identified_again")
 
     asked: list[str] = []  # an individual under the new-turtle line is added only once the user confirms
@@ -168,6 +173,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     steps.shot("search")
     page.locator(".tile[data-individual='visitor-7']").click()
     expect(page.locator("#individual-card")).to_contain_text("1 photo · enrolled")
+    expect(page.locator("#individual-card figcaption")).to_contain_text("· left ·")  # the view typed on the card
     steps.shot("individual")
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Delete visitor-7 and all its photos").click()
@@ -219,3 +225,46 @@ def test_delete_a_photo_with_confirmation_and_cancel(page: Page, server_with_res
         assert client.get("/individuals/resident-2").json()["image_count"] == 1
         health = client.get("/health").json()
         assert health["photos"] == health["gallery_size"] == 5
+
+
+def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, server_with_residents: Server,
+                                                                     tmp_path: Path, records: pd.DataFrame) -> None:
+    """The Individuals tab enrols a new individual with all its photos at once, each with its own view (or none),
+    and adds more to it the same way; an id the service refuses leaves nothing enrolled and says why."""
+    server = server_with_residents
+    pictures = [_upload(tmp_path, f"nesting-{i}.png", data) for i, data in enumerate(photos(records, "ind_007")[:3])]
+    steps = Steps(page, "enrol_several")
+    page.goto(server.url + "/")
+    page.fill("#api-key", API_KEY)
+    page.locator("#api-key").blur()
+    page.click("#tab-individuals")
+    page.locator("#new-individual-card summary").click()
+    page.set_input_files("#new-files", [str(path) for path in pictures[:2]])
+    chosen = page.locator("#new-photos li")
+    expect(chosen).to_have_count(2)
+    chosen.nth(0).locator("input.view").fill("top")
+    steps.shot("photos_chosen")
+    page.fill("#new-id", "resident-0")  # taken
+    page.get_by_role("button", name="Enrol the new individual").click()
+    expect(page.locator("#message")).to_contain_text("Could not enrol resident-0")
+    page.fill("#new-id", "nester-12")
+    page.get_by_role("button", name="Enrol the new individual").click()
+    expect(page.locator("#message")).to_have_text("Enrolled nester-12 with 2 photos.")
+    card = page.locator("#individual-card")
+    expect(card).to_contain_text("2 photos · enrolled")
+    expect(card.locator("figcaption").nth(0)).to_contain_text("· top ·")
+    expect(card.locator("figcaption").nth(1)).not_to_contain_text("· top ·")
+    expect(page.locator(".tile[data-individual='nester-12']")).to_contain_text("2 photos")
+    steps.shot("enrolled")
+
+    card.locator("input[type=file]").set_input_files([str(pictures[2]), str(pictures[0])])
+    card.locator("li input.view").nth(0).fill("right")
+    card.get_by_role("button", name="Add these photos to nester-12").click()
+    expect(page.locator("#message")).to_have_text("Added 2 photos to nester-12. (1 photo of them was enrolled already.)")
+    expect(card).to_contain_text("3 photos · enrolled")
+    expect(page.locator("#status")).to_contain_text("4 individuals, 9 photos")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    with server.client() as client:
+        stored = client.get("/individuals/nester-12").json()["images"]
+        assert [image["view"] for image in stored] == ["top", "", "right"]
+        assert client.get("/individuals/resident-0").json()["image_count"] == 2  # the refused id kept its photos
