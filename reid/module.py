@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from pytorch_metric_learning import losses
 
 from reid.data.transforms import Preprocess
@@ -156,8 +157,9 @@ class ReIDModule(L.LightningModule):
         embeddings = embed_views(lambda views: self.encoder.embed(self._images(views)), images)
         self._validation.append((embeddings, labels, indices))
 
-    def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-        """The validation embeddings and labels from every rank, each photo once, in dataset order.
+    def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The validation embeddings, labels and dataset indices from every rank, each photo once, in dataset order.
 
         Under DDP each rank embedded a shard padded with repeats (Lightning's ``DistributedSampler``); keeping the
         first copy of each dataset index gives exactly the photos, in the order, that one process embeds.
@@ -166,8 +168,8 @@ class ReIDModule(L.LightningModule):
         embeddings, labels, indices = (self.all_gather(torch.cat(column)) for column in zip(*batches))
         # one process: all_gather returns the tensors as they are; DDP: (world_size, n, ...) -> (world_size * n, ...)
         embeddings = embeddings.reshape(-1, embeddings.shape[-1]).cpu().numpy()
-        _, first = np.unique(indices.reshape(-1).cpu().numpy(), return_index=True)
-        return embeddings[first], labels.reshape(-1).cpu().numpy()[first]
+        kept, first = np.unique(indices.reshape(-1).cpu().numpy(), return_index=True)
+        return embeddings[first], labels.reshape(-1).cpu().numpy()[first], kept
 
     def _log_metric(self, name: str, value: float, prog_bar: bool = False) -> None:
         """Log a validation metric that every rank computed alike from the gathered photos.
@@ -181,12 +183,14 @@ class ReIDModule(L.LightningModule):
         batches, self._validation = self._validation, []
         if self.trainer.sanity_checking or not batches:
             return
-        embeddings, labels = self._gathered(batches)
-        split = len(self.trainer.datamodule.gallery_records)  # the loader holds the gallery, then the queries
-        if not 0 < split < len(embeddings):
+        embeddings, labels, indices = self._gathered(batches)
+        is_query = self.trainer.datamodule.validation_records["query"].to_numpy()[indices]
+        if is_query.all() or not is_query.any():  # only when validation was cut to a batch or two
+            rank_zero_warn(f"validation embedded {int(is_query.sum())} query and {int((~is_query).sum())} gallery "
+                           "photos: scoring needs both (raise limit_val_batches); no validation metric this epoch")
             return
-        gallery, gallery_labels = embeddings[:split], labels[:split]
-        queries, query_labels = embeddings[split:], labels[split:]
+        gallery, gallery_labels = embeddings[~is_query], labels[~is_query]
+        queries, query_labels = embeddings[is_query], labels[is_query]
         # Scored on the integer labels themselves: the ranking code only compares individuals for equality, and the
         # labels follow the names' sorted order, so the held-out folds are the ones the names would give.
         gallery_ids, query_ids = gallery_labels.tolist(), query_labels.tolist()

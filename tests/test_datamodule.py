@@ -89,3 +89,34 @@ print(tuple(images.shape), cv2.getNumThreads() == threads)
         pytest.fail("the data loader's workers hung after OpenCV had run in parallel in this process")
     assert process.returncode == 0, err
     assert out.split("\n")[-2] == "(8, 3, 48, 48) True"
+
+
+def test_validation_interleaves_gallery_and_queries_so_any_first_batches_hold_both(synth_dataset: Path) -> None:
+    """`limit_val_batches` and `fast_dev_run` keep a loader's first batches: a gallery-first loader cut short held no
+    query, and validation logged no score (then ModelCheckpoint stopped the fit, missing val_map5)."""
+    data = ReIDDataModule(str(synth_dataset), check_images=False, backbone="resnet10t", image_size=48, num_workers=0,
+                          eval_batch_size=4)
+    data.setup("fit")
+    table = data.validation_records
+    assert len(table) == len(data.gallery_records) + len(data.query_records) == 32
+    assert table["query"].sum() == len(data.query_records) > 0
+    assert table["path"].is_unique and set(table["path"]) == set(data.records["path"])
+    for batch in range(0, len(table), 4):
+        assert table["query"][batch:batch + 4].any() and not table["query"][batch:batch + 4].all()
+
+
+def test_validation_with_no_query_photo_is_a_clear_error(tmp_path: Path) -> None:
+    from reid.errors import DatasetError
+    from tests.conftest import write_image
+
+    rows = ["path,identity,split"]
+    for individual in ("a", "b"):
+        for photo in range(2):
+            write_image(tmp_path / f"{individual}{photo}.png", seed=photo, size=(32, 32))
+            rows.append(f"{individual}{photo}.png,{individual},train")
+    write_image(tmp_path / "c0.png", seed=9, size=(32, 32))
+    rows.append("c0.png,c,val")  # an unseen individual's only photo is enrolled: nothing is left to query
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = ReIDDataModule(str(tmp_path), split="column", backbone="resnet10t", image_size=48)
+    with pytest.raises(DatasetError, match="validation has no query photo"):
+        data.setup("fit")

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 
@@ -89,6 +90,10 @@ class ReIDDataModule(L.LightningDataModule):
                 "validation photos; both must be non-empty (give individuals at least 2 photos, or a split column)"
             )
         self.gallery_records, self.query_records = self._validation_sets(self.train_records, self.val_records)
+        if self.query_records.empty:
+            raise DatasetError(f"{self.root}: validation has no query photo: every validation individual has a single "
+                               "photo, which joins the gallery (give them at least 2 photos, or mark some as val)")
+        self.validation_records = self._interleaved(self.gallery_records, self.query_records)
         log.info("training on %d photos of %d individuals; validating %d photos of %d individuals",
                  len(self.train_records), self.train_records["identity"].nunique(),
                  len(self.val_records), self.val_records["identity"].nunique())
@@ -110,6 +115,15 @@ class ReIDDataModule(L.LightningDataModule):
         queries = val.drop(index=unseen.index[enrolled.to_numpy()]).reset_index(drop=True)
         return gallery, queries
 
+    @staticmethod
+    def _interleaved(gallery: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFrame:
+        """Gallery and query photos in one table, marked by a ``query`` column, interleaved in proportion so that
+        any first batches (``limit_val_batches``, ``fast_dev_run``) hold both: a gallery-first table cut short
+        would hold no query to score."""
+        both = pd.concat([gallery.assign(query=False), queries.assign(query=True)], ignore_index=True)
+        position = np.concatenate([np.arange(len(gallery)) / len(gallery), np.arange(len(queries)) / len(queries)])
+        return both.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
+
     def _loader(self, dataset: ImageRecords, **kwargs: Any) -> PhotoLoader:
         workers = int(self.hparams.num_workers)
         # Pinned batches copy to a GPU asynchronously; on a CPU-only machine pinning would only cost time.
@@ -128,14 +142,13 @@ class ReIDDataModule(L.LightningDataModule):
                             sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> PhotoLoader:
-        """One loader with the evaluation transform: the gallery photos (the first ``len(gallery_records)`` indices),
-        then the queries. One loader, not one each: Lightning reports epoch-level metrics under every loader, and
-        `reid validate` printed each score twice.
+        """One loader of :attr:`validation_records` (gallery and query photos interleaved, its ``query`` column
+        telling them apart) with the evaluation transform. One loader, not one each: Lightning reports epoch-level
+        metrics under every loader, and `reid validate` printed each score twice.
 
         Under DDP Lightning gives each rank a shard through a ``DistributedSampler``, padded with repeated photos;
         :meth:`reid.module.ReIDModule.on_validation_epoch_end` gathers the shards, keeps each photo once and splits
-        them back into gallery and queries by index.
+        them by that column.
         """
-        photos = pd.concat([self.gallery_records, self.query_records], ignore_index=True)
-        return self._loader(ImageRecords(photos, self.preprocess().eval_transform()),
+        return self._loader(ImageRecords(self.validation_records, self.preprocess().eval_transform()),
                             batch_size=int(self.hparams.eval_batch_size))
