@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reid.errors import ReIDError
+from reid.errors import ImageTooLargeError, ReIDError
 from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
@@ -202,7 +202,9 @@ def _synth(args: argparse.Namespace) -> int:
     labels = generate_synthetic_dataset(args.out, individuals=args.individuals,
                                         images_per_individual=args.images_per_individual, seed=args.seed,
                                         image_size=args.image_size, first_individual=args.first_individual)
-    print(f"wrote {args.individuals * args.images_per_individual} photos of {args.individuals} individuals and {labels}")
+    photos = args.individuals * args.images_per_individual
+    print(f"wrote {photos} photo{'s' * (photos != 1)} of {args.individuals} individual{'s' * (args.individuals != 1)} "
+          f"and {labels}")
     return 0
 
 
@@ -636,7 +638,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler()
     except ReIDError as error:
-        print(f"reid: error: {_own_message(error)}", file=sys.stderr)
+        from reid.imageio import MAX_PIXELS_ENV
+
+        # the limit is the service's too, but only here can the person who hit it raise it
+        hint = f" ({MAX_PIXELS_ENV} raises the limit)" if isinstance(error, ImageTooLargeError) else ""
+        print(f"reid: error: {_own_message(error)}{hint}", file=sys.stderr)
         return 2
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
+from typing import Annotated, BinaryIO
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from reid.errors import ConfigError, ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 
@@ -45,6 +48,13 @@ MAX_PIXELS_ENV = "REID_MAX_PIXELS"
 MIN_SIDE = 16
 
 
+#: How the variable is read: by pydantic, as the service's settings read it, so one value means the same to both.
+_PIXEL_COUNT = TypeAdapter(Annotated[int, Field(ge=1)])
+
+#: Held while Pillow's own pixel limit is lifted for one open (see :func:`_open`).
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
 def configured_max_pixels() -> int:
     """The pixel limit in force: ``$REID_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`.
 
@@ -55,13 +65,10 @@ def configured_max_pixels() -> int:
     if not value:
         return DEFAULT_MAX_PIXELS
     try:
-        limit = int(value.replace("_", ""))
-    except ValueError:
-        limit = 0
-    if limit < 1:
+        return _PIXEL_COUNT.validate_python(value)
+    except ValidationError:
         raise ConfigError(f"{MAX_PIXELS_ENV}={value!r} is not a positive whole number of pixels "
-                          f"(the default is {DEFAULT_MAX_PIXELS})")
-    return limit
+                          f"(the default is {DEFAULT_MAX_PIXELS})") from None
 
 
 def _foreign_format(data: bytes) -> str | None:
@@ -102,17 +109,42 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     return image if image is not None and image.ndim == 3 else None
 
 
-def decode_image(source: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(source: bytes | str | Path, max_pixels: int | None = None, min_side: int = MIN_SIDE) -> np.ndarray:
     """Decode ``source`` (raw bytes or a file path) into an ``H x W x 3`` uint8 RGB array.
 
     EXIF orientation is applied, so a phone photo taken sideways is embedded upright. ``max_pixels`` defaults to
     :func:`configured_max_pixels`. Errors as :func:`decode_image_with_format`.
     """
-    return decode_image_with_format(source, max_pixels)[0]
+    return decode_image_with_format(source, max_pixels, min_side)[0]
 
 
-def _check_opened(image: Image.Image, name: str, max_pixels: int) -> None:
-    """What a header tells without decoding a pixel: a supported format, at least :data:`MIN_SIDE` pixels a side, at
+def _open(source: Path | BinaryIO, name: str, max_pixels: int, min_side: int) -> Image.Image:
+    """``Image.open``, then :func:`_check_opened`: reid's limit decides, not Pillow's fixed one.
+
+    Pillow warns above 89.5 MP and refuses twice that, whatever ``max_pixels`` says, so ``REID_MAX_PIXELS`` above
+    it would be silently capped (or the header pass would let through what the decoder then refuses). Its warning
+    is ignored here; a photo past its hard stop is opened again, header only, with its limit lifted under a lock
+    (it is a process-wide setting), and is then judged by ``max_pixels`` like any other.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError:
+            if not isinstance(source, Path):
+                source.seek(0)
+            with _PILLOW_LIMIT_LOCK:
+                pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    image = Image.open(source)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = pillow_limit
+    _check_opened(image, name, max_pixels, min_side)
+    return image
+
+
+def _check_opened(image: Image.Image, name: str, max_pixels: int, min_side: int) -> None:
+    """What a header tells without decoding a pixel: a supported format, at least ``min_side`` pixels a side, at
     most ``max_pixels`` pixels. The one check of both the decoder and the dataset readers' up-front pass, so both
     refuse the same files alike."""
     if image.format not in SUPPORTED_FORMATS:
@@ -121,21 +153,22 @@ def _check_opened(image: Image.Image, name: str, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                                 f"{max_pixels} ({MAX_PIXELS_ENV} raises it)")
-    if min(width, height) < MIN_SIDE:
+                                 f"{max_pixels}")
+    if min(width, height) < min_side:
         raise ImageDecodeError(f"{name}: image is {width}x{height} pixels, too small to show an individual: a photo "
-                               f"needs at least {MIN_SIDE} pixels a side")
+                               f"needs at least {min_side} pixels a side")
 
 
-def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None = None,
+                             min_side: int = MIN_SIDE) -> tuple[np.ndarray, str]:
     """:func:`decode_image`, and Pillow's name of the format (``JPEG``, ``PNG``...), read from the same header
     (the service stores an upload under its format: a second parse would cost each request ~0.3 ms).
 
     Raises:
         UnsupportedImageFormatError: the bytes are a format outside :data:`SUPPORTED_FORMATS`.
         ImageTooLargeError: the image has more than ``max_pixels`` pixels.
-        ImageDecodeError: the bytes are empty, truncated, corrupt, not an image at all, or under :data:`MIN_SIDE`
-            pixels a side.
+        ImageDecodeError: the bytes are empty, truncated, corrupt, not an image at all, or under ``min_side``
+            pixels a side (1 for photos stored before that check: they stay readable).
         ConfigError: ``max_pixels`` is not given and ``$REID_MAX_PIXELS`` is not a number.
     """
     max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
@@ -152,8 +185,7 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_opened(image, name, max_pixels)
+            image = _open(io.BytesIO(data), name, max_pixels, min_side)
             if image.format == "JPEG" and image.mode in ("RGB", "L"):  # CMYK and others keep Pillow's conversion
                 decoded = _decode_jpeg(data)
                 if decoded is not None:
@@ -186,8 +218,8 @@ def check_image_header(path: str | Path, max_pixels: int | None = None) -> None:
     """
     max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as image:
-            _check_opened(image, str(path), max_pixels)
+        with _open(Path(path), str(path), max_pixels, MIN_SIDE):
+            pass
     except UnidentifiedImageError as error:
         raise ImageDecodeError(f"{path}: not a recognisable image (corrupt, or not an image file)") from error
     except OSError as error:

@@ -56,8 +56,8 @@ PHOTOS_DIR = "photos"
 #: image alone. Opening an older store upgrades it in place (new tables are created empty, rows are kept); a newer
 #: store is refused rather than half understood.
 SCHEMA_VERSION = 4
-#: Stored photos were checked against the pixel limit when they were uploaded; decoding them again must not fail on
-#: a lower limit than the one the server ran with, so only Pillow's own decompression-bomb guard applies.
+#: Stored photos were checked against the pixel limit (and, since it exists, the smallest side) when they were
+#: uploaded; decoding them again must not fail on a stricter limit than the one the server ran with.
 _NO_PIXEL_LIMIT = 2**62
 
 #: The columns of local_features (schema version 4), also used to rebuild an older store's table.
@@ -253,7 +253,7 @@ class Store:
             ReIDError: the file is missing or no longer decodes; the message says how to get rid of the photo.
         """
         try:
-            return decode_image(self.path_of(image), max_pixels=_NO_PIXEL_LIMIT)
+            return decode_image(self.path_of(image), max_pixels=_NO_PIXEL_LIMIT, min_side=1)
         except ImageDecodeError as error:
             raise ReIDError(f"cannot read image {image.image_id} of individual {image.individual_id!r} from "
                             f"{self.path_of(image)}: {error}; delete it "

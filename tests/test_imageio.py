@@ -105,11 +105,13 @@ def test_the_pixel_limit_of_every_command_is_the_services_variable(tmp_path, mon
     path = tmp_path / "wide.png"
     Image.new("RGB", (300, 200)).save(path)
     monkeypatch.setenv("REID_MAX_PIXELS", "59_999")
-    with pytest.raises(ImageTooLargeError, match=r"over the limit of 59999 \(REID_MAX_PIXELS raises it\)"):
+    with pytest.raises(ImageTooLargeError, match=r"wide.png: image is 300x200 = 60000 pixels, over the limit of 59999$"):
         check_image_header(path)
     with pytest.raises(ImageTooLargeError, match="over the limit of 59999"):
         decode_image(path)
     monkeypatch.setenv("REID_MAX_PIXELS", "60000")
+    assert decode_image(path).shape == (200, 300, 3)
+    monkeypatch.setenv("REID_MAX_PIXELS", "60000.0")  # what the service's settings accept, read alike
     assert decode_image(path).shape == (200, 300, 3)
     for wrong in ("many", "0", "-5", "1.5e6"):
         monkeypatch.setenv("REID_MAX_PIXELS", wrong)
@@ -130,3 +132,23 @@ def test_a_photo_too_small_to_show_anyone_is_refused_from_its_header(tmp_path, s
         decode_image(path)
     Image.new("RGB", (16, 16)).save(path)
     assert decode_image(path).shape == (16, 16, 3)
+
+
+def test_a_limit_above_pillows_own_is_the_one_applied(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns above its fixed limit (89.5 MP) and refuses twice that: a REID_MAX_PIXELS above it must still
+    decide, in the header pass and the decoder alike, and Pillow's limit is left as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's limit scaled down: 300 x 200 is 6x over it
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    check_image_header(path, max_pixels=60_000)
+    assert decode_image(path, max_pixels=60_000).shape == (200, 300, 3)
+    assert decode_image(path.read_bytes(), max_pixels=60_000).shape == (200, 300, 3)
+    with pytest.raises(ImageTooLargeError, match="60000 pixels, over the limit of 59999"):
+        check_image_header(path, max_pixels=59_999)
+    assert Image.MAX_IMAGE_PIXELS == 10_000
+
+
+def test_photos_stored_before_the_smallest_side_existed_stay_readable(tmp_path) -> None:
+    path = tmp_path / "thumb.png"
+    Image.new("RGB", (12, 9)).save(path)
+    assert decode_image(path, min_side=1).shape == (9, 12, 3)

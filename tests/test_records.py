@@ -96,3 +96,15 @@ def test_missing_column_and_unknown_format(tmp_path: Path) -> None:
         read_dataset(empty)
     with pytest.raises(DatasetError, match="does not exist"):
         read_dataset(tmp_path / "nowhere")
+
+
+def test_a_photo_over_the_pixel_limit_is_named_with_the_variable_that_raises_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_image(tmp_path / "a" / "0.png", seed=0, size=(40, 32))
+    write_image(tmp_path / "a" / "1.png", seed=1, size=(40, 32))
+    monkeypatch.setenv("REID_MAX_PIXELS", "1000")
+    with pytest.raises(DatasetError, match=r"0\.png: image is 40x32 = 1280 pixels, over the limit of 1000 "
+                                           r"\(REID_MAX_PIXELS raises the limit\)$"):
+        read_dataset(tmp_path)
+    monkeypatch.setenv("REID_MAX_PIXELS", "1280")
+    assert len(read_dataset(tmp_path)) == 2
