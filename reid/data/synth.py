@@ -339,7 +339,7 @@ def generate_synthetic_dataset(
     except OSError as exc:
         raise DatasetError(f"cannot create output folder {str(out)!r}: {exc}") from exc
 
-    log.info(
+    log.debug(  # the progress bar shows the work; `reid synth` says what it wrote
         "generating %d synthetic individuals x %d photos at %d px (seed %d, first ind_%03d) in %s",
         individuals, images_per_individual, image_size, seed, first_individual, out,
     )
