@@ -190,19 +190,33 @@ async function identifyFiles(files) {
   for (const [card, file] of cards) await identifyInto(card, file); // one at a time: the service is often a laptop
 }
 
-async function identifyInto(card, file, note = "") {
-  // what the user typed on the card (a new id, the photo's view) survives its redraw
-  const typed = [...card.querySelectorAll("input")].map((input) => input.value);
+/** Identify ``file`` and draw the answer in ``card``. ``again``: the card already shows an answer, and is asked
+ *  again because the gallery changed; a card the user is saving meanwhile is left to that save. */
+async function identifyInto(card, file, note = "", again = false) {
   const form = new FormData();
   form.append("file", file);
   form.append("k", "5");
+  let answer;
   try {
-    const answer = await (await api("/identify", { method: "POST", body: form })).json();
-    renderAnswer(card, file, answer, note);
-    card.querySelectorAll("input").forEach((input, i) => { if (typed[i]) input.value = typed[i]; });
+    answer = await (await api("/identify", { method: "POST", body: form })).json();
   } catch (error) {
+    if (again) {  // the service busy or gone for a moment: the answer shown stays, with the reason
+      card.querySelector(".again-failed")?.remove();
+      card.querySelector("h2").after(el("p", { className: "again-failed muted" },
+        `Could not identify it again: ${error.message}`));
+      return;
+    }
+    // a photo the service refuses (not a photo, too large...) would be refused again: it is not asked again
+    if (error.status >= 400 && error.status < 500 && error.status !== 401) card.dataset.refused = "true";
     card.replaceChildren(el("h2", {}, file.name), el("p", { className: "message error" }, error.message));
+    return;
   }
+  if (again && (card.dataset.busy || card.dataset.saved)) return;
+  delete card.dataset.refused;
+  // what the user typed on the card (a new id, the photo's view) survives its redraw: read now, after the wait
+  const typed = [...card.querySelectorAll("input")].map((input) => input.value);
+  renderAnswer(card, file, answer, note);
+  card.querySelectorAll("input").forEach((input, i) => { if (typed[i]) input.value = typed[i]; });
 }
 
 function renderAnswer(card, file, answer, note) {
@@ -308,9 +322,11 @@ async function confirmMatch(card, file, individualId, isNew) {
   // one save at a time: a second click while the first is on its way would enrol the same id twice (a 409)
   const buttons = [...card.querySelectorAll("button")].filter((button) => !button.disabled);
   for (const button of buttons) button.disabled = true;
+  card.dataset.busy = "true";  // and no other card's save redraws it meanwhile
   try {
     await saveToIndividual(card, file, individualId, isNew);
   } finally {
+    delete card.dataset.busy;
     for (const button of buttons) button.disabled = false;
   }
 }
@@ -332,21 +348,26 @@ async function saveToIndividual(card, file, individualId, isNew) {
     card.dataset.saved = individualId;
     if (isNew) card.querySelector("input.new-id").value = "";  // done with: the redraw must not offer it again
     await identifyInto(card, file, `Identified again after saving it to ${individualId}:`);
-    await identifyOthersAgain(card, individualId);
+    identifyOthersAgain(savedNote(individualId));  // not awaited: this card is free to use meanwhile
   } catch (error) {
     showMessage(`Could not save the photo to ${individualId}: ${error.message}`);
   }
 }
 
-/** Photos identified before ``individualId`` existed (or had this photo) were never offered it: the other cards not
- *  saved yet, and not already listing it, are identified again, so the next photo of a turtle just enrolled is one
- *  click away. */
-async function identifyOthersAgain(saved, individualId) {
-  const stale = [...document.querySelectorAll(".card.result")].filter((card) => card !== saved &&
-    !card.dataset.saved && card.fileToIdentify &&
-    !card.querySelector(`tr[data-individual="${CSS.escape(individualId)}"]`));
-  for (const card of stale) {
-    await identifyInto(card, card.fileToIdentify, `Identified again now that a photo of ${individualId} was saved:`);
+let identifyRound = 0;
+const savedNote = (individualId) => `Identified again now that photos of ${individualId} were saved:`;
+
+/** Photos identified before the gallery changed were never offered an individual just enrolled, were not scored
+ *  against photos just added, or still offer one just deleted: the cards not saved yet are identified again (with
+ *  ``note`` saying why), so the next photo of a turtle just enrolled is one click away. A later change starts a new
+ *  round, which ends this one. */
+async function identifyOthersAgain(note) {
+  const round = ++identifyRound;
+  const cards = [...document.querySelectorAll(".card.result")]
+    .filter((card) => !card.dataset.saved && !card.dataset.busy && !card.dataset.refused);
+  for (const card of cards) {
+    if (round !== identifyRound) return;
+    await identifyInto(card, card.fileToIdentify, note, true);
   }
 }
 
@@ -431,17 +452,23 @@ async function addPhotos(individualId, files, views) {
     const saved = await (await api(`/individuals/${encodeURIComponent(individualId)}/images`,
                                    { method: "POST", body: photoForm(files, views) })).json();
     await showIndividual(individualId);  // it clears the message: say what happened after it
-    showMessage(`Added ${plural(files.length, "photo")} to ${individualId}.` + alreadyThere(saved), "ok");
+    showMessage(savedPhotos(saved, `Added {} to ${individualId}.`), "ok");
     refreshHealth();
+    identifyOthersAgain(savedNote(individualId));
   } catch (error) {
     showMessage(error.message);
   }
 }
 
-/** The part of a confirmation about photos that were enrolled already (the service keeps one copy). */
-function alreadyThere(saved) {
+/** A confirmation that counts the photos stored, and says which were there already (the service keeps one copy
+ *  of a photo, with the view it was first given). */
+function savedPhotos(saved, sentence) {
   const already = saved.images.filter((image) => image.already_enrolled).length;
-  return already ? ` (${plural(already, "photo")} of them ${already === 1 ? "was" : "were"} enrolled already.)` : "";
+  const added = saved.images.length - already;
+  return sentence.replace("{}", plural(added, "photo")) + (already
+    ? ` ${plural(already, "other photo")} ${already === 1 ? "was" : "were"} enrolled already, and ` +
+      `${already === 1 ? "keeps its" : "keep their"} view.`
+    : "");
 }
 
 // a new individual with all the photos the user has of it, each with its view
@@ -459,8 +486,9 @@ async function enrolNew(files, views) {
   }
   const form = photoForm(files, views);
   form.append("individual_id", individualId);
+  let saved;
   try {
-    await api("/individuals", { method: "POST", body: form });
+    saved = await (await api("/individuals", { method: "POST", body: form })).json();
   } catch (error) {
     showMessage(`Could not enrol ${individualId}: ${error.message}`);
     return;
@@ -470,8 +498,9 @@ async function enrolNew(files, views) {
   $("search").value = "";
   await loadIndividuals(true);
   await showIndividual(individualId);
-  showMessage(`Enrolled ${individualId} with ${plural(files.length, "photo")}.`, "ok");
+  showMessage(savedPhotos(saved, `Enrolled ${individualId} with {}.`), "ok");
   refreshHealth();
+  identifyOthersAgain(savedNote(individualId));
 }
 
 async function deletePhoto(individualId, imageId) {
@@ -481,6 +510,7 @@ async function deletePhoto(individualId, imageId) {
     await showIndividual(individualId);
     showMessage(`Deleted photo ${imageId} of ${individualId}.`, "ok");
     refreshHealth();
+    identifyOthersAgain(`Identified again now that a photo of ${individualId} was deleted:`);
   } catch (error) {
     showMessage(error.message);
   }
@@ -493,6 +523,7 @@ async function deleteIndividual(individualId) {
     await loadIndividuals(true);
     showMessage(`Deleted ${individualId}.`, "ok");
     refreshHealth();
+    identifyOthersAgain(`Identified again now that ${individualId} was deleted:`);
   } catch (error) {
     showMessage(error.message);
   }

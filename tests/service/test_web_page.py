@@ -152,7 +152,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     expect(stranger_card.locator(".verdict")).to_have_text("Best match: visitor-7 (score 1.000)")
     expect(page.locator("#status")).to_contain_text("4 individuals, 7 photos")
     # the card identified before visitor-7 existed is identified again, so it is offered visitor-7 too
-    expect(known_card).to_contain_text("Identified again now that a photo of visitor-7 was saved")
+    expect(known_card).to_contain_text("Identified again now that photos of visitor-7 were saved")
     expect(known_card.locator("tr[data-individual='visitor-7']")).to_have_count(1)
     steps.shot("enrolled_and_identified_again")
 
@@ -179,6 +179,8 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     page.get_by_role("button", name="Delete visitor-7 and all its photos").click()
     expect(page.locator("#message")).to_have_text("Deleted visitor-7.")
     expect(page.locator("#individual-count")).to_have_text("No individual matches this search.")
+    expect(known_card).to_contain_text("Identified again now that visitor-7 was deleted")  # no longer offered
+    expect(known_card.locator("tr[data-individual='visitor-7']")).to_have_count(0)
     steps.shot("deleted")
 
     page.click("#tab-similarity")
@@ -260,7 +262,8 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
     card.locator("input[type=file]").set_input_files([str(pictures[2]), str(pictures[0])])
     card.locator("li input.view").nth(0).fill("right")
     card.get_by_role("button", name="Add these photos to nester-12").click()
-    expect(page.locator("#message")).to_have_text("Added 2 photos to nester-12. (1 photo of them was enrolled already.)")
+    expect(page.locator("#message")).to_have_text("Added 1 photo to nester-12. 1 other photo was enrolled already, and "
+                                                  "keeps its view.")
     expect(card).to_contain_text("3 photos · enrolled")
     expect(page.locator("#status")).to_contain_text("4 individuals, 9 photos")
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
