@@ -78,6 +78,22 @@ function formatScore(value) {
 
 const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
 
+/** The id typed in ``input``, trimmed (a pasted id often ends in a space), or null with a message saying what is
+ *  wrong with it. The service checks it again; this only saves a round trip and says it in plain words. */
+function typedId(input) {
+  input.value = input.value.trim();
+  if (!input.value) {
+    showMessage("Type an id for the new individual first (letters, digits, _ . -).");
+  } else if (!/^[A-Za-z0-9_.-]{1,128}$/.test(input.value)) {
+    showMessage(`"${input.value}" cannot be an id: use letters, digits and _ . - only (no spaces or accents), up ` +
+                "to 128 characters.");
+  } else {
+    return input.value;
+  }
+  input.focus();
+  return null;
+}
+
 /** A field for the side of the head a photo shows (top, left, right...: suggested, not imposed, as in the API). */
 function viewInput(label) {
   return el("input", { type: "text", className: "view", list: "views", placeholder: "view, e.g. left (optional)",
@@ -94,9 +110,13 @@ function photoForm(files, views) {
 
 /** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
 function photoList(files, buttonLabel, send) {
-  const rows = files.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
+  let rows = files.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
   const button = el("button", { type: "button" }, buttonLabel);
   button.addEventListener("click", async () => {
+    if (!rows.length) {
+      showMessage("Choose at least one photo.");
+      return;
+    }
     button.disabled = true;  // one upload at a time: a double click would enrol twice
     try {
       await send(rows.map((row) => row.file), rows.map((row) => row.view.value.trim()));
@@ -104,11 +124,16 @@ function photoList(files, buttonLabel, send) {
       button.disabled = false;
     }
   });
-  return el("div", { className: "photo-list" },
-    el("ul", {}, rows.map((row) => el("li", {},
-      el("img", { className: "thumb", alt: `chosen photo ${row.file.name}`, src: URL.createObjectURL(row.file) }),
-      el("span", { className: "file-name" }, row.file.name), row.view))),
-    button);
+  // the service takes all the photos or none: a file it refuses is taken out here, the others and their views stay
+  for (const row of rows) {
+    row.node = el("li", {},
+      el("img", { className: "thumb", alt: "", src: URL.createObjectURL(row.file) }),
+      el("span", { className: "file-name" }, row.file.name), row.view,
+      el("button", { type: "button", className: "secondary", "aria-label": `leave out ${row.file.name}`,
+                     onclick: () => { rows = rows.filter((other) => other !== row); row.node.remove(); } },
+        "Leave out"));
+  }
+  return el("div", { className: "photo-list" }, el("ul", {}, rows.map((row) => row.node)), button);
 }
 
 // -- status and API key ---------------------------------------------------------------------------------------
@@ -126,7 +151,8 @@ async function refreshHealth() {
     ? "no new-turtle threshold (every photo gets its closest individuals)"
     : `new turtle below a score of ${formatScore(health.threshold)}` +
       (health.runner_up_weight > 0 ? ` plus ${health.runner_up_weight} × the second individual's score` : "");
-  $("status").textContent = `${health.individuals} individuals, ${health.photos} photos · matching by ${matching} ` +
+  $("status").textContent = `${plural(health.individuals, "individual")}, ${plural(health.photos, "photo")} · ` +
+    `matching by ${matching} ` +
     `· ${threshold}`;
   $("key-hint").textContent = health.writes_protected
     ? "This service asks for a key to add or delete" + (health.reads_protected ? " and to look. " : ". ") +
@@ -135,10 +161,14 @@ async function refreshHealth() {
 }
 
 $("api-key").value = apiKey;
-$("api-key").addEventListener("change", (event) => {
+$("api-key").addEventListener("change", async (event) => {
   apiKey = event.target.value.trim();
   sessionStorage.setItem(KEY_STORAGE, apiKey);
-  refreshHealth();
+  clearMessage();
+  await refreshHealth();
+  // what the missing (or wrong) key stopped is asked again: the open list, and the photos it could not identify
+  if (!$("panel-individuals").hidden) loadIndividuals(true);
+  identifyOthersAgain("Identified with the API key:", (card) => card.dataset.locked === "true");
 });
 $("key-form").addEventListener("submit", (event) => event.preventDefault());
 
@@ -183,16 +213,18 @@ async function identifyFiles(files) {
   const cards = files.map((file) => {
     const card = el("article", { className: "card result", "data-filename": file.name },
       el("h2", {}, file.name), el("p", { className: "muted" }, "Identifying…"));
-    card.fileToIdentify = file;
+    card.fileToIdentify = file;  // a later change of the gallery identifies it again
     $("results").prepend(card);
     return [card, file];
   });
   for (const [card, file] of cards) await identifyInto(card, file); // one at a time: the service is often a laptop
 }
 
-/** Identify ``file`` and draw the answer in ``card``. ``again``: the card already shows an answer, and is asked
- *  again because the gallery changed; a card the user is saving meanwhile is left to that save. */
-async function identifyInto(card, file, note = "", again = false) {
+/** Identify ``file`` and draw the answer in ``card``. ``stillWanted``: the card is asked again because the gallery
+ *  changed, and the answer is drawn only if that round is still the latest when it arrives (answers come back out
+ *  of order) and nobody is working on the card: a card being saved, typed in or showing its matching points keeps
+ *  what it shows, with a button to identify it again when its user is ready. */
+async function identifyInto(card, file, note = "", stillWanted = null) {
   const form = new FormData();
   form.append("file", file);
   form.append("k", "5");
@@ -200,10 +232,10 @@ async function identifyInto(card, file, note = "", again = false) {
   try {
     answer = await (await api("/identify", { method: "POST", body: form })).json();
   } catch (error) {
-    if (again) {  // the service busy or gone for a moment: the answer shown stays, with the reason
-      card.querySelector(".again-failed")?.remove();
-      card.querySelector("h2").after(el("p", { className: "again-failed muted" },
-        `Could not identify it again: ${error.message}`));
+    if (stillWanted && !stillWanted()) return;
+    card.dataset.locked = String(error.status === 401);
+    if (stillWanted && card.querySelector("table")) {  // the service busy or gone a moment: the answer stays
+      againNote(card, file, `Could not identify it again: ${error.message}`);
       return;
     }
     // a photo the service refuses (not a photo, too large...) would be refused again: it is not asked again
@@ -211,12 +243,23 @@ async function identifyInto(card, file, note = "", again = false) {
     card.replaceChildren(el("h2", {}, file.name), el("p", { className: "message error" }, error.message));
     return;
   }
-  if (again && (card.dataset.busy || card.dataset.saved)) return;
-  delete card.dataset.refused;
-  // what the user typed on the card (a new id, the photo's view) survives its redraw: read now, after the wait
-  const typed = [...card.querySelectorAll("input")].map((input) => input.value);
+  if (stillWanted && (!stillWanted() || card.dataset.busy || card.dataset.saved)) return;
+  card.dataset.locked = "false";
+  if (stillWanted && (card.contains(document.activeElement) || card.querySelector(".explain img"))) {
+    againNote(card, file, "The enrolled photos changed while you were working on this photo.");
+    return;
+  }
+  const typed = [...card.querySelectorAll("input")].map((input) => input.value);  // a redraw keeps what was typed
   renderAnswer(card, file, answer, note);
   card.querySelectorAll("input").forEach((input, i) => { if (typed[i]) input.value = typed[i]; });
+}
+
+/** A line under the card's title that says why its answer may be out of date, with a button to ask again. */
+function againNote(card, file, text) {
+  card.querySelector(".again-note")?.remove();
+  card.querySelector("h2").after(el("p", { className: "again-note muted" }, `${text} `,
+    el("button", { type: "button", className: "secondary", onclick: () => identifyInto(card, file,
+      "Identified again:") }, "Identify it again")));
 }
 
 function renderAnswer(card, file, answer, note) {
@@ -255,9 +298,10 @@ function renderAnswer(card, file, answer, note) {
   const name = el("input", { type: "text", placeholder: "new individual's id, e.g. t-0421", "aria-label":
     "id of the new individual", pattern: "[A-Za-z0-9_.\\-]{1,128}", className: "new-id",
     title: "letters, digits and _ . - only (no spaces), up to 128" });
-  const enrol = el("form", { className: "actions", onsubmit: (event) => {
+  const enrol = el("form", { className: "actions", novalidate: true, onsubmit: (event) => {
     event.preventDefault();
-    confirmMatch(card, file, name.value.trim(), true);
+    const individualId = typedId(name);
+    if (individualId) confirmMatch(card, file, individualId, true);
   } }, el("span", {}, "Not any of these?"), name, el("button", { type: "submit" }, "Enrol as a new individual"));
   const view = el("p", { className: "actions" }, el("span", {}, "This photo shows the"),
     viewInput(`view of ${file.name}`), el("span", { className: "muted" }, "side: saved with it when you save it"));
@@ -332,10 +376,6 @@ async function confirmMatch(card, file, individualId, isNew) {
 }
 
 async function saveToIndividual(card, file, individualId, isNew) {
-  if (!individualId) {
-    showMessage("Type an id for the new individual first (letters, digits, _ . -).");
-    return;
-  }
   const form = photoForm([file], [card.querySelector("input.view").value.trim()]);
   const path = isNew ? "/individuals" : `/individuals/${encodeURIComponent(individualId)}/images`;
   if (isNew) form.append("individual_id", individualId);
@@ -354,20 +394,28 @@ async function saveToIndividual(card, file, individualId, isNew) {
   }
 }
 
-let identifyRound = 0;
+let identifyRound = 0;  // each change of the gallery starts a round; only the latest round's answers are drawn
 const savedNote = (individualId) => `Identified again now that photos of ${individualId} were saved:`;
 
 /** Photos identified before the gallery changed were never offered an individual just enrolled, were not scored
  *  against photos just added, or still offer one just deleted: the cards not saved yet are identified again (with
  *  ``note`` saying why), so the next photo of a turtle just enrolled is one click away. A later change starts a new
  *  round, which ends this one. */
-async function identifyOthersAgain(note) {
+async function identifyOthersAgain(note, which = () => true) {
   const round = ++identifyRound;
+  const current = () => round === identifyRound;
   const cards = [...document.querySelectorAll(".card.result")]
-    .filter((card) => !card.dataset.saved && !card.dataset.busy && !card.dataset.refused);
+    .filter((card) => !card.dataset.saved && !card.dataset.busy && !card.dataset.refused && which(card));
   for (const card of cards) {
-    if (round !== identifyRound) return;
-    await identifyInto(card, card.fileToIdentify, note, true);
+    if (!current()) return;
+    await identifyInto(card, card.fileToIdentify, note, current);
+  }
+}
+
+/** Cards saved to a deleted individual (or one that lost a photo) are identified again like the others. */
+function unsave(individualId) {
+  for (const card of document.querySelectorAll(".card.result")) {
+    if (card.dataset.saved === individualId) delete card.dataset.saved;
   }
 }
 
@@ -440,9 +488,10 @@ async function showIndividual(individualId) {
     el("h2", {}, individualId),
     el("p", { className: "muted" }, `${individual.image_count} photo${individual.image_count === 1 ? "" : "s"} · enrolled ${individual.created.slice(0, 10)}`),
     el("div", { className: "photos" }, photos),
-    el("p", { className: "actions" }, el("label", {}, "Add photos: ", adder),
+    el("p", { className: "actions" }, el("label", {}, "Add photos: ", adder)), chosen,
+    el("p", { className: "actions danger-zone" },
       el("button", { className: "danger", onclick: () => deleteIndividual(individualId) },
-        `Delete ${individualId} and all its photos`)), chosen));
+        `Delete ${individualId} and all its photos`))));
   detail.hidden = false;
   detail.scrollIntoView({ behavior: "smooth" });
 }
@@ -456,7 +505,7 @@ async function addPhotos(individualId, files, views) {
     refreshHealth();
     identifyOthersAgain(savedNote(individualId));
   } catch (error) {
-    showMessage(error.message);
+    showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
   }
 }
 
@@ -466,8 +515,8 @@ function savedPhotos(saved, sentence) {
   const already = saved.images.filter((image) => image.already_enrolled).length;
   const added = saved.images.length - already;
   return sentence.replace("{}", plural(added, "photo")) + (already
-    ? ` ${plural(already, "other photo")} ${already === 1 ? "was" : "were"} enrolled already, and ` +
-      `${already === 1 ? "keeps its" : "keep their"} view.`
+    ? ` ${plural(already, "other photo")} ${already === 1 ? "was" : "were"} stored already (chosen twice, or ` +
+      `enrolled before) and ${already === 1 ? "keeps its" : "keep their"} first view.`
     : "");
 }
 
@@ -475,15 +524,17 @@ function savedPhotos(saved, sentence) {
 $("new-files").addEventListener("change", (event) => {
   $("new-photos").replaceChildren(photoList([...event.target.files], "Enrol the new individual", enrolNew));
 });
-$("new-individual").addEventListener("submit", (event) => event.preventDefault());
+$("new-individual").addEventListener("submit", (event) => {  // Enter in the id box enrols, once photos are chosen
+  event.preventDefault();
+  const enrol = $("new-photos").querySelector(".photo-list > button");
+  if (enrol) enrol.click();
+  else showMessage("Choose the new individual's photos first.");
+});
 
 async function enrolNew(files, views) {
   clearMessage();
-  const individualId = $("new-id").value.trim();
-  if (!individualId || !$("new-id").checkValidity()) {
-    showMessage("Type an id for the new individual first (letters, digits, _ . -; no spaces).");
-    return;
-  }
+  const individualId = typedId($("new-id"));
+  if (!individualId) return;
   const form = photoForm(files, views);
   form.append("individual_id", individualId);
   let saved;
@@ -510,6 +561,7 @@ async function deletePhoto(individualId, imageId) {
     await showIndividual(individualId);
     showMessage(`Deleted photo ${imageId} of ${individualId}.`, "ok");
     refreshHealth();
+    unsave(individualId);
     identifyOthersAgain(`Identified again now that a photo of ${individualId} was deleted:`);
   } catch (error) {
     showMessage(error.message);
@@ -523,6 +575,7 @@ async function deleteIndividual(individualId) {
     await loadIndividuals(true);
     showMessage(`Deleted ${individualId}.`, "ok");
     refreshHealth();
+    unsave(individualId);
     identifyOthersAgain(`Identified again now that ${individualId} was deleted:`);
   } catch (error) {
     showMessage(error.message);

@@ -120,7 +120,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     stranger = _upload(tmp_path, "stranger.png", photo(records, "ind_005"))
 
     page.goto(server.url + "/")
-    expect(page.locator("#status")).to_contain_text("3 individuals, 6 photos")
+    expect(page.locator("#status")).to_contain_text("3 individuals, 6 photos")  # (and "1 individual" when one)
     expect(page.locator("#key-hint")).to_contain_text("asks for a key to add or delete")
     steps.shot("home")
 
@@ -138,7 +138,10 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     expect(known_card.locator(".explain")).to_contain_text("points of your photo match points of resident-1")
     steps.shot("matching_points")
 
-    stranger_card.locator("input.new-id").fill("visitor-7")
+    stranger_card.locator("input.new-id").fill("visitor 7")
+    stranger_card.get_by_role("button", name="Enrol as a new individual").click()
+    expect(page.locator("#message")).to_contain_text('"visitor 7" cannot be an id: use letters, digits and _ . - only')
+    stranger_card.locator("input.new-id").fill("visitor-7 ")  # pasted with a space: trimmed
     stranger_card.locator("input.view").fill("Left")
     stranger_card.get_by_role("button", name="Enrol as a new individual").click()
     expect(page.locator("#message")).to_contain_text("asks for its API key: type it in the API key box")
@@ -151,8 +154,11 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     expect(stranger_card).to_contain_text("Identified again after saving it to visitor-7")
     expect(stranger_card.locator(".verdict")).to_have_text("Best match: visitor-7 (score 1.000)")
     expect(page.locator("#status")).to_contain_text("4 individuals, 7 photos")
-    # the card identified before visitor-7 existed is identified again, so it is offered visitor-7 too
-    expect(known_card).to_contain_text("Identified again now that photos of visitor-7 were saved")
+    # the card identified before visitor-7 existed would be identified again, but its matching points are open: it
+    # keeps them, says the gallery changed, and is identified again when its user asks
+    expect(known_card).to_contain_text("The enrolled photos changed while you were working on this photo")
+    expect(known_card.locator(".explain img")).to_have_attribute("src", BLOB)
+    known_card.get_by_role("button", name="Identify it again").click()
     expect(known_card.locator("tr[data-individual='visitor-7']")).to_have_count(1)
     steps.shot("enrolled_and_identified_again")
 
@@ -241,8 +247,14 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
     page.locator("#api-key").blur()
     page.click("#tab-individuals")
     page.locator("#new-individual-card summary").click()
-    page.set_input_files("#new-files", [str(path) for path in pictures[:2]])
+    not_a_photo = _upload(tmp_path, "notes.txt", b"field notes, not a photo")
+    page.set_input_files("#new-files", [str(path) for path in pictures[:2]] + [str(not_a_photo)])
     chosen = page.locator("#new-photos li")
+    expect(chosen).to_have_count(3)
+    page.fill("#new-id", "nester-12")
+    page.press("#new-id", "Enter")  # the service takes all or none: the text file stops the enrolment
+    expect(page.locator("#message")).to_contain_text("Could not enrol nester-12: files[2] (notes.txt)")
+    page.get_by_role("button", name="leave out notes.txt").click()  # the other photos and their views stay
     expect(chosen).to_have_count(2)
     chosen.nth(0).locator("input.view").fill("top")
     steps.shot("photos_chosen")
@@ -262,8 +274,8 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
     card.locator("input[type=file]").set_input_files([str(pictures[2]), str(pictures[0])])
     card.locator("li input.view").nth(0).fill("right")
     card.get_by_role("button", name="Add these photos to nester-12").click()
-    expect(page.locator("#message")).to_have_text("Added 1 photo to nester-12. 1 other photo was enrolled already, and "
-                                                  "keeps its view.")
+    expect(page.locator("#message")).to_have_text("Added 1 photo to nester-12. 1 other photo was stored already (chosen "
+                                                  "twice, or enrolled before) and keeps its first view.")
     expect(card).to_contain_text("3 photos · enrolled")
     expect(page.locator("#status")).to_contain_text("4 individuals, 9 photos")
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
@@ -271,3 +283,21 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
         stored = client.get("/individuals/nester-12").json()["images"]
         assert [image["view"] for image in stored] == ["top", "", "right"]
         assert client.get("/individuals/resident-0").json()["image_count"] == 2  # the refused id kept its photos
+
+
+def test_a_phone_reaches_every_button_of_an_answer(page: Page, server_with_residents: Server, tmp_path: Path) -> None:
+    """At a phone's width each ranked individual is a block with its buttons on a line of their own: the table's
+    last column had put "It is X: add this photo" off screen, in a table nobody knew scrolled."""
+    server = server_with_residents
+    with server.client() as client:
+        known = _upload(tmp_path, "known.png", client.get(client.get("/individuals/resident-1").json()["images"][0]["url"]).content)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(server.url + "/")
+    page.set_input_files("#identify-files", [str(known)])
+    card = page.locator(".card.result")
+    expect(card.locator(".verdict")).to_have_text("Best match: resident-1 (score 1.000)")
+    for button in card.locator("tbody button").all():
+        box = button.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (button.inner_text(), box)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    Steps(page, "phone").shot("identified")
