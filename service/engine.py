@@ -194,9 +194,9 @@ class Engine:
     def decode_upload(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
         """Decode one upload, turning a decode failure into a 4xx naming ``field`` and the file."""
         try:
-            return read_photo(data, self.settings.max_pixels, view)
+            return read_photo(data, self.settings.max_pixels, view, name=f"{field} ({filename or 'unnamed file'})")
         except ImageDecodeError as error:
-            raise rejected_image(error, field, filename) from error
+            raise rejected_image(error, field) from error
 
     def _local_features(self, images: Sequence[np.ndarray]) -> list[LocalFeatures]:
         return [self.verification.fusion.extraction.extract(image) for image in images]

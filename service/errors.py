@@ -83,11 +83,12 @@ class UnsupportedImageError(ImageRejectedError):
     code = "unsupported_media_type"
 
 
-def rejected_image(error: ImageDecodeError, field: str, filename: str | None) -> ImageRejectedError:
-    """The service error for a decode failure of the upload in ``field``, keeping the decoder's explanation."""
+def rejected_image(error: ImageDecodeError, field: str) -> ImageRejectedError:
+    """The service error for a decode failure of the upload in ``field``: the decoder's explanation, which names the
+    field and the file (:meth:`service.engine.Engine.decode_upload` gives it that name)."""
     kind = (UnsupportedImageError if isinstance(error, UnsupportedImageFormatError)
             else ImageOverPixelLimitError if isinstance(error, ImageTooLargeError) else ImageRejectedError)
-    return kind(f"{field} ({filename or 'unnamed file'}): {error}", field)
+    return kind(str(error), field)
 
 
 class BodyTooLargeError(HTTPException):

@@ -49,9 +49,10 @@ class Photo:
         return int(self.pixels.shape[0])
 
 
-def read_photo(data: bytes, max_pixels: int, view: str = "") -> Photo:
-    """Decode ``data`` (raising :class:`reid.errors.ImageDecodeError` subclasses for anything unusable)."""
-    pixels, image_format = decode_image_with_format(data, max_pixels=max_pixels)
+def read_photo(data: bytes, max_pixels: int, view: str = "", name: str | None = None) -> Photo:
+    """Decode ``data`` (raising :class:`reid.errors.ImageDecodeError` subclasses, their messages beginning with
+    ``name``, for anything unusable)."""
+    pixels, image_format = decode_image_with_format(data, max_pixels=max_pixels, name=name)
     media_type, extension = MEDIA_TYPES.get(image_format, (Image.MIME.get(image_format, "application/octet-stream"),
                                                            "." + image_format.lower()))
     return Photo(data, hashlib.sha256(data).hexdigest(), media_type, extension, pixels, view)
