@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reid.errors import ImageTooLargeError, ReIDError
+from reid.errors import ConfigError, ImageTooLargeError, ReIDError
 from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
@@ -42,6 +42,7 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from jsonargparse.typing import NonNegativeInt, PositiveInt
 
     from reid.data.datamodule import ReIDDataModule
@@ -118,6 +119,9 @@ def _run_lightning(argv: list[str] | None) -> int:
     try:
         ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
                          seed_everything_default=0)
+    except MisconfigurationException as error:
+        # Lightning's refusals of a setting (limit_val_batches too small for the loader...) are usage errors
+        raise ConfigError(str(error)) from error
     finally:
         sys.argv = caller_argv
     return 0

@@ -22,7 +22,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from pytorch_metric_learning import losses
 
 from reid.data.transforms import Preprocess
@@ -186,9 +185,10 @@ class ReIDModule(L.LightningModule):
         embeddings, labels, indices = self._gathered(batches)
         is_query = self.trainer.datamodule.validation_records["query"].to_numpy()[indices]
         if is_query.all() or not is_query.any():  # only when validation was cut to a batch or two
-            rank_zero_warn(f"validation embedded {int(is_query.sum())} query and {int((~is_query).sum())} gallery "
-                           "photos: scoring needs both (raise limit_val_batches); no validation metric this epoch")
-            return
+            # an error, not a warning: with no val_map5 the checkpoint callback would stop the fit with a traceback
+            raise ConfigError(f"validation embedded {int(is_query.sum())} query and {int((~is_query).sum())} "
+                              "gallery photos: scoring needs both; raise --trainer.limit_val_batches or "
+                              "--data.eval_batch_size")
         gallery, gallery_labels = embeddings[~is_query], labels[~is_query]
         queries, query_labels = embeddings[is_query], labels[is_query]
         # Scored on the integer labels themselves: the ranking code only compares individuals for equality, and the

@@ -115,6 +115,10 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--data.augmentations", "[{type: GaussianBlur, blur_limt: [3, 5]}]"],
      "data.augmentations: {'type': 'GaussianBlur', 'blur_limt': [3, 5]}: Argument(s) 'blur_limt' are not valid for "
      "transform GaussianBlur (a misspelt argument?)"),
+    # validation cut to one photo (a gallery photo): nothing to score, and without val_map5 no checkpoint to keep
+    (["--trainer.fast_dev_run", "true", "--data.eval_batch_size", "1"],
+     "validation embedded 0 query and 1 gallery photos: scoring needs both; raise --trainer.limit_val_batches"),
+    (["--trainer.limit_val_batches", "0.01"], "You requested to check 0.01 of the `val_dataloader` but 0.01 * 1 < 1"),
 ])
 def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, override: list[str],
                                                    message: str, capsys: pytest.CaptureFixture[str]) -> None:
