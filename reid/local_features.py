@@ -519,7 +519,7 @@ def draw_matches(query_image: np.ndarray, photo_image: np.ndarray, match: Match,
         text = _fit_text(_ascii(str(name)), panel.shape[1] - 16, font, font_scale)
         cv2.putText(canvas, text, (left + 8, height + int(row_height * 0.72)), font, font_scale, dark, 1, cv2.LINE_AA)
     shown = f" (showing {len(chosen)})" if len(chosen) < count else ""
-    verdict = f"{match.inliers} inliers{shown}"
+    verdict = f"{match.inliers} matching points (inliers){shown}"  # read by biologists and engineers alike
     (verdict_width, _), _ = cv2.getTextSize(verdict, font, font_scale, 2)
     cv2.putText(canvas, verdict, ((canvas.shape[1] - verdict_width) // 2, height + int(row_height * 1.72)), font,
                 font_scale, dark, 2, cv2.LINE_AA)

@@ -158,6 +158,7 @@ def test_identify_confirm_browse_and_delete_from_the_page(page: Page, server_wit
     # keeps them, says the gallery changed, and is identified again when its user asks
     expect(known_card).to_contain_text("The enrolled photos changed while you were working on this photo")
     expect(known_card.locator(".explain img")).to_have_attribute("src", BLOB)
+    steps.shot("kept_while_working")
     known_card.get_by_role("button", name="Identify it again").click()
     expect(known_card.locator("tr[data-individual='visitor-7']")).to_have_count(1)
     steps.shot("enrolled_and_identified_again")
