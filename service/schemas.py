@@ -44,6 +44,8 @@ class ImageInfo(BaseModel):
 
 class EnrolledImage(ImageInfo):
     already_enrolled: bool = Field(description="true when this exact photo was already enrolled for the individual")
+    also_enrolled_as: list[str] = Field(description="other individuals this exact photo is enrolled for, in id order "
+                                                    "(one photo under two individuals is usually a filing mistake)")
 
 
 class EnrollResponse(BaseModel):

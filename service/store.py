@@ -445,6 +445,13 @@ class Store:
         return {row[0] for row in self._reader().execute("SELECT sha256 FROM images WHERE individual_id = ?",
                                                          (individual_id,))}
 
+    def other_owners(self, individual_id: str, sha256: str) -> list[str]:
+        """The other individuals this exact photo is enrolled for, in id order: one photo under two individuals is
+        allowed (a service cannot know which filing is wrong) but is usually a mistake, so enrolments report it."""
+        rows = self._reader().execute("SELECT DISTINCT individual_id FROM images WHERE sha256 = ? AND individual_id != ? "
+                                      "ORDER BY individual_id", (sha256, individual_id))
+        return [row[0] for row in rows]
+
     def missing_individuals(self, individual_ids: Sequence[str]) -> list[str]:
         connection = self._reader()
         return [i for i in individual_ids

@@ -58,7 +58,8 @@ def _enroll(engine: Engine, individual_id: str, files: list[UploadFile], views: 
     photos = read_uploads(engine, files, "files", [normalise_view(v) for v in views] if views else None)
     stored = engine.enroll(individual_id, photos, mode)
     return EnrollResponse(individual_id=individual_id, images=[
-        EnrolledImage(**_image_info(image), already_enrolled=image.already_enrolled) for image in stored])
+        EnrolledImage(**_image_info(image), already_enrolled=image.already_enrolled,
+                      also_enrolled_as=engine.store.other_owners(individual_id, image.sha256)) for image in stored])
 
 
 @router.post("", status_code=201, dependencies=[Writer], summary="Enrol a new individual with its photos",

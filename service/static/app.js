@@ -382,8 +382,8 @@ async function saveToIndividual(card, file, individualId, isNew) {
   try {
     const saved = await (await api(path, { method: "POST", body: form })).json();
     const already = saved.images.every((image) => image.already_enrolled);
-    showMessage(already ? `This photo was already enrolled for ${individualId}.`
-      : isNew ? `Enrolled ${individualId} with this photo.` : `Added this photo to ${individualId}.`, "ok");
+    showSaved(saved, already ? `This photo was already enrolled for ${individualId}.`
+      : isNew ? `Enrolled ${individualId} with this photo.` : `Added this photo to ${individualId}.`);
     refreshHealth();
     card.dataset.saved = individualId;
     if (isNew) card.querySelector("input.new-id").value = "";  // done with: the redraw must not offer it again
@@ -501,12 +501,26 @@ async function addPhotos(individualId, files, views) {
     const saved = await (await api(`/individuals/${encodeURIComponent(individualId)}/images`,
                                    { method: "POST", body: photoForm(files, views) })).json();
     await showIndividual(individualId);  // it clears the message: say what happened after it
-    showMessage(savedPhotos(saved, `Added {} to ${individualId}.`), "ok");
+    showSaved(saved, savedPhotos(saved, `Added {} to ${individualId}.`));
     refreshHealth();
     identifyOthersAgain(savedNote(individualId));
   } catch (error) {
     showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
   }
+}
+
+/** Confirm a save; a photo that is now filed under more than one individual turns it into a warning, since that
+ *  is almost always a slip (the service allows it: it cannot know which filing is wrong). */
+function showSaved(saved, text) {
+  const twice = saved.images.filter((image) => image.also_enrolled_as.length);
+  if (!twice.length) {
+    showMessage(text, "ok");
+    return;
+  }
+  const where = twice.map((image) => `photo ${image.image_id} is also enrolled as ` +
+                                     image.also_enrolled_as.join(", "));
+  showMessage(`${text} Check it: ${where.join("; ")}. One photo under two individuals is usually a mistake: delete ` +
+              "it from the wrong one in the Individuals tab.", "warn");
 }
 
 /** A confirmation that counts the photos stored, and says which were there already (the service keeps one copy
@@ -549,7 +563,7 @@ async function enrolNew(files, views) {
   $("search").value = "";
   await loadIndividuals(true);
   await showIndividual(individualId);
-  showMessage(savedPhotos(saved, `Enrolled ${individualId} with {}.`), "ok");
+  showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
   refreshHealth();
   identifyOthersAgain(savedNote(individualId));
 }

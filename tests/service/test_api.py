@@ -71,6 +71,19 @@ def test_reenrolling_the_same_photo_is_idempotent(client: httpx.Client, records:
     assert again.status_code == 201
     assert again.json()["images"][0] == {**created[0], "already_enrolled": True}
     assert client.get("/individuals/delta").json()["image_count"] == 1
+    assert created[0]["also_enrolled_as"] == []
+
+
+def test_a_photo_filed_under_a_second_individual_is_reported(client: httpx.Client, records: pd.DataFrame) -> None:
+    """Allowed (the service cannot know which filing is wrong), but a biologist must hear of it."""
+    data, other = photo(records, "ind_006", 2), photo(records, "ind_006", 3)
+    assert enroll(client, "filed-first", [data]).json()["images"][0]["also_enrolled_as"] == []
+    filed_again = enroll(client, "filed-again", [other, data]).json()["images"]
+    assert [image["also_enrolled_as"] for image in filed_again] == [[], ["filed-first"]]
+    assert [image["already_enrolled"] for image in filed_again] == [False, False]
+    assert add(client, "filed-first", [data]).json()["images"][0]["also_enrolled_as"] == ["filed-again"]
+    for individual in ("filed-first", "filed-again"):  # the module's other tests share this server
+        assert client.delete(f"/individuals/{individual}").status_code == 204
 
 
 def test_existing_individual_cannot_be_created_again(client: httpx.Client, records: pd.DataFrame) -> None:

@@ -279,11 +279,19 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
                                                   "twice, or enrolled before) and keeps its first view.")
     expect(card).to_contain_text("3 photos · enrolled")
     expect(page.locator("#status")).to_contain_text("4 individuals, 9 photos")
+    page.locator(".tile[data-individual='resident-0']").click()  # a slip: a photo of nester-12 filed under resident-0
+    expect(page.locator("#individual-card h2")).to_have_text("resident-0")
+    page.locator("#individual-card input[type=file]").set_input_files([str(pictures[1])])
+    page.get_by_role("button", name="Add these photos to resident-0").click()
+    expect(page.locator("#message")).to_have_class(re.compile(r"\bwarn\b"))
+    expect(page.locator("#message")).to_contain_text("Added 1 photo to resident-0. Check it: photo ")
+    expect(page.locator("#message")).to_contain_text("is also enrolled as nester-12. One photo under two individuals")
+    steps.shot("filed_twice")
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
     with server.client() as client:
         stored = client.get("/individuals/nester-12").json()["images"]
         assert [image["view"] for image in stored] == ["top", "", "right"]
-        assert client.get("/individuals/resident-0").json()["image_count"] == 2  # the refused id kept its photos
+        assert client.get("/individuals/resident-0").json()["image_count"] == 3  # 2, the refused id's, + the slip
 
 
 def test_a_phone_reaches_every_button_of_an_answer(page: Page, server_with_residents: Server, tmp_path: Path) -> None:
