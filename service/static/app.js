@@ -110,7 +110,10 @@ function photoForm(files, views) {
 
 /** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
 function photoList(files, buttonLabel, send) {
-  let rows = files.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
+  // a file chosen twice (same name, size and date) is listed once: stored once anyway, its second view would be lost
+  const unique = [...new Map(files.map((file) => [`${file.name}|${file.size}|${file.lastModified}`, file])).values()];
+  const twice = files.length - unique.length;
+  let rows = unique.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
   const button = el("button", { type: "button" }, buttonLabel);
   button.addEventListener("click", async () => {
     if (!rows.length) {
@@ -133,7 +136,10 @@ function photoList(files, buttonLabel, send) {
                      onclick: () => { rows = rows.filter((other) => other !== row); row.node.remove(); } },
         "Leave out"));
   }
-  return el("div", { className: "photo-list" }, el("ul", {}, rows.map((row) => row.node)), button);
+  return el("div", { className: "photo-list" },
+    twice ? el("p", { className: "muted" }, `${plural(twice, "photo")} chosen twice ${twice === 1 ? "is" : "are"} ` +
+      "listed once.") : null,
+    el("ul", {}, rows.map((row) => row.node)), button);
 }
 
 // -- status and API key ---------------------------------------------------------------------------------------

@@ -249,9 +249,10 @@ def test_enrol_a_new_individual_with_several_photos_and_their_views(page: Page, 
     page.click("#tab-individuals")
     page.locator("#new-individual-card summary").click()
     not_a_photo = _upload(tmp_path, "notes.txt", b"field notes, not a photo")
-    page.set_input_files("#new-files", [str(path) for path in pictures[:2]] + [str(not_a_photo)])
+    page.set_input_files("#new-files", [str(path) for path in pictures[:2]] + [str(not_a_photo), str(pictures[0])])
     chosen = page.locator("#new-photos li")
     expect(chosen).to_have_count(3)
+    expect(page.locator("#new-photos")).to_contain_text("1 photo chosen twice is listed once.")
     page.fill("#new-id", "nester-12")
     page.press("#new-id", "Enter")  # the service takes all or none: the text file stops the enrolment
     expect(page.locator("#message")).to_contain_text("Could not enrol nester-12: files[2] (notes.txt)")
