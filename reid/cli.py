@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reid.errors import ConfigError, ImageTooLargeError, ReIDError
+from reid.errors import ConfigError, ReIDError
 from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
@@ -642,11 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler()
     except ReIDError as error:
-        from reid.imageio import MAX_PIXELS_ENV
+        from reid.imageio import limit_hint
 
         # the limit is the service's too, but only here can the person who hit it raise it
-        hint = f" ({MAX_PIXELS_ENV} raises the limit)" if isinstance(error, ImageTooLargeError) else ""
-        print(f"reid: error: {_own_message(error)}{hint}", file=sys.stderr)
+        print(f"reid: error: {_own_message(error)}{limit_hint(error)}", file=sys.stderr)
         return 2
 
 

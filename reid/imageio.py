@@ -118,8 +118,14 @@ def decode_image(source: bytes | str | Path, max_pixels: int | None = None, min_
     return decode_image_with_format(source, max_pixels, min_side)[0]
 
 
-def _open(source: Path | BinaryIO, name: str, max_pixels: int, min_side: int) -> Image.Image:
-    """``Image.open``, then :func:`_check_opened`: reid's limit decides, not Pillow's fixed one.
+def limit_hint(error: BaseException) -> str:
+    """What to add to a refusal for the person who can raise the pixel limit (the CLI's user, not an API client)."""
+    return f" ({MAX_PIXELS_ENV} raises the limit)" if isinstance(error, ImageTooLargeError) else ""
+
+
+def _open(source: Path | BinaryIO, name: str, max_pixels: int | None, min_side: int) -> Image.Image:
+    """``Image.open``, then :func:`_check_opened`: reid's limit decides, not Pillow's fixed one. ``max_pixels``
+    defaults to :func:`configured_max_pixels`.
 
     Pillow warns above 89.5 MP and refuses twice that, whatever ``max_pixels`` says, so ``REID_MAX_PIXELS`` above
     it would be silently capped (or the header pass would let through what the decoder then refuses). Its warning
@@ -139,7 +145,7 @@ def _open(source: Path | BinaryIO, name: str, max_pixels: int, min_side: int) ->
                     image = Image.open(source)
                 finally:
                     Image.MAX_IMAGE_PIXELS = pillow_limit
-    _check_opened(image, name, max_pixels, min_side)
+    _check_opened(image, name, configured_max_pixels() if max_pixels is None else max_pixels, min_side)
     return image
 
 
@@ -172,7 +178,6 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None 
             pixels a side (1 for photos stored before that check: they stay readable).
         ConfigError: ``max_pixels`` is not given and ``$REID_MAX_PIXELS`` is not a number.
     """
-    max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "uploaded bytes"
     if isinstance(source, (str, Path)):
@@ -218,7 +223,6 @@ def check_image_header(path: str | Path, max_pixels: int | None = None) -> None:
     instead of crashing a training run hours later. (A file cut short after its header still passes: only a full
     decode finds it, and it is reported with its path when it is read.)
     """
-    max_pixels = configured_max_pixels() if max_pixels is None else max_pixels
     try:
         with _open(Path(path), str(path), max_pixels, MIN_SIDE):
             pass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from reid.errors import DatasetError, ImageDecodeError, ImageTooLargeError
-from reid.imageio import MAX_PIXELS_ENV, check_image_header, configured_max_pixels
+from reid.errors import DatasetError, ImageDecodeError
+from reid.imageio import check_image_header, configured_max_pixels, limit_hint
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def _validate(frame: pd.DataFrame, root: Path, check_images: bool) -> None:
                 check_image_header(path, max_pixels)
             except ImageDecodeError as error:
                 source = frame.at[row, "_source"]  # a folder dataset's row is its path, which the error names
-                hint = f" ({MAX_PIXELS_ENV} raises the limit)" if isinstance(error, ImageTooLargeError) else ""
-                raise DatasetError((str(error) if source == str(path) else f"{source}: {error}") + hint) from error
+                raise DatasetError((str(error) if source == str(path) else f"{source}: {error}")
+                                   + limit_hint(error)) from error
 
 
 def read_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
