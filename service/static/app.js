@@ -84,7 +84,7 @@ function typedId(input) {
   input.value = input.value.trim();
   if (!input.value) {
     showMessage("Type an id for the new individual first (letters, digits, _ . -).");
-  } else if (!/^[A-Za-z0-9_.-]{1,128}$/.test(input.value)) {
+  } else if (!input.checkValidity()) {  // its pattern attribute, the same alphabet as the service's
     showMessage(`"${input.value}" cannot be an id: use letters, digits and _ . - only (no spaces or accents), up ` +
                 "to 128 characters.");
   } else {
