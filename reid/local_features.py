@@ -204,7 +204,7 @@ def extract_features(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE, max_ke
     upscaled): SIFT's cost grows with pixels while turtle scales stay recognisable at ~1000 px. With ``equalise``
     its local contrast is then equalised (CLAHE, tile by tile, limited so that noise is not amplified): underwater
     and shaded photos keep their scale edges under SIFT's contrast threshold otherwise. On turtles_dev it raised
-    the fused MAP@5 of verification in 5 of 5 runs (mean 0.918 -> 0.929; README, Results). OpenCV keeps the
+    the fused MAP@5 of verification in 5 of 5 runs (mean 0.918 -> 0.929; docs/results.md). OpenCV keeps the
     ``max_keypoints`` strongest responses. A photo with no texture (e.g. uniform) gives empty arrays, not an error.
     The result is deterministic for a given image and arguments.
 

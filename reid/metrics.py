@@ -92,7 +92,7 @@ def new_turtle_bar(ranking: Ranking, threshold: float, runner_up_weight: float =
 
     A photo of a turtle nobody enrolled tends to resemble several enrolled ones about equally, while a known one
     stands out from the rest (Lowe's ratio test, applied to individuals): on turtles_dev a weight of 0.5 raised the
-    held-out balanced accuracy of verified answers in all six runs measured (README, Results). 0 is the plain
+    held-out balanced accuracy of verified answers in all six runs measured (docs/results.md). 0 is the plain
     threshold.
     """
     return threshold + runner_up_weight * runner_up_score(ranking)

@@ -46,7 +46,7 @@ FEATURE_CACHE_ENV = "REID_FEATURE_CACHE"
 DEFAULT_FALLBACK_FLOOR = 10
 #: Photos matched again by a fallback: a query's 20 most similar. All 80 verified photos gave about the same mean
 #: held-out balanced accuracy over five turtles_dev runs (0.895 against 0.894) and +0.006 MAP@5, at four times the
-#: cost (README, Results).
+#: cost (docs/results.md, "The ASIFT fallback").
 DEFAULT_FALLBACK_TOP = 20
 #: How a fallback extracts: simulated tilts up to 2 (ten views), 700 keypoints a view, ~6,900 a turtles_dev photo.
 FALLBACK_EXTRACTION = Extraction(max_keypoints=700, affine_tilt=2)
@@ -62,7 +62,7 @@ class Fallback:
     geometrically; some are turtles seen from a slant that SIFT's descriptors do not survive. Under simulated tilts
     three of 17 such errors reached 25-40 inliers against their own individual where plain SIFT reached 6-8. On the
     five runs of the default recipe it raised the held-out balanced accuracy in four and left the fifth level (0.889
-    -> 0.894), and the AUROC of the new_turtle score in all five (README, Results). The price: ~1.5 s to extract a
+    -> 0.894), and the AUROC of the new_turtle score in all five (docs/results.md, "The ASIFT fallback"). The price: ~1.5 s to extract a
     photo's features (0.2 s plain) and ~190 ms a match (7 ms), paid by the queries that fall back (43-46% on
     turtles_dev).
     The fusion is the one learnt on plain counts: a kept count is one a plain match of the same individual reaches.

@@ -62,7 +62,7 @@ class Preprocess:
     photo, the photo's embedding being the normalised mean of them all. A turtle photographed from afar fills a
     small part of the frame; its crop meets the close-ups of the gallery at their scale. On turtles_dev a crop of
     0.5 raised similarity MAP@5 by 0.023 over five runs (up in 4), but lowered the held-out balanced accuracy of
-    verified answers in all five (README, Results), so it is off unless configured. It costs one forward pass a crop.
+    verified answers in all five (docs/results.md), so it is off unless configured. It costs one forward pass a crop.
     """
 
     image_size: int
