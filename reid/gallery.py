@@ -222,10 +222,10 @@ class Gallery:
             self._gpu_stale = False
         return self._gpu_index
 
-    def identity_of(self, image_id: int) -> Individual:
-        """The individual a gallery photo belongs to."""
+    def identities_of(self, image_ids: Sequence[int]) -> list[Individual | None]:
+        """The individual each gallery photo belongs to; None for a photo removed since a search found it."""
         with self._lock:
-            return self._identity[int(image_id)]
+            return [self._identity.get(int(image_id)) for image_id in image_ids]
 
     def search_photos(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` most similar photos of each query: ``(scores, ids)``, both ``Q x n``, id -1 past the end."""

@@ -142,17 +142,23 @@ class Identifier:
 
     def _verified(self, query: int, similarities: np.ndarray, image_ids: np.ndarray, plain: Ranking, k: int) -> Ranking:
         """Re-rank one query: its top photos by fused score; individuals found only further down are fused with
-        zero inliers, so every answer still names ``k`` individuals when the gallery has them."""
+        zero inliers, so every answer still names ``k`` individuals when the gallery has them. A photo removed from
+        the gallery since the search (the service deletes while queries run) is left out."""
+        found = self.gallery.identities_of(image_ids)
+        kept = np.array([identity is not None for identity in found], dtype=bool)
+        similarities, image_ids = similarities[kept], image_ids[kept]
         inliers = np.asarray(self.verifier.inliers(query, image_ids), dtype=np.int64)
         verified = set(image_ids.tolist())
         unverified = [hit for hit in plain if hit.image_id not in verified]
+        unverified = [hit for hit, identity in zip(unverified, self.gallery.identities_of(
+            [hit.image_id for hit in unverified])) if identity is not None]
+        identities = [identity for identity in found if identity is not None] + [hit.individual for hit in unverified]
         similarities = np.concatenate([similarities, [hit.score for hit in unverified]]).astype(np.float64)
         image_ids = np.concatenate([image_ids, [hit.image_id for hit in unverified]]).astype(np.int64)
         inliers = np.concatenate([inliers, np.zeros(len(unverified), np.int64)])
         fused = np.asarray(self.verifier.fuse(similarities, inliers), dtype=np.float64)
         order = np.argsort(-fused, kind="stable")
-        ranking = rank_individuals(fused[order], [self.gallery.identity_of(i) for i in image_ids[order]], k,
-                                   image_ids[order])
+        ranking = rank_individuals(fused[order], [identities[i] for i in order], k, image_ids[order])
         similarity = dict(zip(image_ids.tolist(), similarities.tolist()))
         inlier_of = dict(zip(image_ids.tolist(), inliers.tolist()))
         return [hit._replace(similarity=similarity[hit.image_id], inliers=int(inlier_of[hit.image_id]))

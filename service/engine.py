@@ -3,13 +3,15 @@
 The store (SQLite) is the source of truth; the FAISS gallery is rebuilt from it at start and then follows every
 committed change. Writes hold one lock from the database commit until the gallery has the same change, so an
 enrolment and a deletion that race each other can never leave a deleted photo searchable (or a stored one missing).
-Identification never takes that lock: embedding and local-feature extraction, the slow parts, run concurrently in
-as many requests as arrive.
+Identification never takes that lock: embedding, searching and local-feature matching run concurrently in as many
+requests as arrive, and a deletion never waits for them.
 
 With verification on, every searchable photo's local features are in memory (read from the store at start, added
-at enrolment before the photo becomes searchable). A verified query looks the gallery up twice and then matches
-its candidates' features, so it holds :class:`SharedLock`'s shared side throughout; a deletion takes the exclusive
-side only to take photos out of the gallery and the feature cache, so no query sees a photo half-removed.
+at enrolment before the photo becomes searchable). A query that a deletion overtakes (one photo of its candidates
+deleted between its search and its matching) matches that photo as nothing and names no evidence for it, as if it
+had been searched a moment later: holding deletions back for verifications instead would hold every query that
+arrives meanwhile back too, for as long as the slowest verification in flight (a fallback's first extractions take
+seconds).
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,46 +45,12 @@ log = logging.getLogger(__name__)
 #: Photos whose missing local features are extracted and committed together at start-up (a restart resumes there).
 _FEATURE_BATCH = 32
 
+#: What a photo deleted while a query was verifying it matches: nothing (its size no longer matters).
+_DELETED = LocalFeatures.empty((1, 1))
+
 
 def model_record(embedder: Embedder, checkpoint: str) -> ModelRecord:
     return ModelRecord(embedder.fingerprint, embedder.name, embedder.dim, checkpoint)
-
-
-class SharedLock:
-    """Many holders of the shared side at once, or one of the exclusive side. A waiting exclusive holder keeps new
-    shared holders out, so a stream of queries cannot starve a deletion."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._shared -= 1
-                self._condition.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._condition:
-            self._waiting += 1
-            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._exclusive = False
-                self._condition.notify_all()
 
 
 def _cached_features(store: Store, image_ids: list[int], extraction: Extraction) -> dict[int, LocalFeatures]:
@@ -127,7 +94,6 @@ class Engine:
         self.verification = verification
         self._features: dict[int, LocalFeatures] = features if features is not None else {}
         self._write_lock = threading.Lock()
-        self._searches = SharedLock()
         self._folder_lock = folder_lock
 
     @classmethod
@@ -218,11 +184,10 @@ class Engine:
         return stored
 
     def _forget(self, image_ids: Sequence[int]) -> None:
-        """Take deleted photos out of the gallery and the feature cache, with no verified query in flight."""
-        with self._searches.exclusive():
-            self.gallery.remove(image_ids)
-            for image_id in image_ids:
-                self._features.pop(image_id, None)
+        """Take deleted photos out of the gallery, then out of the feature cache (see :meth:`_gallery_features`)."""
+        self.gallery.remove(image_ids)
+        for image_id in image_ids:
+            self._features.pop(image_id, None)
 
     def delete_individual(self, individual_id: str) -> None:
         with self._write_lock:
@@ -245,18 +210,21 @@ class Engine:
             if fusion.fallback is not None:
                 query_features = functools.cache(lambda q: fusion.fallback.extraction.extract(images[q]))
                 fallback = FallbackFeatures(self._fallback_features, query_features)
-            verifier = LocalVerifier(fusion, self._features.__getitem__, self._local_features(images),
-                                     fallback=fallback)
-        with self._searches.shared():
-            answers = Identifier(self.gallery, verifier).answer(vectors, k or self.settings.default_k,
-                                                                self.threshold(threshold))
+            verifier = LocalVerifier(fusion, self._gallery_features, self._local_features(images), fallback=fallback)
+        answers = Identifier(self.gallery, verifier).answer(vectors, k or self.settings.default_k,
+                                                            self.threshold(threshold))
         return [self._response(answer) for answer in answers]
+
+    def _gallery_features(self, image_id: int) -> LocalFeatures:
+        """A gallery photo's local features; nothing to match when it was deleted after the query found it."""
+        features = self._features.get(image_id)
+        return _DELETED if features is None else features
 
     def _fallback_features(self, image_id: int) -> LocalFeatures:
         """A gallery photo's features for verification's fallback: read from the store, else extracted the first time
         a query needs them (~1.5 s a photo on a CPU) and stored. Enrolment stays as fast as without the fallback, and
-        these features (~1 MB a photo) are never all held in memory. A photo whose file can no longer be read
-        matches nothing, so the query is still answered."""
+        these features (~1 MB a photo) are never all held in memory. A photo whose file can no longer be read, or
+        that was deleted after the query found it, matches nothing, so the query is still answered."""
         extraction = self.verification.fusion.fallback.extraction
         blob = self.store.local_features_of(extraction, image_id)
         if blob is not None:
@@ -264,7 +232,9 @@ class Engine:
                 return LocalFeatures.from_bytes(blob)
             except FeatureError as error:
                 log.warning("fallback features of image %d will be extracted again: %s", image_id, error)
-        image = self.store.images([image_id])[image_id]
+        image = self.store.images([image_id]).get(image_id)
+        if image is None:
+            return _DELETED
         try:
             features = extraction.extract(self.store.pixels(image))
         except ReIDError as error:

@@ -45,6 +45,42 @@ def test_answer_places_new_turtle_and_names_the_photo_that_matched() -> None:
     assert identifier.answer(query, k=2, threshold=Threshold(None))[0].labels == ["a", "b"]
 
 
+class _InliersByPhoto:
+    """A verifier whose inlier counts are given per photo id, recording which photos it was asked to match."""
+
+    candidates = 4
+
+    def __init__(self, inliers: dict[int, int]) -> None:
+        self.counts, self.asked = inliers, []
+
+    def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
+        self.asked += image_ids.tolist()
+        return np.array([self.counts[int(i)] for i in image_ids])
+
+    def fuse(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        return (similarities + np.minimum(inliers, 100) / 100) / 2
+
+
+def test_a_photo_removed_between_search_and_verification_is_left_out_of_the_answer() -> None:
+    """The service deletes photos while queries run: a candidate removed after the search matches nothing and is
+    named by no answer, and the query is still answered from the photos that remain."""
+    gallery = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]
+    gallery[1] = np.array([0.8, 0.6, 0, 0], dtype=np.float32)  # "a"'s second photo: less similar than the removed one
+    verifier = _InliersByPhoto({10: 90, 11: 5, 12: 40, 13: 0})
+    identifier = identifier_over(gallery, ["a", "a", "b", "c"], ids=[10, 11, 12, 13], verifier=verifier)
+    search_photos = identifier.gallery.search_photos
+
+    def search_then_delete(queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        found = search_photos(queries, n)
+        identifier.gallery.remove([10])  # a deletion lands between the search and the verification
+        return found
+
+    identifier.gallery.search_photos = search_then_delete
+    ranking = identifier.rank(np.eye(4, dtype=np.float32)[[0]], k=3)[0]
+    assert 10 not in verifier.asked and [hit.image_id for hit in ranking if hit.individual == "a"] == [11]
+    assert [hit.individual for hit in ranking][0] == "a" and {hit.individual for hit in ranking} == {"a", "b", "c"}
+
+
 def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
     vectors, identities = _clusters(individuals=12, photos=4, spread=0.3, seed=0)
     is_query = np.arange(len(identities)) % 4 == 0

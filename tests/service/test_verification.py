@@ -10,7 +10,6 @@ import logging
 import shutil
 import sqlite3
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder, write_checkpoint_metadata
 from reid.local_features import Extraction
 from reid.verification import Fallback
-from service.engine import Engine, SharedLock
+from service.engine import Engine
 from service.offline import enroll_dataset
 from service.settings import Settings
 from service.store import DATABASE_NAME
@@ -245,21 +244,43 @@ def test_explain_without_verification_extracts_features_on_the_fly(client: httpx
     assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
 
 
-def test_a_deletion_waits_for_the_verifications_in_flight() -> None:
-    lock = SharedLock()
-    order: list[str] = []
+def fallback_checkpoint(verified: tuple[Path, Path], destination: Path) -> Path:
+    """The verified checkpoint with a cheap ASIFT fallback on its 4 most similar photos."""
+    shutil.copy(verified[0], destination)
+    verification = Embedder.from_checkpoint(destination).verification
+    fallback = Fallback(top=4, extraction=Extraction(max_keypoints=300, affine_tilt=2))
+    write_checkpoint_metadata(destination, verification=replace(
+        verification, fusion=replace(verification.fusion, fallback=fallback)).to_dict())
+    return destination
 
-    def delete() -> None:
-        with lock.exclusive():
-            order.append("deleted")
 
-    with lock.shared(), lock.shared():  # two verified queries in flight
-        deletion = threading.Thread(target=delete)
-        deletion.start()
-        time.sleep(0.2)
-        order.append("queries answered")
-    deletion.join(timeout=10)
-    assert order == ["queries answered", "deleted"]
+def test_a_deletion_during_a_verified_query_neither_waits_for_it_nor_breaks_it(
+        tmp_path: Path, verified: tuple[Path, Path]) -> None:
+    """A photo deleted while a query is matching it again under simulated tilts (a fallback's first extraction takes
+    seconds): the deletion completes at once, and the query is still answered, naming no evidence for that photo."""
+    engine = Engine.open(Settings(checkpoint=fallback_checkpoint(verified, tmp_path / "fallback.ckpt"),
+                                  data_dir=tmp_path / "data"))
+    noise = [np.random.default_rng(seed).integers(0, 256, (160, 160, 3), dtype=np.uint8) for seed in range(3)]
+    for i, photo in enumerate(noise[:2]):  # noise matches noise by a few inliers at most: the query falls back
+        engine.enroll(f"noise-{i}", [engine.decode_upload(png_bytes(photo), "files", None)], "new")
+    fallback_features = engine._fallback_features
+    deleted: list[int] = []
+
+    def delete_first(image_id: int):
+        if not deleted:
+            deleted.append(image_id)
+            deletion = threading.Thread(target=engine.delete_image, args=(f"noise-{image_id - 1}", image_id))
+            deletion.start()
+            deletion.join(timeout=30)
+            assert not deletion.is_alive(), "the deletion waited for the query in flight"
+        return fallback_features(image_id)
+
+    engine._fallback_features = delete_first
+    answer = engine.identify([noise[2]], 4, None)[0]
+    assert deleted, "the query fell back"
+    assert all(p.evidence is None or p.evidence.image_id != deleted[0] for p in answer.predictions)
+    assert engine.store.images(deleted) == {} and len(engine.gallery) == 1
+    engine.close()
 
 
 def test_the_fallback_matches_a_slanted_photo_and_keeps_its_features_in_the_store(
@@ -268,14 +289,9 @@ def test_the_fallback_matches_a_slanted_photo_and_keeps_its_features_in_the_stor
     fallback's inliers as evidence, the gallery photos' fallback features are extracted once and stored beside the
     plain ones, and explain draws the fallback's matches."""
     upright, slanted = slanted_turtle
-    checkpoint = tmp_path / "fallback.ckpt"
-    shutil.copy(verified[0], checkpoint)
-    verification = Embedder.from_checkpoint(checkpoint).verification
-    fallback = Fallback(top=4, extraction=Extraction(max_keypoints=300, affine_tilt=2))
-    write_checkpoint_metadata(checkpoint, verification=replace(
-        verification, fusion=replace(verification.fusion, fallback=fallback)).to_dict())
     data_dir = tmp_path / "data"
-    engine = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    engine = Engine.open(Settings(checkpoint=fallback_checkpoint(verified, tmp_path / "fallback.ckpt"),
+                                  data_dir=data_dir))
     for i, photo in enumerate(upright):
         engine.enroll(f"turtle-{i}", [engine.decode_upload(png_bytes(photo), "files", None)], "new")
     assert all(methods == {(1024, "rootsift-clahe")} for methods in feature_rows(data_dir).values()), \
