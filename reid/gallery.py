@@ -11,11 +11,12 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import faiss
 import numpy as np
+from faiss.contrib.inspect_tools import get_invlist
 
 from reid.metrics import Individual, Ranking, rank_individuals
 
@@ -51,9 +52,6 @@ IVF_MIN_NPROBE = 16
 #: An IVF gallery is re-trained when it has grown to this many times the vectors it was trained on, so one
 #: started empty does not keep the handful of lists its first enrolment could support.
 IVF_RETRAIN_GROWTH = 4
-#: Photos re-added to a re-trained IVF index at a time: the vectors are copied out of the gallery a chunk at a time,
-#: not all at once, so re-training a million photos holds the old and new index and not a third copy.
-IVF_READD_CHUNK = 65_536
 
 
 def gpu_available() -> bool:
@@ -97,9 +95,6 @@ class Gallery:
         # Photos per individual, kept up to date so that a search knows how many individuals there are without
         # counting a million photos' identities (50 ms a query at 1M photos, more than the IVF search itself).
         self._photos_of: Counter[Individual] = Counter()
-        # The vectors themselves, kept beside FAISS so that HNSW (no removal) and IVF (re-training) can be rebuilt
-        # without asking an index type to reconstruct what it may not store.
-        self._vectors: dict[int, np.ndarray] = {}
         self._master = self._new_master()
         self._gpu_index: faiss.Index | None = None
         self._gpu_stale = True
@@ -149,19 +144,52 @@ class Gallery:
             self._master.add_with_ids(vectors, id_array)
             self._identity.update(zip(id_array.tolist(), identities))
             self._photos_of.update(identities)
-            self._vectors.update(zip(id_array.tolist(), vectors))
             if self.kind == "ivf" and len(self._identity) >= IVF_RETRAIN_GROWTH * self._ivf_trained_on:
                 self._retrain_ivf()
             elif self._gpu_index is not None and not self._gpu_stale:
                 self._gpu_index.add_with_ids(vectors, id_array)  # adds need no full copy to the GPU
 
-    def _stacked(self, ids: np.ndarray) -> np.ndarray:
-        """The vectors of ``ids``, as one new array."""
-        return np.stack([self._vectors[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+    def _flat_contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` of a flat or HNSW master, read back from FAISS, which stores both whole (no copy is
+        kept beside it: at a million 1280-d photos that would be 5 GB more)."""
+        ids = faiss.vector_to_array(self._master.id_map).astype(np.int64)
+        return ids, self._master.index.reconstruct_n(0, self._master.ntotal)
 
-    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array(sorted(self._vectors), dtype=np.int64)
-        return ids, self._stacked(ids)
+    def _ivf_contents(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` of each non-empty inverted list of the IVF master, one list at a time (IVF-Flat keeps
+        every vector whole in its list)."""
+        for number in range(self._master.nlist):
+            ids, codes = get_invlist(self._master.invlists, number)
+            if len(ids):
+                yield ids, codes.view(np.float32).reshape(-1, self.dim)
+
+    def training_share(self, total: int) -> float:
+        """The share of ``total`` photos that an IVF gallery sized for them trains on; 0 for the kinds that need no
+        training, or for no photos."""
+        if self.kind != "ivf" or total <= 0:
+            return 0.0
+        lists, _ = self._ivf_geometry(total)
+        return min(1.0, IVF_TRAIN_PER_LIST * lists / total)
+
+    def train(self, total: int, sample: np.ndarray) -> None:
+        """Size an empty IVF gallery for ``total`` photos and train it on ``sample``, about
+        :meth:`training_share` of them, before they are added.
+
+        A bulk load (the service indexing its store at start) trains once, on photos drawn from all of them;
+        adding them batch by batch would train on the first batch alone and again each time the gallery had grown
+        ``IVF_RETRAIN_GROWTH`` times.
+        """
+        with self._lock:
+            if self.kind != "ivf":
+                raise ValueError(f"only an IVF gallery is trained, this one is {self.kind}")
+            if self._identity:
+                raise ValueError(f"train an IVF gallery before adding photos; it holds {len(self._identity)}")
+            sample = np.ascontiguousarray(sample, dtype=np.float32).reshape(-1, self.dim)
+            if not len(sample):
+                raise ValueError(f"an IVF gallery for {total} photos needs photos to train on; the sample is empty")
+            lists, _ = self._ivf_geometry(total)
+            # k-means needs a photo per list at least: a sample short of that sizes the index for itself instead
+            self._master = self._trained_ivf(total if len(sample) >= lists else len(sample), sample)
 
     def _ivf_geometry(self, n: int) -> tuple[int, int]:
         """Lists and nprobe of an IVF index trained on ``n`` photos (see ``IVF_*``)."""
@@ -178,15 +206,15 @@ class Gallery:
         return index
 
     def _retrain_ivf(self) -> None:
-        """Re-train on every photo: k-means on a seeded sample of the size it would keep anyway, then the photos
-        re-added a chunk at a time (see ``IVF_READD_CHUNK``)."""
-        ids = np.array(sorted(self._vectors), dtype=np.int64)
-        lists, _ = self._ivf_geometry(len(ids))
-        sample = np.random.default_rng(0).choice(len(ids), min(len(ids), IVF_TRAIN_PER_LIST * lists), replace=False)
-        index = self._trained_ivf(len(ids), self._stacked(ids[np.sort(sample)]))
-        for start in range(0, len(ids), IVF_READD_CHUNK):
-            chunk = ids[start:start + IVF_READD_CHUNK]
-            index.add_with_ids(self._stacked(chunk), chunk)
+        """Re-train on every photo: k-means on a seeded sample of the size it would keep anyway, drawn list by list,
+        then the photos moved over one old list at a time, so that no third copy of the gallery is ever held."""
+        total = len(self._identity)
+        share = self.training_share(total)
+        rng = np.random.default_rng(0)
+        sample = np.concatenate([vectors[rng.random(len(vectors)) < share] for _, vectors in self._ivf_contents()])
+        index = self._trained_ivf(total, sample)
+        for ids, vectors in self._ivf_contents():
+            index.add_with_ids(vectors, ids)
         self._master = index
         self._gpu_stale = True
 
@@ -198,7 +226,7 @@ class Gallery:
                 return
             if self.kind == "hnsw":
                 # HNSW cannot remove vectors: rebuild it from the vectors that stay.
-                ids, vectors = self._all_vectors()
+                ids, vectors = self._flat_contents()
                 keep = ~np.isin(ids, id_array)
                 self._master = self._new_master()
                 self._master.add_with_ids(vectors[keep], ids[keep])
@@ -209,7 +237,6 @@ class Gallery:
                 self._photos_of[individual] -= 1
                 if not self._photos_of[individual]:
                     del self._photos_of[individual]
-                del self._vectors[i]
             self._gpu_stale = True  # GPU indexes cannot remove ids: the mirror is copied again from the master
 
     def _search_index(self) -> faiss.Index:

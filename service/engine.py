@@ -80,6 +80,19 @@ def _cached_features(store: Store, image_ids: list[int], extraction: Extraction)
     return features
 
 
+def _train_for_store(gallery: Gallery, store: Store, fingerprint: str) -> None:
+    """Train an IVF gallery once, on a seeded sample drawn from every stored photo, before they are all added
+    (:meth:`Gallery.train`); other kinds need no training."""
+    photos = store.counts()[1]
+    share = gallery.training_share(photos)
+    if not share:
+        return
+    rng = np.random.default_rng(0)
+    sample = [batch.vectors[rng.random(len(batch.vectors)) < share] for batch in store.embeddings(fingerprint)]
+    if sample:
+        gallery.train(photos, np.concatenate(sample))
+
+
 class Engine:
     """Everything a request needs: enrol, delete, identify and explain photos against the gallery."""
 
@@ -119,6 +132,7 @@ class Engine:
         store.bind_model(model_record(embedder, str(settings.checkpoint.expanduser().resolve())))
         store.sweep()
         gallery = Gallery(embedder.dim, kind=settings.index)
+        _train_for_store(gallery, store, embedder.fingerprint)
         image_ids: list[int] = []
         for batch in store.embeddings(embedder.fingerprint):
             gallery.add(batch.image_ids, batch.vectors, batch.identities)

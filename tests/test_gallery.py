@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,24 @@ def test_ivf_gallery_started_small_is_retrained_as_it_grows() -> None:
     hits = [gallery.search(vectors[i:i + 1], k=1)[0][0][0] == f"ind{i}" for i in range(100, 2000, 50)]
     assert all(hits)
     assert gallery._ivf_lists > 1
+
+
+def test_a_bulk_loaded_ivf_gallery_is_trained_once_for_all_its_photos(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng, 3000, 16)
+    gallery = Gallery(16, kind="ivf", ivf_lists=64)
+    share = gallery.training_share(len(vectors))
+    assert 0 < share < 1 and Gallery(16).training_share(len(vectors)) == 0  # flat needs no training
+    with caplog.at_level(logging.INFO, logger="reid.gallery"):
+        gallery.train(len(vectors), vectors[rng.random(len(vectors)) < share])
+        for start in range(0, len(vectors), 500):  # batch by batch, as the service reads its store
+            ids = np.arange(start, start + 500)
+            gallery.add(ids, vectors[ids], [f"ind{i}" for i in ids])
+    assert [r.getMessage() for r in caplog.records if "trained" in r.getMessage()] == [
+        f"IVF index trained for 3000 vectors: {gallery._ivf_lists} lists, nprobe {gallery._ivf_nprobe}"]
+    assert all(gallery.search(vectors[i:i + 1], k=1)[0][0].individual == f"ind{i}" for i in range(0, 3000, 97))
+    with pytest.raises(ValueError, match="before adding photos; it holds 3000"):
+        gallery.train(3000, vectors)
 
 
 def _structured(rng: np.random.Generator, individuals: int, photos_each: int, dim: int,

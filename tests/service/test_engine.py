@@ -40,6 +40,8 @@ def test_approximate_indexes_follow_enrolments_deletions_and_restarts(tmp_path: 
     engine.close()
     reopened = Engine.open(settings)
     assert reopened.gallery.kind == kind and len(reopened.gallery) == 8
+    if kind == "ivf":  # trained once, for every stored photo, not on a first batch and again as it grew
+        assert reopened.gallery._ivf_trained_on == 8
     assert reopened.gallery.identities() == {"turtle-0", "turtle-1", "turtle-3"}
 
 
