@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -240,6 +241,23 @@ def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequen
                             fallback_query_features=_fallback_features(fusion.fallback, queries) if queries else None)
 
 
+def _finite(value: object) -> object:
+    """``value`` with every NaN or infinity (e.g. the accuracy on known individuals when every query is of an unknown
+    one) replaced by None: JSON has no NaN, and strict parsers (JavaScript's, Go's) refuse Python's."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _four_places(value: float | None) -> str:
+    """A score to 4 places, or ``n/a`` where the data cannot define it (no query of that kind)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
@@ -254,26 +272,29 @@ def _evaluate(args: argparse.Namespace) -> int:
                       args.query_fraction, args.unknown_fraction, args.query_split,
                       _verifier_factory(embedder, records["path"].tolist()) if verify else None,
                       embedder.threshold_objective)
-    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report}
+    report = _finite({"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report})
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
         return 0
     closed, open_set = report["closed_set"], report["open_set"]
     if verify:
         print(f"answers verified with local features (the {embedder.verification.fusion.candidates} most similar "
               f"photos of each query{fallback_note(embedder.verification.fusion)}; --no-verify for similarity alone)")
-    print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
-          f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
+    if closed is None:
+        print("closed set: no query shows an individual of the gallery")
+    else:
+        print(f"closed set ({closed['protocol']}, {int(closed['queries'])} queries): MAP@5 {closed['map5']:.4f}  "
+              f"top-1 {closed['top1']:.4f}  top-5 {closed['top5']:.4f}")
     if open_set is None:
         print("open set: no query shows an individual missing from the gallery "
               "(--query-split none uses the seeded open-set protocol)")
         return 0
     print(f"open set ({open_set['protocol']}, {int(open_set['queries'])} queries, threshold {report['threshold']:.4f} "
-          f"from the {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  known {open_set['known_accuracy']:.4f}  "
-          f"unknown {open_set['unknown_accuracy']:.4f}  balanced {open_set['balanced_accuracy']:.4f}  "
-          f"AUROC {open_set['auroc']:.4f}")
+          f"from the {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  "
+          f"known {_four_places(open_set['known_accuracy'])}  unknown {open_set['unknown_accuracy']:.4f}  "
+          f"balanced {open_set['balanced_accuracy']:.4f}  AUROC {_four_places(open_set['auroc'])}")
     if report["threshold_origin"]:
         print(f"threshold: {report['threshold_origin']}")
     print(f"best threshold on this data (optimistic, for {OBJECTIVE_NAMES[embedder.threshold_objective]}): "
@@ -356,15 +377,18 @@ def _predict(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import search_gallery
     from reid.identify import answer_from_ranking, threshold_in_force, verification_in_force
-    from reid.submission import read_queries, write_report, write_submission
+    from reid.inference import Embedder
+    from reid.submission import check_gallery_fills_a_submission, read_queries, write_report, write_submission
 
     _check_threshold(args.threshold)
     gallery = read_dataset(args.gallery)
     queries = read_queries(args.queries)
-    embedder, gallery_embeddings = _embed(args.checkpoint, gallery["path"].tolist(), args.batch_size, args.backend)
-    query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
+    embedder = Embedder.from_checkpoint(args.checkpoint, backend=args.backend)
     verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
     threshold = threshold_in_force(args.threshold, embedder, verify)
+    check_gallery_fills_a_submission(args.gallery, gallery["identity"].nunique(), threshold.value is not None)
+    gallery_embeddings = embedder.embed(gallery["path"].tolist(), batch_size=args.batch_size, progress=True)
+    query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
     verifier = None
     if verify:
         factory = _verifier_factory(embedder, gallery["path"].tolist(), queries["path"].tolist())

@@ -227,15 +227,20 @@ def evaluate(embeddings: np.ndarray, records: pd.DataFrame, threshold: Threshold
     beside it as ``oracle_threshold`` (fitted for ``objective``; optimistic, for comparison only) and used when there
     is no threshold. When no query shows an individual missing from the gallery, there is no open set to score and
     ``open_set`` is ``None``.
+    Likewise ``closed_set`` is ``None`` when no query shows an individual of the gallery (e.g. a ``split`` column
+    whose test photos are all of new individuals): a score of 0 would read as a model that finds nothing.
     ``verifier_for(gallery_rows, query_rows)`` adds local verification to both protocols.
     """
     closed, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
     identities = np.asarray(records["identity"].tolist(), dtype=object)
     known_closed = np.isin(identities[closed.queries], identities[closed.gallery])
     closed = Protocol(closed.gallery, closed.queries[known_closed], closed.description)
-    closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None, verifier_for=verifier_for)
+    closed_scores = None
+    if len(closed.queries):
+        closed_result = run_protocol(embeddings, identities.tolist(), closed, threshold=None, verifier_for=verifier_for)
+        closed_scores = {**closed_result.metrics, "protocol": closed.description}
     report: dict[str, object] = {
-        "closed_set": {**closed_result.metrics, "protocol": closed.description},
+        "closed_set": closed_scores,
         "open_set": None,
         "threshold": threshold.value,
         "threshold_source": threshold.source,

@@ -68,6 +68,23 @@ def _one_row_per_id(queries: pd.DataFrame, source: Path) -> pd.DataFrame:
     return queries
 
 
+#: What a gallery too small for a Zindi submission lacks, and the two ways to get there.
+_FIVE_LABELS = ("a Zindi submission needs five distinct labels a query: enroll at least five individuals in the "
+                "gallery, or four with a new_turtle threshold (reid calibrate, or --threshold)")
+
+
+def check_gallery_fills_a_submission(gallery: str | Path, individuals: int, new_turtle: bool) -> None:
+    """Refuse, before any photo is embedded, a gallery whose individuals (and new_turtle, when a threshold is in
+    force) cannot make up five distinct labels a query.
+
+    Raises:
+        SubmissionError: naming the gallery and what it has.
+    """
+    if individuals + new_turtle < 5:
+        raise SubmissionError(f"{gallery}: {individuals} individual{'s' * (individuals != 1)}"
+                              f"{' and new_turtle' if new_turtle else ', and no new_turtle threshold'}; {_FIVE_LABELS}")
+
+
 def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Sequence[Sequence[str]]) -> Path:
     """Write a submission: one row per query, in the given order, with five distinct labels.
 
@@ -78,8 +95,7 @@ def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Se
     for image_id, labels in zip(image_ids, predictions):
         distinct = list(dict.fromkeys(labels))[:5]
         if len(distinct) < 5:
-            raise SubmissionError(f"query {image_id}: only {len(distinct)} distinct labels {distinct}; a Zindi "
-                                  "submission needs five (enroll at least four individuals in the gallery)")
+            raise SubmissionError(f"query {image_id}: only {len(distinct)} distinct labels {distinct}; {_FIVE_LABELS}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)

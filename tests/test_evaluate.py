@@ -192,6 +192,29 @@ def test_split_without_unknown_queries_reports_no_open_set(tmp_path: Path, check
     assert json.loads(capsys.readouterr().out)["open_set"] is None
 
 
+def test_a_split_of_new_individuals_only_reports_no_closed_set_and_writes_strict_json(
+        tmp_path: Path, checkpoint: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The layout `reid calibrate` asks for (test photos of individuals not in train): nothing to score in the closed
+    set, and no known query in the open set, so neither a 0.0000 nor a NaN in what is printed or written."""
+    labels = (synth_dataset / "labels.csv").read_text().splitlines()
+    identities = sorted({line.split(",")[1] for line in labels[1:]})
+    new = set(identities[-2:])
+    data = tmp_path / "new_only"
+    data.mkdir()
+    (data / "labels.csv").write_text("\n".join(
+        [labels[0] + ",split", *[f"{line},{'test' if line.split(',')[1] in new else 'train'}" for line in labels[1:]]])
+        + "\n")
+    (data / "images").symlink_to(synth_dataset / "images")
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "closed set: no query shows an individual of the gallery" in printed
+    assert "known n/a" in printed and "nan" not in printed.lower() and "MAP@5 0.0000  top-1" not in printed
+    report = json.loads(out.read_text(), parse_constant=lambda constant: pytest.fail(f"{constant} in the JSON"))
+    assert report["closed_set"] is None and report["open_set"]["known_accuracy"] is None
+    assert report["open_set"]["queries"] == sum(line.split(",")[1] in new for line in labels[1:])
+
+
 @pytest.mark.parametrize(("command", "example"), [
     (["evaluate", "--data", "D", "--out"], "results.json"),
     (["predict", "--gallery", "D", "--queries", "D", "--out"], "submission.csv"),

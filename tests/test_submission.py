@@ -110,7 +110,15 @@ def test_predict_with_too_small_gallery_explains(tmp_path: Path, checkpoint: Pat
     write_image(tmp_path / "queries" / "q.png", seed=9)
     assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(tmp_path / "gallery"),
                  "--queries", str(tmp_path / "queries"), "--out", str(tmp_path / "s.csv")]) == 2
-    assert "needs five" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "gallery: 2 individuals, and no new_turtle threshold; a Zindi submission needs five" in error
+    assert "or four with a new_turtle threshold" in error and not (tmp_path / "s.csv").exists()
+    for identity in ("c", "d"):
+        write_image(tmp_path / "gallery" / identity / "0.png", seed=5)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--gallery", str(tmp_path / "gallery"),
+                 "--queries", str(tmp_path / "queries"), "--out", str(tmp_path / "s.csv"), "--threshold", "0.5"]) == 0
+    row = (tmp_path / "s.csv").read_text().splitlines()[1].split(",")
+    assert row[0] == "q" and set(row[1:]) == {"a", "b", "c", "d", "new_turtle"}, "four individuals and new_turtle"
 
 
 def test_query_photos_sharing_a_name_are_refused_before_any_work(tmp_path: Path, checkpoint: Path,
