@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     from reid.data.datamodule import ReIDDataModule
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
+    from reid.verification import Fusion
     from reid.verification import Fallback, FeaturesOnDemand, Verification
 
 log = logging.getLogger(__name__)
@@ -228,12 +229,11 @@ def _check_threshold(value: float | None) -> None:
         raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
 
 
-def _verifier_factory(embedder: Embedder, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
+def _verifier_factory(fusion: Fusion, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:
     """Local features of every photo (cached on disk after the first run) and the verifier of any protocol; a
     fallback's features are extracted only for the photos it asks for."""
     from reid.verification import extract_all, verifier_factory
 
-    fusion = embedder.verification.fusion
     features = extract_all(list(images), fusion.extraction, progress=True)
     query_features = extract_all(list(queries), fusion.extraction, progress=True) if queries else None
     return verifier_factory(fusion, features, query_features,
@@ -267,10 +267,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
-    verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
-    report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verify), args.seed,
+    verification = verification_in_force(args.verify, embedder, args.checkpoint)
+    verify = verification is not None
+    report = evaluate(embeddings, records, threshold_in_force(args.threshold, embedder, verification), args.seed,
                       args.query_fraction, args.unknown_fraction, args.query_split,
-                      _verifier_factory(embedder, records["path"].tolist()) if verify else None,
+                      _verifier_factory(verification.fusion, records["path"].tolist()) if verify else None,
                       embedder.threshold_objective)
     report = _finite({"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report})
     if args.out:
@@ -280,8 +281,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     closed, open_set = report["closed_set"], report["open_set"]
     if verify:
-        print(f"answers verified with local features (the {embedder.verification.fusion.candidates} most similar "
-              f"photos of each query{fallback_note(embedder.verification.fusion)}; --no-verify for similarity alone)")
+        print(f"answers verified with local features (the {verification.fusion.candidates} most similar "
+              f"photos of each query{fallback_note(verification.fusion)}; --no-verify for similarity alone)")
     if closed is None:
         print("closed set: no query shows an individual of the gallery")
     else:
@@ -384,14 +385,14 @@ def _predict(args: argparse.Namespace) -> int:
     gallery = read_dataset(args.gallery)
     queries = read_queries(args.queries)
     embedder = Embedder.from_checkpoint(args.checkpoint, backend=args.backend)
-    verify = verification_in_force(args.verify, embedder, args.checkpoint) is not None
-    threshold = threshold_in_force(args.threshold, embedder, verify)
+    verification = verification_in_force(args.verify, embedder, args.checkpoint)
+    threshold = threshold_in_force(args.threshold, embedder, verification)
     check_gallery_fills_a_submission(args.gallery, gallery["identity"].nunique(), threshold.value is not None)
     gallery_embeddings = embedder.embed(gallery["path"].tolist(), batch_size=args.batch_size, progress=True)
     query_embeddings = embedder.embed(queries["path"].tolist(), batch_size=args.batch_size, progress=True)
     verifier = None
-    if verify:
-        factory = _verifier_factory(embedder, gallery["path"].tolist(), queries["path"].tolist())
+    if verification is not None:
+        factory = _verifier_factory(verification.fusion, gallery["path"].tolist(), queries["path"].tolist())
         verifier = factory(np.arange(len(gallery)), np.arange(len(queries)))
     rankings = search_gallery(gallery_embeddings, gallery["identity"].tolist(), query_embeddings, k=5, verifier=verifier)
     answers = [answer_from_ranking(ranking, threshold, k=5) for ranking in rankings]

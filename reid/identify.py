@@ -55,16 +55,17 @@ def resolve_threshold(requested: float | None, checkpoint_value: float | None, c
     return Threshold(None, runner_up_weight=runner_up_weight)
 
 
-def threshold_in_force(requested: float | None, embedder: Embedder, verify: bool = False,
+def threshold_in_force(requested: float | None, embedder: Embedder, verification: Verification | None = None,
                        default: float | None = None) -> Threshold:
-    """The threshold of the scores being compared, by :func:`resolve_threshold`'s precedence.
+    """The threshold of the scores being compared, by :func:`resolve_threshold`'s precedence: ``verification``'s
+    when answers are verified with it (:func:`verification_in_force`), else the checkpoint's similarity threshold.
 
     Verified answers rank by fused scores, which are probabilities: they have their own threshold, fitted by
     ``reid calibrate --verify``, because the checkpoint's similarity threshold does not apply to them.
     """
-    if verify:
-        return resolve_threshold(requested, embedder.verification.threshold, embedder.verification.threshold_origin,
-                                 default, embedder.verification.runner_up_weight)
+    if verification is not None:
+        return resolve_threshold(requested, verification.threshold, verification.threshold_origin, default,
+                                 verification.runner_up_weight)
     return resolve_threshold(requested, embedder.threshold, embedder.threshold_origin, default,
                              embedder.runner_up_weight)
 

@@ -169,7 +169,7 @@ class Engine:
     def threshold(self, requested: float | None) -> Threshold:
         """The request's threshold, else the checkpoint's calibrated one (its verification threshold when verifying:
         fused scores are probabilities), else the configured default."""
-        return threshold_in_force(requested, self.embedder, self.verifying, self.settings.default_threshold)
+        return threshold_in_force(requested, self.embedder, self.verification, self.settings.default_threshold)
 
     def decode_upload(self, data: bytes, field: str, filename: str | None, view: str = "") -> Photo:
         """Decode one upload, turning a decode failure into a 4xx naming ``field`` and the file."""
