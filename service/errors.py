@@ -136,10 +136,12 @@ def validation_body(error: RequestValidationError, content_type: str = "multipar
         else:
             problems.append(f"{field}: {message} (got {_shown(item.get('input'))})")
         if "Expected UploadFile" in message:
-            problems[-1] += "; send the file itself: curl -F file=@photo.jpg (with the @)"
+            problems[-1] += f"; send the file itself: curl -F {field.split('[')[0]}=@photo.jpg (with the @)"
     body_fields = any(item.get("loc", ())[:1] == ("body",) for item in error.errors())
     if body_fields and not content_type.lower().startswith("multipart/form-data"):
-        example = "-F file=@photo.jpg" if path.startswith("/identify") else "-F individual_id=t042 -F files=@photo.jpg"
+        example = ("-F files=@a.jpg -F files=@b.jpg" if path.startswith("/identify/batch") else
+                   "-F file=@photo.jpg" if path.startswith("/identify") else
+                   "-F individual_id=t042 -F files=@photo.jpg")
         problems.append(f"the request was sent as {content_type or 'no content type'}: send the fields as "
                         f"multipart/form-data (curl {example})")
     return ErrorBody(error="invalid_field", message="; ".join(problems), field=fields[0] if fields else None)

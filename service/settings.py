@@ -54,7 +54,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _reads_protected_by_a_key(self) -> Settings:
-        """`protect_reads` with no key to protect them would start a server that protects nothing."""
+        """`protect_reads` with no key to protect them would start a server that protects nothing; an empty key (an
+        unset ``${REID_API_KEY}`` in an env file) would lock every write behind a key no client can send."""
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError("api_key (--api-key or REID_API_KEY) is empty: set a key, or leave it unset to leave "
+                             "writes open")
         if self.protect_reads and self.api_key is None:
             raise ValueError("protect_reads needs api_key (REID_API_KEY): without a key nothing can be protected")
         return self

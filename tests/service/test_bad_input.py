@@ -234,6 +234,8 @@ def test_missing_and_malformed_fields(client: httpx.Client, records: pd.DataFram
     assert "multipart/form-data (curl -F" in client.post("/identify", json={"file": "x"}).json()["message"]
     text = client.post("/identify", data={"file": "photo.jpg"})  # curl -F file=photo.jpg, without the @
     assert text.status_code == 422 and "curl -F file=@photo.jpg (with the @)" in text.json()["message"]
+    batch = client.post("/identify/batch", data={"k": "1"})  # a form without its files: the hint names the field
+    assert batch.status_code == 422 and batch.json()["message"].endswith("(curl -F files=@a.jpg -F files=@b.jpg)")
     multipart = client.post("/identify", data={"k": "3"}, files={"photo": ("a.png", image)})  # a misnamed field
     assert multipart.json()["message"] == "file: field required", "a multipart request needs no hint about it"
     garbled = client.post("/identify", content=b"--x\r\nnonsense",

@@ -134,3 +134,9 @@ def test_every_setting_is_a_flag_and_a_wrong_value_names_it(tmp_path: Path, chec
         _settings(build_parser().parse_args([*base, "--default-k", "51"]))
     with pytest.raises(ReIDError, match=r"invalid service settings: protect_reads needs api_key \(REID_API_KEY\)"):
         _settings(build_parser().parse_args([*base, "--protect-reads"]))  # a server that would protect nothing
+    monkeypatch.setenv("REID_API_KEY", "")  # `REID_API_KEY=${KEY}` with KEY unset: every write would be refused
+    with pytest.raises(ReIDError, match=r"api_key \(--api-key or REID_API_KEY\) is empty: set a key, or leave it unset"):
+        _settings(build_parser().parse_args(base))
+    monkeypatch.delenv("REID_API_KEY")
+    with pytest.raises(ReIDError, match="is empty"):
+        _settings(build_parser().parse_args([*base, "--api-key", " "]))
