@@ -29,8 +29,7 @@ if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     from reid.data.datamodule import ReIDDataModule
     from reid.evaluation import VerifierFactory
     from reid.inference import Embedder
-    from reid.verification import Fusion
-    from reid.verification import Fallback, FeaturesOnDemand, Verification
+    from reid.verification import Fallback, FeaturesOnDemand, Fusion, Verification
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +260,8 @@ def _four_places(value: float | None) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from reid.data.records import read_dataset
     from reid.evaluation import evaluate
+    from reid.fileio import write_atomically
     from reid.identify import threshold_in_force, verification_in_force
-    from reid.verification import fallback_note
 
     _check_threshold(args.threshold)
     records = read_dataset(args.data)
@@ -274,13 +273,21 @@ def _evaluate(args: argparse.Namespace) -> int:
                       _verifier_factory(verification.fusion, records["path"].tolist()) if verify else None,
                       embedder.threshold_objective)
     report = _finite({"checkpoint": str(args.checkpoint), "data": str(args.data), "verified": verify, **report})
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.json:
         print(json.dumps(report, allow_nan=False))
-        return 0
+    else:
+        _print_evaluation(report, verification)
+    if args.out:  # after printing: a file that cannot be written loses nothing of the run
+        write_atomically(args.out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    return 0
+
+
+def _print_evaluation(report: dict[str, Any], verification: Verification | None) -> None:
+    """``reid evaluate``'s report for a person to read."""
+    from reid.verification import fallback_note
+
     closed, open_set = report["closed_set"], report["open_set"]
-    if verify:
+    if verification is not None:
         print(f"answers verified with local features (the {verification.fusion.candidates} most similar "
               f"photos of each query{fallback_note(verification.fusion)}; --no-verify for similarity alone)")
     if closed is None:
@@ -291,16 +298,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if open_set is None:
         print("open set: no query shows an individual missing from the gallery "
               "(--query-split none uses the seeded open-set protocol)")
-        return 0
+        return
     print(f"open set ({open_set['protocol']}, {int(open_set['queries'])} queries, threshold {report['threshold']:.4f} "
           f"from the {report['threshold_source']}): MAP@5 {open_set['map5']:.4f}  "
           f"known {_four_places(open_set['known_accuracy'])}  unknown {open_set['unknown_accuracy']:.4f}  "
           f"balanced {open_set['balanced_accuracy']:.4f}  AUROC {_four_places(open_set['auroc'])}")
     if report["threshold_origin"]:
         print(f"threshold: {report['threshold_origin']}")
-    print(f"best threshold on this data (optimistic, for {OBJECTIVE_NAMES[embedder.threshold_objective]}): "
+    print(f"best threshold on this data (optimistic, for {OBJECTIVE_NAMES[report['threshold_objective']]}): "
           f"{report['oracle_threshold']:.4f}")
-    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -430,8 +436,14 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _rsm(args: argparse.Namespace) -> int:
+    from matplotlib.backend_bases import FigureCanvasBase
+
     from reid.rsm import dataset_rsm
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(args.out).suffix.lower().lstrip(".") not in formats:  # refused before the photos are embedded
+        raise ReIDError(f"--out {args.out}: a heatmap is written as one of .{', .'.join(sorted(formats))}; "
+                        "name the file with one of these extensions")
     rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
                               args.seed, args.batch_size, args.backend)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -671,6 +683,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # the limit is the service's too, but only here can the person who hit it raise it
         print(f"reid: error: {_own_message(error)}{limit_hint(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the user's file system: a folder that cannot be written, a full disk, a lost share
+        print(f"reid: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}",
+              file=sys.stderr)
         return 2
 
 

@@ -100,9 +100,9 @@ def export_encoder(path: str | Path, backbone: str, pretrained: bool | str, imag
                                config={"model": {"backbone": backbone, "pretrained": str(pretrained),
                                                  "image_size": image_size, "embedding": embedding}})
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    torch.save({"state_dict": state, CHECKPOINT_KEY: meta}, path)
+    with atomic_target(path) as temporary:
+        torch.save({"state_dict": state, CHECKPOINT_KEY: meta}, temporary)
     return path
 
 

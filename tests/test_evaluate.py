@@ -154,6 +154,30 @@ def test_calibrate_verify_that_fails_midway_leaves_the_checkpoint_as_it_was(
     assert checkpoint.read_bytes() == before
 
 
+def test_an_output_that_cannot_be_written_costs_no_result_and_no_traceback(
+        tmp_path: Path, checkpoint: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out` into a folder not made yet is made; a disk that refuses the file (full, read-only, gone) ends in one
+    error line with exit code 2, after the report was printed; a heatmap format matplotlib cannot write is refused
+    before any photo is embedded."""
+    out = tmp_path / "not" / "made" / "yet.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["closed_set"]["queries"] > 0
+    capsys.readouterr()
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("reid.fileio.write_atomically", full_disk)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "closed set (" in captured.out, "the report is printed before the file is written"
+    assert captured.err.endswith(f"\nreid: error: {out}: No space left on device\n") and "Traceback" not in captured.err
+    assert main(["rsm", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "never read"),
+                 "--out", str(tmp_path / "rsm.jpgx")]) == 2
+    assert "a heatmap is written as one of .avif" in capsys.readouterr().err
+
+
 def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:
     out = tmp_path / "rsm.png"
     assert main(["rsm", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out),
