@@ -55,7 +55,7 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
     checkpoint was calibrated for verification, each photo's local features are stored with it, so a verifying
     server does not have to extract them at start-up.
     """
-    records = read_dataset(dataset)
+    records = read_dataset(dataset, check_images=False)  # a bad photo is skipped below, not a reason to stop
     identities = sorted(records["identity"].unique())
     invalid = []
     for identity in identities:
@@ -90,9 +90,9 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
                     if hashlib.sha256(data).hexdigest() in known:
                         already += 1
                         continue
-                    photos.append(read_photo(data, max_pixels, view))
-                except (OSError, ImageDecodeError) as error:
-                    log.warning("skipping %s: %s", path, error)
+                    photos.append(read_photo(data, max_pixels, view, name=str(path)))
+                except (OSError, ImageDecodeError) as error:  # either message names the file
+                    log.warning("skipping a photo: %s", error)
                     skipped += 1
             for chunk in _chunks(photos, batch_size):
                 vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)

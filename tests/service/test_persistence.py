@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import threading
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from PIL import Image
 
 from reid.errors import ReIDError
 from reid.inference import Embedder
@@ -101,6 +104,29 @@ def test_offline_enrol_is_idempotent(tmp_path: Path, checkpoint_a: Path, synth_d
     again = enroll_dataset(checkpoint_a, tmp_path / "data", synth_dataset, progress=False)
     assert again == EnrollReport(added=0, already_enrolled=32, skipped=0, individuals=8)
     assert Store(tmp_path / "data").counts() == (8, 32)
+
+
+def test_offline_enrol_skips_every_unreadable_photo_and_names_it(tmp_path: Path, checkpoint_a: Path,
+                                                                 synth_dataset: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An empty file left by a failed card copy, a text file named .jpg and a truncated JPEG are each skipped with a
+    warning naming the file, and the good photos of the same folder are enrolled."""
+    dataset = tmp_path / "cards" / "t001"
+    dataset.mkdir(parents=True)
+    good = sorted((synth_dataset / "images").rglob("*.png"))[0]
+    (dataset / "good.png").write_bytes(good.read_bytes())
+    (dataset / "empty.jpg").write_bytes(b"")
+    (dataset / "notes.jpg").write_text("not a photo")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(buffer, format="JPEG")
+    (dataset / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    with caplog.at_level(logging.WARNING, logger="service.offline"):
+        report = enroll_dataset(checkpoint_a, tmp_path / "data", dataset.parent, progress=False)
+    assert report == EnrollReport(added=1, already_enrolled=0, skipped=3, individuals=1)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert all(any(f"skipping a photo: {dataset / name}:" in warning for warning in warnings)
+               for name in ("empty.jpg", "notes.jpg", "truncated.jpg")), warnings
+    assert not any("uploaded bytes" in warning for warning in warnings)
 
 
 def test_model_change_is_refused_until_reindex(start_server: StartServer, tmp_path: Path, checkpoint_a: Path,
