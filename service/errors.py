@@ -91,11 +91,17 @@ def rejected_image(error: ImageDecodeError, field: str) -> ImageRejectedError:
     return kind(str(error), field)
 
 
+#: What a client whose request is over the body limit can do, and what the operator can change.
+BODY_LIMIT_ADVICE = ("send fewer or smaller photos in one request (the rest in further requests), or start the "
+                     "service with a higher --max-upload-bytes (REID_MAX_UPLOAD_BYTES)")
+
+
 class BodyTooLargeError(HTTPException):
     """Raised while the body streams in; an :class:`HTTPException` so that FastAPI's body parsing lets it through."""
 
     def __init__(self, limit: int, received: int) -> None:
-        super().__init__(413, f"request body is over the limit of {limit} bytes (received {received} so far)")
+        super().__init__(413, f"request body is over the limit of {limit} bytes (received {received} so far): "
+                              f"{BODY_LIMIT_ADVICE}")
 
 
 def error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:

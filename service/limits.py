@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError, error_response
+from service.errors import BODY_LIMIT_ADVICE, BodyTooLargeError, error_response
 from service.schemas import ErrorBody
 
 
@@ -28,7 +28,7 @@ class BodySizeLimit:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             body = ErrorBody(error="body_too_large", message=f"request body of {declared} bytes is over the limit "
-                                                             f"of {self.max_bytes} bytes")
+                                                             f"of {self.max_bytes} bytes: {BODY_LIMIT_ADVICE}")
             await error_response(413, body, {"Connection": "close"})(scope, receive, send)
             return
         received = 0

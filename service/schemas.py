@@ -143,3 +143,5 @@ class Health(BaseModel):
     threshold_origin: str | None = Field(None, description="how a checkpoint's threshold was fitted")
     writes_protected: bool
     reads_protected: bool
+    max_upload_bytes: int = Field(description="largest request body the service accepts (413 above): a client sends "
+                                              "more photos than fit in several requests")

@@ -39,7 +39,8 @@ def health(engine: EngineDep) -> Health:
                   verification=engine.verifying, threshold=threshold.value,
                   runner_up_weight=threshold.runner_up_weight, threshold_source=threshold.source,
                   threshold_origin=threshold.origin, writes_protected=settings.api_key is not None,
-                  reads_protected=settings.api_key is not None and settings.protect_reads)
+                  reads_protected=settings.api_key is not None and settings.protect_reads,
+                  max_upload_bytes=settings.max_upload_bytes)
 
 
 def _selected_individuals(engine: Engine, individuals: str | None) -> list[str]:

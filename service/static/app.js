@@ -108,6 +108,56 @@ function photoForm(files, views) {
   return form;
 }
 
+// room left in a request for the form's own bytes: its boundaries, and each part's headers and view
+const FORM_BYTES = 16384;
+const PART_BYTES = 1024;
+
+/** The photos in consecutive groups that each fit in one request under the service's body limit (/health's
+ *  max_upload_bytes): six camera photos of 4 MB are one enrolment, not a refusal. Throws, before anything is sent,
+ *  for a photo that alone is over the limit. */
+function uploadGroups(files, views) {
+  const limit = health && health.max_upload_bytes ? health.max_upload_bytes : Infinity;
+  const groups = [];
+  let group = null;
+  files.forEach((file, i) => {
+    const bytes = file.size + PART_BYTES;
+    if (FORM_BYTES + bytes > limit) {
+      throw new Error(`${file.name} is ${megabytes(file.size)}, over the ${megabytes(limit)} this service takes ` +
+                      "in one request: send a smaller copy, or start the service with a higher --max-upload-bytes");
+    }
+    if (!group || group.bytes + bytes > limit) groups.push(group = { files: [], views: [], bytes: FORM_BYTES });
+    group.files.push(file);
+    group.views.push(views[i]);
+    group.bytes += bytes;
+  });
+  return groups;
+}
+
+function megabytes(bytes) {
+  return `${(bytes / 1048576).toFixed(1)} MB`;
+}
+
+/** Send photos of one individual in as many requests as the body limit needs: the first group to ``first`` (with
+ *  its extra ``fields``), the others to ``rest``. Returns every stored photo, as one answer would list them; a
+ *  failed request throws with ``error.images``, the photos stored before it, and ``error.unsent``, the count of
+ *  photos that were not. */
+async function sendPhotos(files, views, first, fields, rest) {
+  const groups = uploadGroups(files, views);
+  const images = [];
+  for (const [number, group] of groups.entries()) {
+    const form = photoForm(group.files, group.views);
+    if (number === 0) for (const [name, value] of Object.entries(fields)) form.append(name, value);
+    try {
+      images.push(...(await (await api(number === 0 ? first : rest, { method: "POST", body: form })).json()).images);
+    } catch (error) {
+      error.images = images;
+      error.unsent = groups.slice(number).reduce((count, later) => count + later.files.length, 0);
+      throw error;
+    }
+  }
+  return { images };
+}
+
 /** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
 function photoList(files, buttonLabel, send) {
   // a file chosen twice (same name, size and date) is listed once: stored once anyway, its second view would be lost
@@ -428,6 +478,7 @@ function unsave(individualId) {
 // -- individuals ----------------------------------------------------------------------------------------------
 
 let listed = 0;
+let listing = 0;  // the latest listing asked for (tab opened, search typed, more asked for): older answers are dropped
 let searchTimer = null;
 
 $("search").addEventListener("input", () => {
@@ -436,23 +487,30 @@ $("search").addEventListener("input", () => {
 });
 $("more").addEventListener("click", () => loadIndividuals(false));
 
+/** List individuals from the first (``reset``) or the next page. A double click, or a search typed while an answer
+ *  is on its way, asks again before the first answer arrives: only the latest answer is shown, and "Show more"
+ *  asks for one page at a time, so no individual is listed twice or skipped. */
 async function loadIndividuals(reset) {
-  if (reset) {
-    listed = 0;
-    $("individual-grid").replaceChildren();
-    $("individual-detail").hidden = true;
-  }
-  const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(listed), q: $("search").value.trim() });
+  if (reset) $("individual-detail").hidden = true;
+  else if ($("more").disabled) return;
+  const current = ++listing;
+  const offset = reset ? 0 : listed;
+  $("more").disabled = true;
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(offset), q: $("search").value.trim() });
   try {
     const page = await (await api(`/individuals?${query}`)).json();
+    if (current !== listing) return;
+    if (reset) $("individual-grid").replaceChildren();
     for (const item of page.items) $("individual-grid").append(individualTile(item));
-    listed += page.items.length;
+    listed = offset + page.items.length;
     $("individual-count").textContent = page.total === 0
       ? ($("search").value.trim() ? "No individual matches this search." : "No individual is enrolled yet.")
       : `${page.total} individual${page.total === 1 ? "" : "s"}`;
     $("more").hidden = listed >= page.total;
   } catch (error) {
-    showMessage(error.message);
+    if (current === listing) showMessage(error.message);
+  } finally {
+    if (current === listing) $("more").disabled = false;
   }
 }
 
@@ -503,15 +561,23 @@ async function showIndividual(individualId) {
 }
 
 async function addPhotos(individualId, files, views) {
+  const images = `/individuals/${encodeURIComponent(individualId)}/images`;
   try {
-    const saved = await (await api(`/individuals/${encodeURIComponent(individualId)}/images`,
-                                   { method: "POST", body: photoForm(files, views) })).json();
+    const saved = await sendPhotos(files, views, images, {}, images);
     await showIndividual(individualId);  // it clears the message: say what happened after it
     showSaved(saved, savedPhotos(saved, `Added {} to ${individualId}.`));
     refreshHealth();
     identifyOthersAgain(savedNote(individualId));
   } catch (error) {
-    showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
+    if (!error.images || !error.images.length) {
+      showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
+      return;
+    }
+    await showIndividual(individualId);
+    showMessage(`Added ${plural(error.images.length, "photo")} to ${individualId}, but ` +
+                `${plural(error.unsent, "other photo")} could not be added: ${error.message}`, "warn");
+    refreshHealth();
+    identifyOthersAgain(savedNote(individualId));
   }
 }
 
@@ -555,21 +621,31 @@ async function enrolNew(files, views) {
   clearMessage();
   const individualId = typedId($("new-id"));
   if (!individualId) return;
-  const form = photoForm(files, views);
-  form.append("individual_id", individualId);
   let saved;
+  let failure = null;
   try {
-    saved = await (await api("/individuals", { method: "POST", body: form })).json();
+    saved = await sendPhotos(files, views, "/individuals", { individual_id: individualId },
+                             `/individuals/${encodeURIComponent(individualId)}/images`);
   } catch (error) {
-    showMessage(`Could not enrol ${individualId}: ${error.message}`);
-    return;
+    if (!error.images || !error.images.length) {
+      showMessage(`Could not enrol ${individualId}: ${error.message}`);
+      return;
+    }
+    saved = { images: error.images };  // enrolled with its first photos: the others can be added on its page
+    failure = error;
   }
   $("new-individual").reset();
   $("new-photos").replaceChildren();
   $("search").value = "";
   await loadIndividuals(true);
   await showIndividual(individualId);
-  showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
+  if (failure) {
+    showMessage(`Enrolled ${individualId} with ${plural(saved.images.length, "photo")}, but ` +
+                `${plural(failure.unsent, "other photo")} could not be added: ${failure.message}. Add ` +
+                `${failure.unsent === 1 ? "it" : "them"} with "Add photos" below.`, "warn");
+  } else {
+    showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
+  }
   refreshHealth();
   identifyOthersAgain(savedNote(individualId));
 }

@@ -114,6 +114,8 @@ def test_body_over_the_size_limit_is_refused(client: httpx.Client, server: Serve
     declared = identify(client, big)
     assert declared.status_code == 413
     assert declared.json()["error"] == "body_too_large" and str(MAX_UPLOAD_BYTES) in declared.json()["message"]
+    assert "--max-upload-bytes (REID_MAX_UPLOAD_BYTES)" in declared.json()["message"], "says what can be done"
+    assert client.get("/health").json()["max_upload_bytes"] == MAX_UPLOAD_BYTES
 
     # Without a Content-Length (chunked upload) the bytes are counted as they arrive.
     boundary = "limit-test"

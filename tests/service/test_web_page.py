@@ -311,3 +311,75 @@ def test_a_phone_reaches_every_button_of_an_answer(page: Page, server_with_resid
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (button.inner_text(), box)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     Steps(page, "phone").shot("identified")
+
+
+def test_the_individuals_list_shows_each_individual_once_whatever_the_clicks(page: Page,
+                                                                            server_with_residents: Server) -> None:
+    """A double click on the tab, or an answer to an older search arriving after a newer one, lists no individual
+    twice and shows the newest search's individuals and count."""
+    page.goto(server_with_residents.url + "/")
+    page.dblclick("#tab-individuals")
+    tiles = page.locator("#individual-grid .tile")
+    expect(page.locator("#individual-count")).to_have_text("3 individuals")
+    page.wait_for_load_state("networkidle")
+    assert sorted(tiles.evaluate_all("nodes => nodes.map((node) => node.dataset.individual)")) == [
+        "resident-0", "resident-1", "resident-2"]
+
+    held = []
+    page.route(lambda url: url.endswith("q=resident"), lambda route: held.append(route))  # a slow first answer
+    page.fill("#search", "resident")
+    page.wait_for_timeout(600)  # past the search's debounce: its request is on its way, and held
+    assert len(held) == 1
+    page.fill("#search", "resident-1")
+    expect(tiles).to_have_count(1)
+    held[0].continue_()  # the older search's three individuals arrive last
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(300)
+    expect(tiles).to_have_count(1)
+    expect(page.locator("#individual-count")).to_have_text("1 individual")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+
+
+def test_photos_over_the_upload_limit_are_sent_in_several_requests(browser: Browser, start_server: StartServer,
+                                                                   tmp_path: Path, checkpoint_a: Path,
+                                                                   records: pd.DataFrame) -> None:
+    """Camera photos that together pass the service's body limit (/health's max_upload_bytes) enrol in several
+    requests instead of a refusal; one refused in a later request leaves the individual enrolled with the others
+    and says how to add the rest."""
+    pictures = [_upload(tmp_path, f"camera-{i}.png", data) for i, data in enumerate(photos(records, "ind_006")[:3])]
+    limit = 16384 + 1024 + max(path.stat().st_size for path in pictures) + 64  # one photo a request
+    server = start_server(checkpoint_a, tmp_path / "small", "--max-upload-bytes", str(limit))
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    posts: list[str] = []
+    page.on("request", lambda request: posts.append(urlparse(request.url).path) if request.method == "POST" else None)
+    page.goto(server.url + "/")
+    expect(page.locator("#status")).to_contain_text("0 individuals")
+    page.click("#tab-individuals")
+    page.locator("#new-individual-card summary").click()
+    page.set_input_files("#new-files", [str(path) for path in pictures])
+    page.locator("#new-photos li input.view").nth(2).fill("left")
+    page.fill("#new-id", "camera-day")
+    page.get_by_role("button", name="Enrol the new individual").click()
+    expect(page.locator("#message")).to_have_text("Enrolled camera-day with 3 photos.")
+    assert posts == ["/individuals", "/individuals/camera-day/images", "/individuals/camera-day/images"]
+    with server.client() as client:
+        assert [image["view"] for image in client.get("/individuals/camera-day").json()["images"]] == ["", "", "left"]
+
+    notes = _upload(tmp_path, "notes.png", b"field notes, not a photo" + b" " * pictures[0].stat().st_size)
+    expect(page.locator("#new-id")).to_be_visible()  # the form stays open for the next individual
+    page.set_input_files("#new-files", [str(pictures[0]), str(notes)])
+    page.fill("#new-id", "second-day")
+    page.get_by_role("button", name="Enrol the new individual").click()
+    expect(page.locator("#message")).to_contain_text("Enrolled second-day with 1 photo, but 1 other photo could not be "
+                                                     "added: files[0] (notes.png)")
+    expect(page.locator("#individual-card h2")).to_have_text("second-day")
+    big = _upload(tmp_path, "huge.png", pictures[0].read_bytes() + b"\0" * limit)
+    page.locator("#individual-card input[type=file]").set_input_files([str(big)])
+    page.get_by_role("button", name="Add these photos to second-day").click()
+    expect(page.locator("#message")).to_contain_text("huge.png is 0.0 MB, over the 0.0 MB this service takes in one "
+                                                     "request")
+    assert errors == [], errors
+    context.close()
