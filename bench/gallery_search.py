@@ -11,8 +11,9 @@ photos. A photo's cosine to its individual's other photos is ~0.65-0.85, to phot
 ~0.2-0.4 within a population and more within a family; the run prints the measured spread. Queries are
 held-out photos of enrolled individuals (one each, never in the gallery).
 
-Protocol. Each kind is a ``reid.gallery.Gallery`` filled in 10,000-photo batches, as the service loads its
-store (so ``ivf`` is trained and re-trained the way it is in production), then searched one query at a time
+Protocol. Each kind is a ``reid.gallery.Gallery`` built as the service loads its store (``ivf`` trained once, on a
+seeded sample drawn from all the photos: ``reid.gallery.train_for_batches``), then filled in 10,000-photo batches,
+and searched one query at a time
 with ``Gallery.search(query, k=5)``, which ranks individuals by their best photo. Exact (``flat``) search runs
 first in the same process, and every other kind is compared with it:
 
@@ -24,11 +25,11 @@ first in the same process, and every other kind is compared with it:
 - top-1 agreement: share of queries whose first individual is exact search's first individual;
 - p50 / p99: wall time of one ``Gallery.search`` call (one query) after 5 untimed warm-up queries;
 - speed vs exact: exact p50 / this kind's p50, both from this run;
-- build: seconds to add every photo (training and re-training included);
+- build: seconds to train (ivf) and add every photo;
 - index MiB: size of the FAISS index written to a file (vectors, lists, graph, ids); RSS +MiB: growth of the
   process's resident memory while the gallery was built, which adds the gallery's Python-side id maps, unused
-  capacity of growing arrays and heap kept after a re-training (the vectors the gallery keeps are views of this
-  script's array, so, unlike in the service, they add nothing).
+  capacity of growing arrays and heap the allocator kept after training (the gallery keeps no copy of the vectors
+  beside FAISS).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from reid.gallery import Gallery
+from reid.gallery import Gallery, train_for_batches
 
 BATCH = 10_000  # photos per Gallery.add, as service.store.Store.embeddings yields them
 K = 5
@@ -166,11 +167,14 @@ class Row:
 
 
 def measure(kind: str, data: Synthetic, identities: list[str]) -> Row:
-    """Build one kind's gallery in service-sized batches and time one-query searches."""
+    """Build one kind's gallery as the service loads its store (an IVF index trained once on a sample of all the
+    photos, then the photos added in service-sized batches) and time one-query searches."""
     gc.collect()
     rss = _rss_mib()
     start = time.perf_counter()
     gallery = Gallery(data.vectors.shape[1], kind=kind, use_gpu=False)
+    train_for_batches(gallery, len(data.vectors),
+                      (data.vectors[first:first + BATCH] for first in range(0, len(data.vectors), BATCH)))
     for first in range(0, len(data.vectors), BATCH):
         rows = slice(first, first + BATCH)
         gallery.add(np.arange(first, min(first + BATCH, len(data.vectors))), data.vectors[rows], identities[rows])

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import faiss
@@ -285,6 +285,19 @@ class Gallery:
                 if fetch >= total or all(len(r) >= wanted_individuals for r in rankings):
                     return rankings
                 fetch = min(total, fetch * 4)
+
+
+def train_for_batches(gallery: Gallery, total: int, batches: Iterable[np.ndarray], seed: int = 0) -> None:
+    """Train an empty IVF gallery once for ``total`` photos, on a seeded sample drawn from every batch of their
+    vectors (:meth:`Gallery.train`), before the batches are added; other kinds need no training. The service does
+    this with its store at start, and bench/gallery_search.py with its photos."""
+    share = gallery.training_share(total)
+    if not share:
+        return
+    rng = np.random.default_rng(seed)
+    sample = [vectors[rng.random(len(vectors)) < share] for vectors in batches]
+    if sum(len(part) for part in sample):
+        gallery.train(total, np.concatenate(sample))
 
 
 def _cosines(index: faiss.Index, vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from reid.errors import FeatureError, ImageDecodeError, ReIDError
 from reid.explain import Explanation, explain_match
-from reid.gallery import Gallery
+from reid.gallery import Gallery, train_for_batches
 from reid.identify import Answer, Identifier, Threshold, threshold_in_force, verification_in_force
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
@@ -80,19 +80,6 @@ def _cached_features(store: Store, image_ids: list[int], extraction: Extraction)
     return features
 
 
-def _train_for_store(gallery: Gallery, store: Store, fingerprint: str) -> None:
-    """Train an IVF gallery once, on a seeded sample drawn from every stored photo, before they are all added
-    (:meth:`Gallery.train`); other kinds need no training."""
-    photos = store.counts()[1]
-    share = gallery.training_share(photos)
-    if not share:
-        return
-    rng = np.random.default_rng(0)
-    sample = [batch.vectors[rng.random(len(batch.vectors)) < share] for batch in store.embeddings(fingerprint)]
-    if sample:
-        gallery.train(photos, np.concatenate(sample))
-
-
 class Engine:
     """Everything a request needs: enrol, delete, identify and explain photos against the gallery."""
 
@@ -132,7 +119,8 @@ class Engine:
         store.bind_model(model_record(embedder, str(settings.checkpoint.expanduser().resolve())))
         store.sweep()
         gallery = Gallery(embedder.dim, kind=settings.index)
-        _train_for_store(gallery, store, embedder.fingerprint)
+        train_for_batches(gallery, store.counts()[1],
+                          (batch.vectors for batch in store.embeddings(embedder.fingerprint)))
         image_ids: list[int] = []
         for batch in store.embeddings(embedder.fingerprint):
             gallery.add(batch.image_ids, batch.vectors, batch.identities)
