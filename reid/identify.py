@@ -149,6 +149,10 @@ class Identifier:
         kept = np.array([identity is not None for identity in found], dtype=bool)
         similarities, image_ids = similarities[kept], image_ids[kept]
         inliers = np.asarray(self.verifier.inliers(query, image_ids), dtype=np.int64)
+        # looked up again after matching, the slow part, where a deletion is most likely to land
+        found = self.gallery.identities_of(image_ids)
+        kept = np.array([identity is not None for identity in found], dtype=bool)
+        similarities, image_ids, inliers = similarities[kept], image_ids[kept], inliers[kept]
         verified = set(image_ids.tolist())
         unverified = [hit for hit in plain if hit.image_id not in verified]
         unverified = [hit for hit, identity in zip(unverified, self.gallery.identities_of(

@@ -7,9 +7,10 @@ Identification never takes that lock: embedding, searching and local-feature mat
 requests as arrive, and a deletion never waits for them.
 
 With verification on, every searchable photo's local features are in memory (read from the store at start, added
-at enrolment before the photo becomes searchable). A query that a deletion overtakes (one photo of its candidates
-deleted between its search and its matching) matches that photo as nothing and names no evidence for it, as if it
-had been searched a moment later: holding deletions back for verifications instead would hold every query that
+at enrolment before the photo becomes searchable). A query that a deletion overtakes (one of its candidate photos
+deleted between its search and the end of its matching) matches that photo as nothing and leaves it out of its
+answer, as if it had been searched a moment later; only a deletion in the instant between ranking and reply can
+still be named, then without evidence. Holding deletions back for verifications instead would hold every query that
 arrives meanwhile back too, for as long as the slowest verification in flight (a fallback's first extractions take
 seconds).
 """

@@ -81,6 +81,23 @@ def test_a_photo_removed_between_search_and_verification_is_left_out_of_the_answ
     assert [hit.individual for hit in ranking][0] == "a" and {hit.individual for hit in ranking} == {"a", "b", "c"}
 
 
+def test_a_photo_removed_while_it_is_being_matched_is_left_out_too() -> None:
+    """Matching is the slow part of a verified query, where a deletion is most likely to land: an individual whose
+    only photo goes then is not named, though it was the best candidate when the search ran."""
+    gallery = np.eye(4, dtype=np.float32)[[0, 1, 2]]
+    identifier = identifier_over(gallery, ["a", "b", "c"], ids=[10, 12, 13])
+
+    class DeletingVerifier(_InliersByPhoto):
+        def inliers(self, query: int, image_ids: np.ndarray) -> np.ndarray:
+            counts = super().inliers(query, image_ids)
+            identifier.gallery.remove([10])  # deleted while its matches were being counted
+            return counts
+
+    identifier.verifier = DeletingVerifier({10: 90, 12: 40, 13: 0})
+    ranking = identifier.rank(np.eye(4, dtype=np.float32)[[0]], k=3)[0]
+    assert [hit.individual for hit in ranking] == ["b", "c"] and 10 not in [hit.image_id for hit in ranking]
+
+
 def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
     vectors, identities = _clusters(individuals=12, photos=4, spread=0.3, seed=0)
     is_query = np.arange(len(identities)) % 4 == 0
