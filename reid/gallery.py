@@ -27,8 +27,8 @@ IndexKind = Literal["flat", "hnsw", "ivf"]
 #: misses the exact top answer most of the time.
 HNSW_EF_SEARCH = 256
 #: IVF geometry and search breadth, chosen with bench/gallery_search.py on 1,000,000 structured 512-d photos (see
-#: BENCHMARKS.md, "Gallery search by index kind": recall@5 of individuals >= 0.98 against exact search at ~5 ms a
-#: query on one core, where exact search takes ~0.57 s):
+#: BENCHMARKS.md, "Gallery search by index kind": recall@5 of individuals >= 0.98 against exact search, a query
+#: 83-90 times faster than exact search on one core):
 #:
 #: - about ``IVF_LISTS_PER_ROOT`` * sqrt(n) lists, FAISS's usual lower bound, so the centroids a search compares
 #:   and the photos a list holds both grow as sqrt(n);
@@ -68,8 +68,9 @@ class Gallery:
     Args:
         dim: embedding dimension.
         kind: ``flat`` (exact), ``hnsw`` (approximate, no training, but slow to build and rebuilt whole after
-            every removal) or ``ivf`` (approximate; trained on the first vectors added and re-trained as the
-            gallery grows; the choice for galleries of a million photos, where exact search takes ~0.5 s a query).
+            every removal) or ``ivf`` (approximate; trained by :meth:`train` before a bulk load, else on the
+            first vectors added, and re-trained as the gallery grows; the choice for galleries of a million photos,
+            where exact search takes 0.1-0.5 s a query).
         use_gpu: ``None`` picks the GPU when FAISS sees one.
         ivf_lists: the most inverted lists an IVF index gets (it gets about 4 * sqrt(photos) below that).
         ivf_scan: about how many photos an IVF search scans; sets nprobe at each training.
