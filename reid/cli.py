@@ -435,15 +435,17 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rsm(args: argparse.Namespace) -> int:
-    from matplotlib.backend_bases import FigureCanvasBase
+#: What a heatmap can be written as: the picture formats matplotlib writes with no other program (its pgf needs
+#: a LaTeX install, and raw/rgba are pixel dumps nobody can open).
+RSM_FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tif", "tiff", "svg", "pdf", "eps")
 
+
+def _rsm(args: argparse.Namespace) -> int:
     from reid.rsm import dataset_rsm
 
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if Path(args.out).suffix.lower().lstrip(".") not in formats:  # refused before the photos are embedded
-        raise ReIDError(f"--out {args.out}: a heatmap is written as one of .{', .'.join(sorted(formats))}; "
-                        "name the file with one of these extensions")
+    if Path(args.out).suffix.lower().lstrip(".") not in RSM_FORMATS:  # refused before the photos are embedded
+        raise ReIDError(f"--out {args.out}: a heatmap is written as one of .{', .'.join(RSM_FORMATS)}; name the file "
+                        "with one of these extensions")
     rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
                               args.seed, args.batch_size, args.backend)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,11 +58,13 @@ def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> 
          "--query-split", _query_split(data))
     _run("rsm", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out / "rsm.png"), "--by-view")
     report = json.loads(results.read_text())
+    closed = report["closed_set"]  # null when no query shows an individual of the gallery
+    closed_note = "no closed set" if closed is None else f"closed-set MAP@5 {closed['map5']:.3f}"
     minutes = (time.monotonic() - started) / 60
     print(f"""
 Demo finished in {minutes:.1f} minutes.
   checkpoint : {checkpoint}
-  results    : {results}  (closed-set MAP@5 {report['closed_set']['map5']:.3f}; its open set is scored on
+  results    : {results}  ({closed_note}; its open set is scored on
                individuals this fit may have trained on, so it flatters: README, "Results", uses unseen ones)
   RSM        : {out / 'rsm.png'}
   logs       : {checkpoint.parents[1]}  (tensorboard --logdir {runs})

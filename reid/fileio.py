@@ -14,18 +14,24 @@ def atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it is fsynced and renamed over ``path``.
 
     A crash or an exception leaves either the old file or the complete new one, never a partial file, and no
-    temporary file behind. The folder is fsynced too, so the rename itself survives a power cut.
+    temporary file behind. The folder is fsynced too, so the rename itself survives a power cut. An ``OSError`` (a
+    full disk, a folder that cannot be written) names ``path``, not the temporary file the user never asked for.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error
     os.close(handle)
     try:
         yield Path(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:

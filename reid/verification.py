@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: Photos verified per query. On turtles_dev the true individual is already among the 20 most similar photos for
 #: 98.7-100% of queries, but verifying 80 finds a better-matching photo of it more often: verified MAP@5 rose for 9
 #: of the 10 checkpoints measured and held for the tenth; +0.017 over the five runs of the default recipe
-#: (bench/verification_quality.py --top; README, "How many photos to verify"). Each photo costs one match (~11 ms
+#: (bench/verification_quality.py --top; docs/results.md, "How many photos to verify"). Each photo costs one match (~11 ms
 #: with equalised features at 1024 px on one idle core of the 2-core development machine), so a query's matching
 #: costs 4x what 20 cost.
 DEFAULT_CANDIDATES = 80

@@ -43,6 +43,7 @@ class EnrollReport:
     added: int
     already_enrolled: int
     skipped: int
+    #: individuals of the dataset that are in the store now (one whose every photo was skipped is not)
     individuals: int
 
 
@@ -70,25 +71,25 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
         store = Store(data_dir)
         store.bind_model(model_record(embedder, str(Path(checkpoint).expanduser().resolve())))
         store.sweep()
-        added, already, skipped = _enroll_records(store, embedder, records, batch_size, progress)
-    return EnrollReport(added, already, skipped, len(identities))
+        return _enroll_records(store, embedder, records, batch_size, progress)
 
 
 def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, batch_size: int,
-                    progress: bool) -> tuple[int, int, int]:
-    """Enrol every record's photo, skipping those already stored; returns (added, already enrolled, skipped)."""
+                    progress: bool) -> EnrollReport:
+    """Enrol every record's photo, skipping those already stored and those that cannot be read."""
     extraction = embedder.verification.fusion.extraction if embedder.verification is not None else None
     max_pixels = configured_max_pixels()  # $REID_MAX_PIXELS, as read_dataset's header pass applied it
-    added = already = skipped = 0
+    added = already = skipped = individuals = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
             known = store.photo_hashes(identity)
             photos: list[Photo] = []
+            stored_before = 0
             for path, view in zip(rows["path"], rows["view"]):
                 try:
                     data = Path(path).read_bytes()
                     if hashlib.sha256(data).hexdigest() in known:
-                        already += 1
+                        stored_before += 1
                         continue
                     photos.append(read_photo(data, max_pixels, view, name=str(path)))
                 except (OSError, ImageDecodeError) as error:  # either message names the file
@@ -100,8 +101,10 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
                 stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, extraction)
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
+            already += stored_before
+            individuals += bool(photos or stored_before)
             bar.update(len(rows))
-    return added, already, skipped
+    return EnrollReport(added, already, skipped, individuals)
 
 
 def reindex(checkpoint: Path, data_dir: Path, batch_size: int = 32, progress: bool = True) -> int:

@@ -165,17 +165,18 @@ def test_an_output_that_cannot_be_written_costs_no_result_and_no_traceback(
     assert json.loads(out.read_text())["closed_set"]["queries"] > 0
     capsys.readouterr()
 
-    def full_disk(path: Path, data: bytes) -> None:
-        raise OSError(28, "No space left on device", str(path))
+    def full_disk(self: Path, data: bytes) -> int:
+        raise OSError(28, "No space left on device")  # as CPython reports a failed write: with no file name
 
-    monkeypatch.setattr("reid.fileio.write_atomically", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert "closed set (" in captured.out, "the report is printed before the file is written"
     assert captured.err.endswith(f"\nreid: error: {out}: No space left on device\n") and "Traceback" not in captured.err
+    assert list(out.parent.iterdir()) == [out], "the earlier results stay whole, and no temporary file is left"
     assert main(["rsm", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "never read"),
                  "--out", str(tmp_path / "rsm.jpgx")]) == 2
-    assert "a heatmap is written as one of .avif" in capsys.readouterr().err
+    assert "a heatmap is written as one of .png, .jpg" in capsys.readouterr().err
 
 
 def test_rsm_writes_a_png(tmp_path: Path, checkpoint: Path, synth_dataset: Path) -> None:

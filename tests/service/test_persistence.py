@@ -113,6 +113,8 @@ def test_offline_enrol_skips_every_unreadable_photo_and_names_it(tmp_path: Path,
     warning naming the file, and the good photos of the same folder are enrolled."""
     dataset = tmp_path / "cards" / "t001"
     dataset.mkdir(parents=True)
+    (tmp_path / "cards" / "t002").mkdir()
+    (tmp_path / "cards" / "t002" / "lost.jpg").write_bytes(b"")  # an individual none of whose photos can be read
     good = sorted((synth_dataset / "images").rglob("*.png"))[0]
     (dataset / "good.png").write_bytes(good.read_bytes())
     (dataset / "empty.jpg").write_bytes(b"")
@@ -122,7 +124,8 @@ def test_offline_enrol_skips_every_unreadable_photo_and_names_it(tmp_path: Path,
     (dataset / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
     with caplog.at_level(logging.WARNING, logger="service.offline"):
         report = enroll_dataset(checkpoint_a, tmp_path / "data", dataset.parent, progress=False)
-    assert report == EnrollReport(added=1, already_enrolled=0, skipped=3, individuals=1)
+    assert report == EnrollReport(added=1, already_enrolled=0, skipped=4, individuals=1)
+    assert Store(tmp_path / "data").counts() == (1, 1)
     warnings = [record.getMessage() for record in caplog.records]
     assert all(any(f"skipping a photo: {dataset / name}:" in warning for warning in warnings)
                for name in ("empty.jpg", "notes.jpg", "truncated.jpg")), warnings
