@@ -122,8 +122,9 @@ function uploadGroups(files, views) {
   files.forEach((file, i) => {
     const bytes = file.size + PART_BYTES;
     if (FORM_BYTES + bytes > limit) {
-      throw new Error(`${file.name} is ${megabytes(file.size)}, over the ${megabytes(limit)} this service takes ` +
-                      "in one request: send a smaller copy, or start the service with a higher --max-upload-bytes");
+      throw new Error(`${file.name} (${megabytes(file.size)}) does not fit in one request to this service (at ` +
+                      `most ${megabytes(limit)}, the form's own bytes included): send a smaller copy, or start ` +
+                      "the service with a higher --max-upload-bytes");
     }
     if (!group || group.bytes + bytes > limit) groups.push(group = { files: [], views: [], bytes: FORM_BYTES });
     group.files.push(file);
@@ -134,13 +135,13 @@ function uploadGroups(files, views) {
 }
 
 function megabytes(bytes) {
-  return `${(bytes / 1048576).toFixed(1)} MB`;
+  return `${(bytes / 1048576).toFixed(2)} MB`;
 }
 
 /** Send photos of one individual in as many requests as the body limit needs: the first group to ``first`` (with
  *  its extra ``fields``), the others to ``rest``. Returns every stored photo, as one answer would list them; a
- *  failed request throws with ``error.images``, the photos stored before it, and ``error.unsent``, the count of
- *  photos that were not. */
+ *  failed request throws with ``error.images``, the photos stored before it, and ``error.unsent``, the files (and
+ *  ``error.unsentViews``, their views) of that request and the ones after it, none of which was stored. */
 async function sendPhotos(files, views, first, fields, rest) {
   const groups = uploadGroups(files, views);
   const images = [];
@@ -151,7 +152,8 @@ async function sendPhotos(files, views, first, fields, rest) {
       images.push(...(await (await api(number === 0 ? first : rest, { method: "POST", body: form })).json()).images);
     } catch (error) {
       error.images = images;
-      error.unsent = groups.slice(number).reduce((count, later) => count + later.files.length, 0);
+      error.unsent = groups.slice(number).flatMap((later) => later.files);
+      error.unsentViews = groups.slice(number).flatMap((later) => later.views);
       throw error;
     }
   }
@@ -159,11 +161,12 @@ async function sendPhotos(files, views, first, fields, rest) {
 }
 
 /** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
-function photoList(files, buttonLabel, send) {
+function photoList(files, buttonLabel, send, views = []) {
   // a file chosen twice (same name, size and date) is listed once: stored once anyway, its second view would be lost
   const unique = [...new Map(files.map((file) => [`${file.name}|${file.size}|${file.lastModified}`, file])).values()];
   const twice = files.length - unique.length;
   let rows = unique.map((file) => ({ file, view: viewInput(`view of ${file.name}`) }));
+  for (const row of rows) row.view.value = views[files.indexOf(row.file)] || "";
   const button = el("button", { type: "button" }, buttonLabel);
   button.addEventListener("click", async () => {
     if (!rows.length) {
@@ -177,7 +180,8 @@ function photoList(files, buttonLabel, send) {
       button.disabled = false;
     }
   });
-  // the service takes all the photos or none: a file it refuses is taken out here, the others and their views stay
+  // the service takes all the photos of a request or none: a file it refuses is taken out here, the others and
+  // their views stay
   for (const row of rows) {
     row.node = el("li", {},
       el("img", { className: "thumb", alt: "", src: URL.createObjectURL(row.file) }),
@@ -524,7 +528,9 @@ function individualTile(item) {
     el("span", { className: "muted" }, `${item.image_count} photo${item.image_count === 1 ? "" : "s"}`));
 }
 
-async function showIndividual(individualId) {
+/** Show an individual's page; ``pending`` photos (``{files, views}``: ones that could not be sent) are listed in
+ *  its "Add photos" list, ready to be sent again or left out. */
+async function showIndividual(individualId, pending = null) {
   clearMessage();
   const detail = $("individual-detail");
   let individual;
@@ -544,10 +550,11 @@ async function showIndividual(individualId) {
       ` · ${image.created.slice(0, 10)}`),
     el("button", { className: "danger", onclick: () => deletePhoto(individualId, image.image_id) }, "Delete photo")));
   const chosen = el("div", {});
+  const listPhotos = (files, views) => chosen.replaceChildren(photoList(files, `Add these photos to ${individualId}`,
+    (chosenFiles, chosenViews) => addPhotos(individualId, chosenFiles, chosenViews), views));
   const adder = el("input", { type: "file", accept: "image/*", multiple: true, "aria-label": "add photos",
-                              onchange: (event) => chosen.replaceChildren(photoList([...event.target.files],
-                                `Add these photos to ${individualId}`, (files, views) => addPhotos(individualId,
-                                  files, views))) });
+                              onchange: (event) => listPhotos([...event.target.files]) });
+  if (pending) listPhotos(pending.files, pending.views);
   detail.replaceChildren(el("article", { className: "card", id: "individual-card" },
     el("h2", {}, individualId),
     el("p", { className: "muted" }, `${individual.image_count} photo${individual.image_count === 1 ? "" : "s"} · enrolled ${individual.created.slice(0, 10)}`),
@@ -573,12 +580,18 @@ async function addPhotos(individualId, files, views) {
       showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
       return;
     }
-    await showIndividual(individualId);
-    showMessage(`Added ${plural(error.images.length, "photo")} to ${individualId}, but ` +
-                `${plural(error.unsent, "other photo")} could not be added: ${error.message}`, "warn");
+    await showIndividual(individualId, { files: error.unsent, views: error.unsentViews });
+    showMessage(savedPhotos({ images: error.images }, `Added {} to ${individualId}.`) + " " + unsentNote(error), "warn");
     refreshHealth();
     identifyOthersAgain(savedNote(individualId));
   }
+}
+
+/** What a request that failed after others were stored left out: the photos, named, and where they wait. */
+function unsentNote(error) {
+  const names = error.unsent.map((file) => file.name).join(", ");
+  return `${plural(error.unsent.length, "other photo")} could not be added (${names}): ${error.message}. ` +
+         `${error.unsent.length === 1 ? "It is" : "They are"} listed under "Add photos" below, to send again or leave out.`;
 }
 
 /** Confirm a save; a photo that is now filed under more than one individual turns it into a warning, since that
@@ -638,11 +651,9 @@ async function enrolNew(files, views) {
   $("new-photos").replaceChildren();
   $("search").value = "";
   await loadIndividuals(true);
-  await showIndividual(individualId);
+  await showIndividual(individualId, failure && { files: failure.unsent, views: failure.unsentViews });
   if (failure) {
-    showMessage(`Enrolled ${individualId} with ${plural(saved.images.length, "photo")}, but ` +
-                `${plural(failure.unsent, "other photo")} could not be added: ${failure.message}. Add ` +
-                `${failure.unsent === 1 ? "it" : "them"} with "Add photos" below.`, "warn");
+    showMessage(savedPhotos(saved, `Enrolled ${individualId} with {}.`) + " " + unsentNote(failure), "warn");
   } else {
     showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
   }
