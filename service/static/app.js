@@ -581,7 +581,8 @@ async function addPhotos(individualId, files, views) {
       return;
     }
     await showIndividual(individualId, { files: error.unsent, views: error.unsentViews });
-    showMessage(savedPhotos({ images: error.images }, `Added {} to ${individualId}.`) + " " + unsentNote(error), "warn");
+    showSaved({ images: error.images },
+              savedPhotos({ images: error.images }, `Added {} to ${individualId}.`) + " " + unsentNote(error), "warn");
     refreshHealth();
     identifyOthersAgain(savedNote(individualId));
   }
@@ -596,10 +597,10 @@ function unsentNote(error) {
 
 /** Confirm a save; a photo that is now filed under more than one individual turns it into a warning, since that
  *  is almost always a slip (the service allows it: it cannot know which filing is wrong). */
-function showSaved(saved, text) {
+function showSaved(saved, text, level = "ok") {
   const twice = saved.images.filter((image) => image.also_enrolled_as.length);
   if (!twice.length) {
-    showMessage(text, "ok");
+    showMessage(text, level);
     return;
   }
   const where = twice.map((image) => `photo ${image.image_id} is also enrolled as ` +
@@ -653,7 +654,7 @@ async function enrolNew(files, views) {
   await loadIndividuals(true);
   await showIndividual(individualId, failure && { files: failure.unsent, views: failure.unsentViews });
   if (failure) {
-    showMessage(savedPhotos(saved, `Enrolled ${individualId} with {}.`) + " " + unsentNote(failure), "warn");
+    showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`) + " " + unsentNote(failure), "warn");
   } else {
     showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
   }

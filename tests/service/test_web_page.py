@@ -375,10 +375,12 @@ def test_photos_over_the_upload_limit_are_sent_in_several_requests(browser: Brow
     page.get_by_role("button", name="Enrol the new individual").click()
     expect(page.locator("#message")).to_contain_text("Enrolled second-day with 1 photo. 1 other photo could not be "
                                                      "added (notes.png): files[0] (notes.png)")
+    expect(page.locator("#message")).to_contain_text("is also enrolled as camera-day")  # the usual check holds
     expect(page.locator("#individual-card h2")).to_have_text("second-day")
     pending = page.locator("#individual-card .photo-list li")  # the photo not stored waits, to be sent or left out
     expect(pending).to_have_count(1)
     expect(pending).to_contain_text("notes.png")
+    Steps(page, "upload_limit").shot("partly_enrolled")
     big = _upload(tmp_path, "huge.png", pictures[0].read_bytes() + b"\0" * limit)
     page.locator("#individual-card input[type=file]").set_input_files([str(big)])
     page.get_by_role("button", name="Add these photos to second-day").click()
