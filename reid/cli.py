@@ -41,7 +41,7 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def _run_lightning(argv: list[str] | None) -> int:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -53,6 +53,18 @@ def _run_lightning(argv: list[str] | None) -> int:
     # Lightning's own code asks torch `isinstance(treespec, LeafSpec)` at every fit; torch deprecates it. Nothing a
     # user can act on, so it is not printed at the top of every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+    class _InterruptNote(Callback):
+        """Ctrl-C during a fit: Lightning stops gracefully and exits; this says what was kept and how to go on."""
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            callback = trainer.checkpoint_callback
+            if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero or callback is None:
+                return
+            last = Path(callback.dirpath or ".") / "last.ckpt"
+            print("interrupted: " + (f"the best checkpoint so far is {callback.best_model_path}"
+                                     if callback.best_model_path else "no epoch was validated, so no best checkpoint")
+                  + (f"; resume the fit with --ckpt_path {last}" if last.is_file() else ""), file=sys.stderr)
 
     class ReIDLightningCLI(LightningCLI):
         """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from
@@ -99,18 +111,35 @@ def _run_lightning(argv: list[str] | None) -> int:
             if config.get("verify_fallback") and not config.get("verify"):
                 raise ReIDError(f"--verify_fallback {config['verify_fallback']} needs --verify true: the fallback is "
                                 "part of the verification `reid fit --verify` learns")
+            if self.subcommand == "fit":
+                _check_fit_keeps_a_best_checkpoint(config["trainer"], bool(config.get("verify")))
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
+            if self.trainer.is_global_zero and (callback is None or not callback.best_model_path):
+                print("no best checkpoint was kept: fast_dev_run trains and validates a batch without saving "
+                      "anything; a real fit is needed for a model")
             if callback is not None and callback.best_model_path and self.trainer.is_global_zero:
                 score = callback.best_model_score
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
                       else f"best checkpoint: {callback.best_model_path}")
                 config = self.config[self.subcommand]
+                best = Path(callback.best_model_path)
                 if config.get("verify"):
-                    _store_verification(Path(callback.best_model_path), self.datamodule,
-                                        float(self.model.hparams.runner_up_weight), int(config["verify_candidates"]),
-                                        int(config["verify_fallback"]), self.model.hparams.threshold_objective)
+                    try:
+                        _store_verification(best, self.datamodule, float(self.model.hparams.runner_up_weight),
+                                            int(config["verify_candidates"]), int(config["verify_fallback"]),
+                                            self.model.hparams.threshold_objective)
+                    except KeyboardInterrupt:
+                        print(f"verification was not stored in {best} (interrupted); the checkpoint works without "
+                              f"it, or store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} "
+                              f"--verify --query-split none", file=sys.stderr)
+                        raise
+                print(f"next: reid evaluate --checkpoint {best} --data {self.datamodule.root}\n"
+                      f"      reid serve --checkpoint {best} --data-dir DATA_DIR   (then open http://127.0.0.1:8000/)")
+
+        def before_fit(self) -> None:
+            self.trainer.callbacks.append(_InterruptNote())
 
     # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
     # reid.demo --out demo`) means nothing to the CLI: hidden, or Lightning warns that it was given both.
@@ -128,14 +157,47 @@ def _run_lightning(argv: list[str] | None) -> int:
     return 0
 
 
+def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
+    """Refuse trainer settings under which `reid fit` would train and keep no validated checkpoint: everything after
+    a fit (``best.ckpt``, its new_turtle threshold, ``--verify``) comes from validation.
+
+    Raises:
+        ConfigError: validation is off, never reached, or skips the last epochs (naming the settings to change).
+    """
+    if trainer.get("fast_dev_run"):
+        if verify:
+            raise ConfigError("--verify true needs a best checkpoint, and trainer.fast_dev_run saves none: leave out "
+                              "one of the two")
+        return
+    limit = trainer.get("limit_val_batches")
+    if limit is not None and not isinstance(limit, bool) and float(limit) == 0:
+        raise ConfigError(f"trainer.limit_val_batches {limit} turns validation off, and with it best.ckpt, its "
+                          "new_turtle threshold and --verify: leave it out, or give it a share or a count above 0")
+    epochs, every = trainer.get("max_epochs"), trainer.get("check_val_every_n_epoch")
+    if isinstance(epochs, int) and epochs > 0 and isinstance(every, int) and every > 1 and epochs % every:
+        kept = epochs - epochs % every
+        raise ConfigError(
+            f"trainer.max_epochs {epochs} with trainer.check_val_every_n_epoch {every}: the model is validated, and "
+            f"the best one kept, every {every} epochs, so "
+            + ("no epoch would be validated and no best.ckpt written" if kept == 0 else
+               f"the last {epochs - kept} epoch(s) would be trained and never kept")
+            + f"; set --trainer.max_epochs to a multiple of {every} (e.g. {kept + every}), or "
+              "--trainer.check_val_every_n_epoch 1")
+
+
 def _check_resumable(ckpt_path: str | None) -> None:
     """``--ckpt_path`` (Lightning's resume) names a checkpoint `reid fit` wrote with its training state: checked
     before anything is built, where Lightning would fail after setting up with FileNotFoundError or a bare KeyError.
-    Lightning's own names (``last``, ``best``, ...) are left to it."""
+    Lightning's ``last`` and ``best`` look in the new run's own folder, which is always empty in a new process: a
+    fit would start over without a word, so they are refused with what to give instead."""
     from reid.errors import CheckpointError
     from reid.weights import load_tensors
 
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+    if ckpt_path in ("last", "best"):
+        raise CheckpointError(f"--ckpt_path {ckpt_path} would look in this new run's own folder, which holds no "
+                              "checkpoint yet: give the file, e.g. --ckpt_path "
+                              "runs/x/lightning_logs/version_0/checkpoints/last.ckpt (the folder `reid fit` printed)")
+    if not ckpt_path or ckpt_path in ("hpc", "registry"):
         return
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
@@ -686,6 +748,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the limit is the service's too, but only here can the person who hit it raise it
         print(f"reid: error: {_own_message(error)}{limit_hint(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("reid: interrupted", file=sys.stderr)
+        return 130
     except OSError as error:  # the user's file system: a folder that cannot be written, a full disk, a lost share
         print(f"reid: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}",
               file=sys.stderr)

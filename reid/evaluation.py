@@ -191,8 +191,10 @@ def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fracti
     if query_split != IGNORE_SPLIT_COLUMN and (records["split"] != "").any():
         is_query = (records["split"] == query_split).to_numpy()
         if not is_query.any():
+            others = sorted(set(records["split"]) - {query_split, ""})
             raise DatasetError(f"no photos with split {query_split!r} to use as queries; the dataset's splits are "
-                               f"{sorted(set(records['split']))}")
+                               f"{sorted(set(records['split']))}: --query-split {others[-1] if others else 'none'} "
+                               "picks another, --query-split none ignores the column")
         protocol = Protocol(np.flatnonzero(~is_query), np.flatnonzero(is_query), f"split column: {query_split} vs rest")
         return protocol, protocol
     by_image = (split_by_image(records, query_fraction, seed) == "val").to_numpy()
@@ -272,8 +274,11 @@ def calibrate(embeddings: np.ndarray, records: pd.DataFrame, seed: int = 0, quer
     _, open_set = closed_and_open_protocols(records, seed, query_fraction, unknown_fraction, query_split)
     result = run_protocol(embeddings, records["identity"].tolist(), open_set, threshold=None, verifier_for=verifier_for)
     if all(t != NEW_TURTLE for t in result.truths):
-        raise DatasetError("calibration needs queries of individuals absent from the gallery; this data has none "
-                           "(use a dataset without a split column, or test photos of individuals not in train/val)")
+        raise DatasetError("calibration needs queries of individuals absent from the gallery; with this split column "
+                           "every query's individual is in the gallery: --query-split none holds a seeded share of "
+                           "the individuals out instead (or mark test photos of individuals not in train/val)"
+                           if query_split != IGNORE_SPLIT_COLUMN and (records["split"] != "").any() else
+                           "calibration needs queries of individuals absent from the gallery; this data has none")
     threshold, score = calibrate_threshold(result.rankings, result.truths, runner_up_weight=runner_up_weight,
                                            objective=objective)
     return threshold, score, open_set.description

@@ -120,3 +120,24 @@ def test_validation_with_no_query_photo_is_a_clear_error(tmp_path: Path) -> None
     data = ReIDDataModule(str(tmp_path), split="column", backbone="resnet10t", image_size=48)
     with pytest.raises(DatasetError, match="validation has no query photo"):
         data.setup("fit")
+
+
+def test_a_split_column_without_val_photos_names_its_values_and_the_way_round_it(tmp_path: Path) -> None:
+    """A hold-out marked train/test is a common labels.csv: the refusal says what the column holds and that
+    --data.split image draws validation photos instead (not "give individuals 2 photos", which they have)."""
+    from reid.errors import DatasetError
+    from tests.conftest import write_image
+
+    rows = ["path,identity,split"]
+    for individual in ("a", "b"):
+        for photo, split in enumerate(("train", "train", "test")):
+            write_image(tmp_path / f"{individual}{photo}.png", seed=photo, size=(32, 32))
+            rows.append(f"{individual}{photo}.png,{individual},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = ReIDDataModule(str(tmp_path), backbone="resnet10t", image_size=48)
+    with pytest.raises(DatasetError, match=r"0 validation photos; both must be non-empty \(its split column has 4 "
+                                           r"train, 2 test: mark some photos val .* --data.split image"):
+        data.setup("fit")
+    drawn = ReIDDataModule(str(tmp_path), split="image", backbone="resnet10t", image_size=48)
+    drawn.setup("fit")
+    assert len(drawn.val_records) > 0

@@ -200,7 +200,10 @@ def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoi
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = _with_split_column(synth_dataset, tmp_path / "with_split", query_split="val")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
-    assert "no photos with split 'test'" in capsys.readouterr().err
+    assert ("no photos with split 'test' to use as queries; the dataset's splits are ['train', 'val']: --query-split "
+            "val picks another, --query-split none ignores the column") in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val"]) == 2
+    assert "--query-split none holds a seeded share of the individuals out instead" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["closed_set"]["queries"] == 8 and report["closed_set"]["protocol"] == "split column: val vs rest"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_fit_args(tmp_path, synth_dataset)) == 0
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
-    assert f"best checkpoint: {best}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"best checkpoint: {best}" in printed
+    assert f"next: reid evaluate --checkpoint {best} --data {synth_dataset}" in printed, "what to run next"
     checkpoint = read_checkpoint(best)
     callback_state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert callback_state["monitor"] == "val_map5"
@@ -119,6 +122,18 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--trainer.fast_dev_run", "true", "--data.eval_batch_size", "1"],
      "validation embedded 0 query and 1 gallery photos: scoring needs both; raise --trainer.limit_val_batches"),
     (["--trainer.limit_val_batches", "0.01"], "You requested to check 0.01 of the `val_dataloader` but 0.01 * 1 < 1"),
+    # settings under which a fit would keep no validated checkpoint, refused before training
+    (["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "2"],
+     "trainer.max_epochs 1 with trainer.check_val_every_n_epoch 2: the model is validated, and the best one kept, "
+     "every 2 epochs, so no epoch would be validated and no best.ckpt written; set --trainer.max_epochs to a multiple "
+     "of 2 (e.g. 2), or --trainer.check_val_every_n_epoch 1"),
+    (["--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2"],
+     "trainer.max_epochs 3 with trainer.check_val_every_n_epoch 2: the model is validated, and the best one kept, "
+     "every 2 epochs, so the last 1 epoch(s) would be trained and never kept"),
+    (["--trainer.limit_val_batches", "0"], "trainer.limit_val_batches 0 turns validation off"),
+    (["--trainer.fast_dev_run", "true", "--verify", "true"], "--verify true needs a best checkpoint, and "
+                                                             "trainer.fast_dev_run saves none"),
+    (["--ckpt_path", "last"], "--ckpt_path last would look in this new run's own folder, which holds no checkpoint"),
 ])
 def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, override: list[str],
                                                    message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,6 +167,20 @@ def test_a_fit_from_the_shell_prints_each_lightning_line_once(tmp_path: Path, sy
     assert sum("GPU available:" in line for line in lines) == 1, finished.stderr
     assert sum("Seed set to 0" in line for line in lines) == 1, finished.stderr
     assert lines[-1].startswith("reid: error: data.individuals_per_batch must be at most 8")
+
+
+def test_ctrl_c_mid_fit_names_the_best_checkpoint_so_far_and_how_to_resume(tmp_path: Path, synth_dataset: Path) -> None:
+    command = [sys.executable, "-m", "reid.cli", *_fit_args(tmp_path, synth_dataset, "--trainer.max_epochs", "3"),
+               "--trainer.callbacks+=tests.callbacks.CtrlCInSecondEpoch"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert finished.returncode == 1 and "Traceback" not in finished.stderr, finished.stderr
+    assert (f"interrupted: the best checkpoint so far is {checkpoints / 'best.ckpt'}; resume the fit with "
+            f"--ckpt_path {checkpoints / 'last.ckpt'}") in finished.stderr
+    resumed = main(_fit_args(tmp_path, synth_dataset, "--trainer.max_epochs", "3",
+                             "--ckpt_path", str(checkpoints / "last.ckpt")))
+    assert resumed == 0 and (tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_a_fit_called_from_python_ignores_the_callers_own_arguments(tmp_path: Path, synth_dataset: Path,

@@ -51,6 +51,25 @@ def test_folder_per_individual(tmp_path: Path) -> None:
     assert records.groupby("identity").size().to_dict() == {"alpha": 3, "beta": 3}
 
 
+def test_photos_in_an_individuals_sub_folders_are_its_own_and_loose_ones_are_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A field archive keeps each encounter in a dated folder under its individual: those photos are the
+    individual's (they were dropped without a word), and a photo left in the dataset's own folder is pointed out."""
+    write_image(tmp_path / "t001" / "2023-07-14 dive" / "a.png", seed=1)
+    write_image(tmp_path / "t001" / "2024-06-02" / "b.png", seed=2)
+    write_image(tmp_path / "t002" / "c.png", seed=3)
+    write_image(tmp_path / "t002" / ".thumbnails" / "c.png", seed=4)
+    write_image(tmp_path / "stray.png", seed=5)
+    with caplog.at_level("WARNING", logger="reid.data.records"):
+        records = read_dataset(tmp_path)
+    assert records[["identity", "image_id"]].values.tolist() == [
+        ["t001", "t001/2023-07-14 dive/a"], ["t001", "t001/2024-06-02/b"], ["t002", "t002/c"]]
+    assert "skipped 1 photos directly in" in caplog.text and "stray.png" in caplog.text
+    only_nested = tmp_path / "nested"
+    write_image(only_nested / "t003" / "2023" / "d.png", seed=6)
+    assert read_dataset(only_nested)["identity"].tolist() == ["t003"]
+
+
 def test_every_decodable_format_is_read_and_other_files_are_counted(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """GIF and JFIF photos are read like any other; an individual of .heic photos (which nothing here decodes) is

@@ -37,6 +37,15 @@ def test_individual_with_one_photo_gets_it_twice_for_two_augmentations() -> None
         assert batch.count(0) == 2
 
 
+def test_more_photos_per_individual_than_some_have_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """K larger than an individual's training photos repeats its photos in a batch: a weaker recipe, so it is said."""
+    labels = [0] * 8 + [1] * 3 + [2] * 3
+    with caplog.at_level("WARNING", logger="reid.data.dataset"):
+        IdentitySampler(labels, individuals_per_batch=2, photos_per_individual=4, batches_per_epoch=1)
+    assert ("data.photos_per_individual 4 is more than the training photos of 2 of the 3 individuals: their photos "
+            "repeat within a batch") in caplog.text
+
+
 @pytest.mark.parametrize(("individuals", "world_size"), [(12, 3), (5, 2)])
 def test_ranks_draw_different_batches_each_step_and_runs_repeat(individuals: int, world_size: int) -> None:
     """With P x world_size individuals or more, the ranks of one step share none; with fewer, each rank still draws

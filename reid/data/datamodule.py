@@ -76,7 +76,8 @@ class ReIDDataModule(L.LightningDataModule):
         if self.records is not None:
             return
         hp = self.hparams
-        records = assign_splits(read_dataset(self.root, check_images=hp.check_images), hp.split, hp.val_fraction, hp.seed)
+        dataset = read_dataset(self.root, check_images=hp.check_images)
+        records = assign_splits(dataset, hp.split, hp.val_fraction, hp.seed)
         # One integer label per individual over every identity (its index in sorted order), so gallery and query
         # labels mean the same individual; the loss, the sampler and validation read these integers.
         labels, identities = pd.factorize(records["identity"], sort=True)
@@ -85,9 +86,14 @@ class ReIDDataModule(L.LightningDataModule):
         self.train_records = records[records["split"] == "train"].reset_index(drop=True)
         self.val_records = records[records["split"] == "val"].reset_index(drop=True)
         if self.train_records.empty or self.val_records.empty:
+            found = records["split"].value_counts()
+            fix = (f"its split column has {', '.join(f'{count} {name}' for name, count in found.items())}: mark some "
+                   "photos val (and train), or --data.split image to draw the validation photos and ignore the column"
+                   if hp.split == "column" or (hp.split == "auto" and (dataset["split"] != "").any()) else
+                   "give individuals at least 2 photos, or a split column")
             raise DatasetError(
                 f"{self.root}: the split gives {len(self.train_records)} training and {len(self.val_records)} "
-                "validation photos; both must be non-empty (give individuals at least 2 photos, or a split column)"
+                f"validation photos; both must be non-empty ({fix})"
             )
         self.gallery_records, self.query_records = self._validation_sets(self.train_records, self.val_records)
         if self.query_records.empty:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from reid.errors import require
 from reid.imageio import decode_image
+
+log = logging.getLogger(__name__)
 
 
 class Photos(Dataset):
@@ -125,6 +128,11 @@ class IdentitySampler(DistributedSampler):
             raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
         super().__init__(labels, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.photos_of = [np.flatnonzero(labels == individual) for individual in individuals]
+        short = sum(len(photos) < photos_per_individual for photos in self.photos_of)
+        if short and rank == 0:
+            log.warning("data.photos_per_individual %d is more than the training photos of %d of the %d individuals: "
+                        "their photos repeat within a batch, as positives that differ only by augmentation",
+                        photos_per_individual, short, len(individuals))
         self.individuals_per_batch = individuals_per_batch
         self.photos_per_individual = photos_per_individual
         self.batches_per_epoch = batches_per_epoch

@@ -56,16 +56,21 @@ def normalise_view(view: str) -> str:
     return view.strip().lower()
 
 
-def photo_files(folders: Path | list[Path]) -> list[Path]:
-    """The photos in ``folders`` (extensions matched case-insensitively), sorted within each folder.
+def photo_files(folders: Path | list[Path], recursive: bool = False) -> list[Path]:
+    """The photos in ``folders`` (extensions matched case-insensitively), sorted within each folder; ``recursive``:
+    in their sub-folders too (a field archive's ``individual/encounter-date/photo.jpg``).
 
     Other files are skipped with one warning that counts them by extension: a folder of iPhone ``.heic`` photos
-    would otherwise drop a whole individual without a word. Hidden files (``.DS_Store``) are skipped silently.
+    would otherwise drop a whole individual without a word. Hidden files and folders (``.DS_Store``) are skipped
+    silently.
     """
     photos: list[Path] = []
     skipped: dict[str, list[Path]] = {}
     for folder in [folders] if isinstance(folders, Path) else folders:
-        for path in sorted(folder.iterdir()):
+        entries = sorted(folder.rglob("*")) if recursive else sorted(folder.iterdir())
+        for path in entries:
+            if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
+                continue  # inside a hidden folder
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 photos.append(path)
             elif path.is_file() and not path.name.startswith("."):
@@ -133,17 +138,23 @@ def _read_zindi(root: Path) -> pd.DataFrame:
 
 
 def _read_folders(root: Path) -> pd.DataFrame:
+    """One folder per individual, its photos at any depth (``t001/2023-07-14/a.jpg`` is t001's, image id
+    ``t001/2023-07-14/a``); photos lying in ``root`` itself belong to no one, and a warning says so."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        log.warning("skipped %d photos directly in %s (e.g. %s): they belong to no individual; put each in the "
+                    "folder named after its individual", len(loose), root, sorted(loose)[0].name)
     rows = [
         {
-            "image_id": f"{image.parent.name}/{image.stem}",
+            "image_id": image.relative_to(root).with_suffix("").as_posix(),
             "path": str(image),
-            "identity": image.parent.name,
+            "identity": image.relative_to(root).parts[0],
             "view": "",
             "split": "",
             "_source": str(image),
         }
-        for image in photo_files(folders)
+        for image in photo_files(folders, recursive=True)
     ]
     return pd.DataFrame(rows, columns=[*RECORD_COLUMNS, "_source"])
 
@@ -159,7 +170,7 @@ def detect_format(root: Path) -> str:
     if (root / "train.csv").is_file():
         return "zindi"
     subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if any(f.suffix.lower() in IMAGE_EXTENSIONS for d in subfolders for f in d.iterdir()):
+    if any(f.suffix.lower() in IMAGE_EXTENSIONS for d in subfolders for f in d.rglob("*")):
         return "folders"
     raise DatasetError(
         f"unknown dataset format in {root}: expected labels.csv (path,identity[,view][,split]), "
