@@ -44,6 +44,8 @@ def _run_lightning(argv: list[str] | None) -> int:
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from argparse import ArgumentError
+
     from jsonargparse.typing import NonNegativeInt, PositiveInt
 
     from reid.data.datamodule import ReIDDataModule
@@ -113,6 +115,9 @@ def _run_lightning(argv: list[str] | None) -> int:
                                 "part of the verification `reid fit --verify` learns")
             if self.subcommand == "fit":
                 _check_fit_keeps_a_best_checkpoint(config["trainer"], bool(config.get("verify")))
+            if self.subcommand == "validate" and not config.get("ckpt_path"):
+                log.warning("no --ckpt_path: validating the starting weights (model.pretrained %s), not a trained "
+                            "model; give --ckpt_path .../checkpoints/best.ckpt for one", config["model"]["pretrained"])
 
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
@@ -148,10 +153,15 @@ def _run_lightning(argv: list[str] | None) -> int:
         sys.argv = sys.argv[:1]
     try:
         ReIDLightningCLI(ReIDModule, ReIDDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                         seed_everything_default=0)
+                         seed_everything_default=0, parser_kwargs={"exit_on_error": False})
     except MisconfigurationException as error:
         # Lightning's refusals of a setting (limit_val_batches too small for the loader...) are usage errors
         raise ConfigError(str(error)) from error
+    except ArgumentError as error:
+        # jsonargparse's refusals (an unknown key, a value of the wrong type, a YAML error) as one line, not after
+        # a hundred lines of usage
+        command = (argv or sys.argv[1:] or ["fit"])[0]
+        raise ConfigError(f"{' '.join(str(error).split())} (reid {command} --help lists every option)") from error
     finally:
         sys.argv = caller_argv
     return 0
@@ -171,8 +181,8 @@ def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
         return
     limit = trainer.get("limit_val_batches")
     if limit is not None and not isinstance(limit, bool) and float(limit) == 0:
-        raise ConfigError(f"trainer.limit_val_batches {limit} turns validation off, and with it best.ckpt, its "
-                          "new_turtle threshold and --verify: leave it out, or give it a share or a count above 0")
+        raise ConfigError(f"trainer.limit_val_batches {float(limit):g} turns validation off, and with it best.ckpt, "
+                          "its new_turtle threshold and --verify: leave it out, or give it a share or a count above 0")
     epochs, every = trainer.get("max_epochs"), trainer.get("check_val_every_n_epoch")
     if isinstance(epochs, int) and epochs > 0 and isinstance(every, int) and every > 1 and epochs % every:
         kept = epochs - epochs % every
