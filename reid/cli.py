@@ -144,6 +144,9 @@ def _run_lightning(argv: list[str] | None) -> int:
                       f"      reid serve --checkpoint {best} --data-dir DATA_DIR   (then open http://127.0.0.1:8000/)")
 
         def before_fit(self) -> None:
+            # the dataset is read and checked before the logger makes its version_N folder, so that a mistake in it
+            # leaves no empty run behind (the data module's setup runs once; Lightning's call then reuses it)
+            self.datamodule.setup("fit")
             self.trainer.callbacks.append(_InterruptNote())
 
     # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
