@@ -24,6 +24,20 @@ def test_data_module_preprocesses_as_the_model_without_building_it(tmp_path: Pat
     assert data.preprocess() == Encoder(backbone, image_size=96).preprocess(96)
 
 
+def test_validation_embeds_with_the_attached_models_own_preprocessing(synth_dataset: Path) -> None:
+    """In a fit the photos that pick best.ckpt are transformed by the very Preprocess the checkpoint stores."""
+    from types import SimpleNamespace
+
+    from reid.data.transforms import Preprocess
+
+    data = ReIDDataModule(str(synth_dataset), check_images=False, backbone="resnet10t", image_size=64)
+    own = Preprocess(72, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))  # differs from what the name alone resolves
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(preprocess=own))
+    assert data.preprocess() is own
+    data.setup("fit")
+    assert tuple(data.val_dataloader().dataset[0][0].shape)[-3:] == (3, 72, 72)  # (views,) 3 x size x size
+
+
 def test_labels_are_one_integer_per_individual_across_every_table(synth_dataset: Path) -> None:
     data = ReIDDataModule(str(synth_dataset), split="individual", check_images=False, backbone="resnet10t",
                           image_size=64)

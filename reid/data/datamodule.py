@@ -67,8 +67,13 @@ class ReIDDataModule(L.LightningDataModule):
         self.records: pd.DataFrame | None = None
 
     def preprocess(self) -> Preprocess:
-        """The model's evaluation transform (what its checkpoint stores), resolved from ``backbone`` and the test
-        size without building the model."""
+        """The model's evaluation transform, what its checkpoint stores: the attached model's own during a fit or a
+        validation, so that the photos that pick ``best.ckpt`` and fit its threshold are embedded exactly as the
+        checkpoint will embed them; without a model (a data module on its own), resolved from ``backbone`` and the
+        test size without building one (equal, tested)."""
+        module = None if self.trainer is None else self.trainer.lightning_module
+        if module is not None and isinstance(getattr(module, "preprocess", None), Preprocess):
+            return module.preprocess
         hp = self.hparams
         return Preprocess.of_backbone(hp.backbone, hp.test_image_size or hp.image_size, tuple(hp.test_crops or ()))
 
