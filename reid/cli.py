@@ -105,7 +105,8 @@ def _run_lightning(argv: list[str] | None) -> int:
             super().parse_arguments(parser, args)
             subcommand = self.config.get("subcommand")
             if subcommand:
-                _check_resumable(self.config[subcommand].get("ckpt_path"))
+                config = self.config[subcommand]
+                _check_resumable(config.get("ckpt_path"), (config.get("checkpoint") or {}).get("dirpath"))
 
         def before_instantiate_classes(self) -> None:
             """Settings that only mean something together are checked before anything is built or trained."""
@@ -122,8 +123,13 @@ def _run_lightning(argv: list[str] | None) -> int:
         def after_fit(self) -> None:
             callback = self.trainer.checkpoint_callback
             if self.trainer.is_global_zero and (callback is None or not callback.best_model_path):
-                print("no best checkpoint was kept: fast_dev_run trains and validates a batch without saving "
-                      "anything; a real fit is needed for a model")
+                config = self.config[self.subcommand]
+                reason = ("fast_dev_run trains and validates a batch and saves nothing" if config["trainer"].get(
+                    "fast_dev_run") else "the fit ended (max_steps, max_time) before its first validation")
+                if config.get("verify"):
+                    raise ConfigError(f"no best checkpoint was kept, so --verify had nothing to verify: {reason}; "
+                                      "let the fit reach a validation")
+                print(f"no best checkpoint was kept: {reason}")
             if callback is not None and callback.best_model_path and self.trainer.is_global_zero:
                 score = callback.best_model_score
                 print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
@@ -140,8 +146,7 @@ def _run_lightning(argv: list[str] | None) -> int:
                               f"it, or store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} "
                               f"--verify --query-split none", file=sys.stderr)
                         raise
-                print(f"next: reid evaluate --checkpoint {best} --data {self.datamodule.root}\n"
-                      f"      reid serve --checkpoint {best} --data-dir DATA_DIR   (then open http://127.0.0.1:8000/)")
+                print(_next_steps(best, Path(self.datamodule.root)))
 
         def before_fit(self) -> None:
             # the dataset is read and checked before the logger makes its version_N folder, so that a mistake in it
@@ -170,6 +175,20 @@ def _run_lightning(argv: list[str] | None) -> int:
     return 0
 
 
+def _next_steps(checkpoint: Path, data: Path) -> str:
+    """The commands to run after a fit, ready to paste (paths quoted; queries the data's split column suggests)."""
+    import shlex
+
+    from reid.data.records import read_dataset
+    from reid.evaluation import query_split_for
+
+    query_split = query_split_for(set(read_dataset(data, check_images=False)["split"]))
+    return (f"next: reid evaluate --checkpoint {shlex.quote(str(checkpoint))} --data {shlex.quote(str(data))} "
+            f"--query-split {query_split}\n"
+            f"      reid serve --checkpoint {shlex.quote(str(checkpoint))} --data-dir DATA_DIR   "
+            "(then open http://127.0.0.1:8000/)")
+
+
 def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
     """Refuse trainer settings under which `reid fit` would train and keep no validated checkpoint: everything after
     a fit (``best.ckpt``, its new_turtle threshold, ``--verify``) comes from validation.
@@ -187,6 +206,8 @@ def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
         raise ConfigError(f"trainer.limit_val_batches {float(limit):g} turns validation off, and with it best.ckpt, "
                           "its new_turtle threshold and --verify: leave it out, or give it a share or a count above 0")
     epochs, every = trainer.get("max_epochs"), trainer.get("check_val_every_n_epoch")
+    if epochs == 0:
+        raise ConfigError("trainer.max_epochs 0 trains nothing: give 1 or more (or -1 with trainer.max_steps)")
     if isinstance(epochs, int) and epochs > 0 and isinstance(every, int) and every > 1 and epochs % every:
         kept = epochs - epochs % every
         raise ConfigError(
@@ -198,19 +219,20 @@ def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
               "--trainer.check_val_every_n_epoch 1")
 
 
-def _check_resumable(ckpt_path: str | None) -> None:
+def _check_resumable(ckpt_path: str | None, dirpath: str | None = None) -> None:
     """``--ckpt_path`` (Lightning's resume) names a checkpoint `reid fit` wrote with its training state: checked
     before anything is built, where Lightning would fail after setting up with FileNotFoundError or a bare KeyError.
-    Lightning's ``last`` and ``best`` look in the new run's own folder, which is always empty in a new process: a
-    fit would start over without a word, so they are refused with what to give instead."""
+    Lightning's ``last`` and ``best`` look in the checkpoint folder, by default the new run's own, which is always
+    empty in a new process: a fit would start over without a word, so they are refused with what to give instead,
+    unless ``--checkpoint.dirpath`` names a folder that runs share."""
     from reid.errors import CheckpointError
     from reid.weights import load_tensors
 
-    if ckpt_path in ("last", "best"):
+    if ckpt_path in ("last", "best") and not dirpath:
         raise CheckpointError(f"--ckpt_path {ckpt_path} would look in this new run's own folder, which holds no "
                               "checkpoint yet: give the file, e.g. --ckpt_path "
                               "runs/x/lightning_logs/version_0/checkpoints/last.ckpt (the folder `reid fit` printed)")
-    if not ckpt_path or ckpt_path in ("hpc", "registry"):
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return
     path = Path(ckpt_path).expanduser()
     if not path.is_file():

@@ -27,9 +27,10 @@ def _run(*args: str) -> None:
 
 
 def _query_split(data: Path) -> str:
-    """``test`` photos are the queries when there are any, else ``val`` ones; no split column: seeded split."""
-    splits = set(read_dataset(data, check_images=False)["split"])
-    return "test" if "test" in splits else "val" if "val" in splits else "none"
+    """The queries ``data``'s split column suggests (:func:`reid.evaluation.query_split_for`)."""
+    from reid.evaluation import query_split_for
+
+    return query_split_for(set(read_dataset(data, check_images=False)["split"]))
 
 
 def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> dict[str, object]:

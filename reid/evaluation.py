@@ -177,6 +177,12 @@ class Protocol:
     description: str
 
 
+def query_split_for(splits: set[str]) -> str:
+    """The queries a dataset's split column suggests: its ``test`` photos, else its ``val`` ones, else none (the
+    seeded protocols). Never ``train``: the gallery would be left empty."""
+    return "test" if "test" in splits else "val" if "val" in splits else IGNORE_SPLIT_COLUMN
+
+
 def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,
                               unknown_fraction: float = 0.25, query_split: str = "test") -> tuple[Protocol, Protocol]:
     """The closed-set and open-set protocols for a dataset.
@@ -191,10 +197,11 @@ def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fracti
     if query_split != IGNORE_SPLIT_COLUMN and (records["split"] != "").any():
         is_query = (records["split"] == query_split).to_numpy()
         if not is_query.any():
-            others = sorted(set(records["split"]) - {query_split, ""})
+            other = query_split_for(set(records["split"]) - {query_split})
             raise DatasetError(f"no photos with split {query_split!r} to use as queries; the dataset's splits are "
-                               f"{sorted(set(records['split']))}: --query-split {others[-1] if others else 'none'} "
-                               "picks another, --query-split none ignores the column")
+                               f"{sorted(set(records['split']))}: "
+                               + (f"--query-split {other} picks another, " if other != IGNORE_SPLIT_COLUMN else "")
+                               + "--query-split none ignores the column")
         protocol = Protocol(np.flatnonzero(~is_query), np.flatnonzero(is_query), f"split column: {query_split} vs rest")
         return protocol, protocol
     by_image = (split_by_image(records, query_fraction, seed) == "val").to_numpy()

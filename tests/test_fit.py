@@ -37,7 +37,7 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
     printed = capsys.readouterr().out
     assert f"best checkpoint: {best}" in printed
-    assert f"next: reid evaluate --checkpoint {best} --data {synth_dataset}" in printed, "what to run next"
+    assert f"next: reid evaluate --checkpoint {best} --data {synth_dataset} --query-split none" in printed
     checkpoint = read_checkpoint(best)
     callback_state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert callback_state["monitor"] == "val_map5"
@@ -142,6 +142,10 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     (["--trainer.fast_dev_run", "true", "--verify", "true"], "--verify true needs a best checkpoint, and "
                                                              "trainer.fast_dev_run saves none"),
     (["--ckpt_path", "last"], "--ckpt_path last would look in this new run's own folder, which holds no checkpoint"),
+    (["--trainer.max_epochs", "0"], "trainer.max_epochs 0 trains nothing"),
+    (["--trainer.max_steps", "1", "--verify", "true"], "no best checkpoint was kept, so --verify had nothing to "
+                                                       "verify: the fit ended (max_steps, max_time) before its first "
+                                                       "validation"),
 ])
 def test_impossible_settings_exit_2_naming_the_key(tmp_path: Path, synth_dataset: Path, override: list[str],
                                                    message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,23 +51,26 @@ def test_folder_per_individual(tmp_path: Path) -> None:
     assert records.groupby("identity").size().to_dict() == {"alpha": 3, "beta": 3}
 
 
-def test_photos_in_an_individuals_sub_folders_are_its_own_and_loose_ones_are_named(
+def test_photos_in_sub_folders_or_loose_in_the_dataset_are_counted_not_dropped_silently(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A field archive keeps each encounter in a dated folder under its individual: those photos are the
-    individual's (they were dropped without a word), and a photo left in the dataset's own folder is pointed out."""
-    write_image(tmp_path / "t001" / "2023-07-14 dive" / "a.png", seed=1)
-    write_image(tmp_path / "t001" / "2024-06-02" / "b.png", seed=2)
+    """A field archive keeps each encounter in a dated folder under its individual, and a dataset given one folder
+    too high looks the same: neither is read as it stands, and neither is dropped without a word."""
+    write_image(tmp_path / "t001" / "a.png", seed=1)
+    write_image(tmp_path / "t001" / "2023-07-14 dive" / "b.png", seed=2)
     write_image(tmp_path / "t002" / "c.png", seed=3)
-    write_image(tmp_path / "t002" / ".thumbnails" / "c.png", seed=4)
+    write_image(tmp_path / "t002" / "@eaDir" / "c.png" / "SYNOPHOTO_THUMB.png", seed=4)  # a NAS's thumbnails
     write_image(tmp_path / "stray.png", seed=5)
     with caplog.at_level("WARNING", logger="reid.data.records"):
         records = read_dataset(tmp_path)
-    assert records[["identity", "image_id"]].values.tolist() == [
-        ["t001", "t001/2023-07-14 dive/a"], ["t001", "t001/2024-06-02/b"], ["t002", "t002/c"]]
+    assert records[["identity", "image_id"]].values.tolist() == [["t001", "t001/a"], ["t002", "t002/c"]]
     assert "skipped 1 photos directly in" in caplog.text and "stray.png" in caplog.text
-    only_nested = tmp_path / "nested"
-    write_image(only_nested / "t003" / "2023" / "d.png", seed=6)
-    assert read_dataset(only_nested)["identity"].tolist() == ["t003"]
+    assert "skipped 1 photos in sub-folders of the individuals' folders (e.g. t001/2023-07-14 dive/b.png)" in caplog.text
+    one_too_high = tmp_path / "upload"
+    write_image(one_too_high / "images" / "t003" / "d.png", seed=6)
+    write_image(one_too_high / "images" / "t004" / "e.png", seed=7)
+    with pytest.raises(DatasetError, match=r"one level deeper \(e\.g\. images/t003/d\.png\): if images/ holds one "
+                                           r"folder per individual, give .*upload/images as the dataset"):
+        read_dataset(one_too_high)
 
 
 def test_every_decodable_format_is_read_and_other_files_are_counted(tmp_path: Path,

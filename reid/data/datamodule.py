@@ -91,8 +91,8 @@ class ReIDDataModule(L.LightningDataModule):
         self.train_records = records[records["split"] == "train"].reset_index(drop=True)
         self.val_records = records[records["split"] == "val"].reset_index(drop=True)
         if self.train_records.empty or self.val_records.empty:
-            found = records["split"].value_counts()
-            fix = (f"its split column has {', '.join(f'{count} {name}' for name, count in found.items())}: mark some "
+            found = ", ".join(f"{count} {name or 'with none'}" for name, count in dataset["split"].value_counts().items())
+            fix = (f"its split column has {found}: mark some "
                    "photos val (and train), or --data.split image to draw the validation photos and ignore the column"
                    if hp.split == "column" or (hp.split == "auto" and (dataset["split"] != "").any()) else
                    "give individuals at least 2 photos, or a split column")

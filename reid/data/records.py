@@ -56,22 +56,17 @@ def normalise_view(view: str) -> str:
     return view.strip().lower()
 
 
-def photo_files(folders: Path | list[Path], recursive: bool = False) -> list[Path]:
-    """The photos in ``folders`` (extensions matched case-insensitively), sorted within each folder; ``recursive``:
-    in their sub-folders too (a field archive's ``individual/encounter-date/photo.jpg``).
+def photo_files(folders: Path | list[Path]) -> list[Path]:
+    """The photos in ``folders`` (extensions matched case-insensitively), sorted within each folder.
 
     Other files are skipped with one warning that counts them by extension: a folder of iPhone ``.heic`` photos
-    would otherwise drop a whole individual without a word. Hidden files and folders (``.DS_Store``) are skipped
-    silently.
+    would otherwise drop a whole individual without a word. Hidden files (``.DS_Store``) are skipped silently.
     """
     photos: list[Path] = []
     skipped: dict[str, list[Path]] = {}
     for folder in [folders] if isinstance(folders, Path) else folders:
-        entries = sorted(folder.rglob("*")) if recursive else sorted(folder.iterdir())
-        for path in entries:
-            if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
-                continue  # inside a hidden folder
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 photos.append(path)
             elif path.is_file() and not path.name.startswith("."):
                 skipped.setdefault(path.suffix.lower() or "(no extension)", []).append(path)
@@ -137,24 +132,43 @@ def _read_zindi(root: Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def _system_folder(path: Path) -> bool:
+    """Folders that file systems and archivers add (``.thumbnails``, Synology's ``@eaDir``, macOS zips'
+    ``__MACOSX``): never anyone's photos."""
+    return path.name.startswith((".", "@", "__"))
+
+
+def _nested_photos(folders: list[Path]) -> list[Path]:
+    """Photos in sub-folders of the individuals' folders, which the layout does not read."""
+    return sorted(path for folder in folders for sub in folder.iterdir() if sub.is_dir() and not _system_folder(sub)
+                  for path in sub.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
 def _read_folders(root: Path) -> pd.DataFrame:
-    """One folder per individual, its photos at any depth (``t001/2023-07-14/a.jpg`` is t001's, image id
-    ``t001/2023-07-14/a``); photos lying in ``root`` itself belong to no one, and a warning says so."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """One folder per individual, its photos directly in it. Photos one level deeper (``t001/2023-07-14/a.jpg``)
+    and photos lying in ``root`` itself are not read, and a warning counts them: reading deeper would also take a
+    dataset pointed at one folder too high (``images/t001/a.jpg``, ``train/t001/a.jpg``) for individuals named
+    ``images`` or ``train``."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _system_folder(p))
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
         log.warning("skipped %d photos directly in %s (e.g. %s): they belong to no individual; put each in the "
                     "folder named after its individual", len(loose), root, sorted(loose)[0].name)
+    nested = _nested_photos(folders)
+    if nested:
+        log.warning("skipped %d photos in sub-folders of the individuals' folders (e.g. %s): only the photos "
+                    "directly in an individual's folder are read; move them up into it, or list every photo in a "
+                    "labels.csv (path,identity)", len(nested), nested[0].relative_to(root))
     rows = [
         {
-            "image_id": image.relative_to(root).with_suffix("").as_posix(),
+            "image_id": f"{image.parent.name}/{image.stem}",
             "path": str(image),
-            "identity": image.relative_to(root).parts[0],
+            "identity": image.parent.name,
             "view": "",
             "split": "",
             "_source": str(image),
         }
-        for image in photo_files(folders, recursive=True)
+        for image in photo_files(folders)
     ]
     return pd.DataFrame(rows, columns=[*RECORD_COLUMNS, "_source"])
 
@@ -169,9 +183,17 @@ def detect_format(root: Path) -> str:
         return "labels_csv"
     if (root / "train.csv").is_file():
         return "zindi"
-    subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if any(f.suffix.lower() in IMAGE_EXTENSIONS for d in subfolders for f in d.rglob("*")):
+    subfolders = [p for p in root.iterdir() if p.is_dir() and not _system_folder(p)]
+    if any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for d in subfolders for f in d.iterdir()):
         return "folders"
+    nested = _nested_photos(subfolders)
+    if nested:
+        example = nested[0].relative_to(root)
+        raise DatasetError(
+            f"no photos directly in the sub-folders of {root}, but {len(nested)} one level deeper (e.g. {example}): "
+            f"if {example.parts[0]}/ holds one folder per individual, give {root / example.parts[0]} as the "
+            "dataset; if each individual keeps its photos in sub-folders, move them up into its folder, or list "
+            "them in a labels.csv (path,identity)")
     raise DatasetError(
         f"unknown dataset format in {root}: expected labels.csv (path,identity[,view][,split]), "
         "a Zindi folder with train.csv and images/, or one sub-folder of images per individual"
