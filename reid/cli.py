@@ -168,8 +168,11 @@ def _run_lightning(argv: list[str] | None) -> int:
     except ArgumentError as error:
         # jsonargparse's refusals (an unknown key, a value of the wrong type, a YAML error) as one line, not after
         # a hundred lines of usage
-        command = (argv or sys.argv[1:] or ["fit"])[0]
-        raise ConfigError(f"{' '.join(str(error).split())} (reid {command} --help lists every option)") from error
+        given = argv or sys.argv[1:] or ["fit"]
+        stored = ("; a setting not on this command line comes from the hyperparameters stored in --ckpt_path's "
+                  "checkpoint" if any(word.startswith("--ckpt_path") for word in given) else "")
+        raise ConfigError(f"{' '.join(str(error).split())}{stored} (reid {given[0]} --help lists every "
+                          "option)") from error
     finally:
         sys.argv = caller_argv
     return 0
