@@ -56,11 +56,15 @@ def _run_lightning(argv: list[str] | None) -> int:
     # user can act on, so it is not printed at the top of every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
+    interrupted: list[bool] = []  # set when a fit was stopped by Ctrl-C, whose exit Lightning makes sys.exit(1)
+
     class _InterruptNote(Callback):
         """Ctrl-C during a fit: Lightning stops gracefully and exits; this says what was kept and how to go on."""
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             callback = trainer.checkpoint_callback
+            if isinstance(exception, KeyboardInterrupt):
+                interrupted.append(True)
             if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero or callback is None:
                 return
             last = Path(callback.dirpath or ".") / "last.ckpt"
@@ -165,6 +169,10 @@ def _run_lightning(argv: list[str] | None) -> int:
     except MisconfigurationException as error:
         # Lightning's refusals of a setting (limit_val_batches too small for the loader...) are usage errors
         raise ConfigError(str(error)) from error
+    except SystemExit:
+        if interrupted:  # Lightning's graceful Ctrl-C ends in sys.exit(1): the same exit as any other interruption
+            raise KeyboardInterrupt from None
+        raise
     except ArgumentError as error:
         # jsonargparse's refusals (an unknown key, a value of the wrong type, a YAML error) as one line, not after
         # a hundred lines of usage
