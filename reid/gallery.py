@@ -210,10 +210,8 @@ class Gallery:
         """Re-train on every photo: k-means on a seeded sample of the size it would keep anyway, drawn list by list,
         then the photos moved over one old list at a time, so that no third copy of the gallery is ever held."""
         total = len(self._identity)
-        share = self.training_share(total)
-        rng = np.random.default_rng(0)
-        sample = np.concatenate([vectors[rng.random(len(vectors)) < share] for _, vectors in self._ivf_contents()])
-        index = self._trained_ivf(total, sample)
+        sample = _seeded_sample((vectors for _, vectors in self._ivf_contents()), self.training_share(total))
+        index = self._trained_ivf(total, np.concatenate(sample))
         for ids, vectors in self._ivf_contents():
             index.add_with_ids(vectors, ids)
         self._master = index
@@ -295,10 +293,16 @@ def train_for_batches(gallery: Gallery, total: int, batches: Iterable[np.ndarray
     share = gallery.training_share(total)
     if not share:
         return
-    rng = np.random.default_rng(seed)
-    sample = [vectors[rng.random(len(vectors)) < share] for vectors in batches]
+    sample = _seeded_sample(batches, share, seed)
     if sum(len(part) for part in sample):
         gallery.train(total, np.concatenate(sample))
+
+
+def _seeded_sample(batches: Iterable[np.ndarray], share: float, seed: int = 0) -> list[np.ndarray]:
+    """About ``share`` of the rows of every batch, drawn with a seeded generator: k-means's training photos, taken
+    from all of a gallery's photos without holding them all at once."""
+    rng = np.random.default_rng(seed)
+    return [vectors[rng.random(len(vectors)) < share] for vectors in batches]
 
 
 def _cosines(index: faiss.Index, vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -145,19 +145,16 @@ class Identifier:
         """Re-rank one query: its top photos by fused score; individuals found only further down are fused with
         zero inliers, so every answer still names ``k`` individuals when the gallery has them. A photo removed from
         the gallery since the search (the service deletes while queries run) is left out."""
-        found = self.gallery.identities_of(image_ids)
-        kept = np.array([identity is not None for identity in found], dtype=bool)
-        similarities, image_ids = similarities[kept], image_ids[kept]
+        held, _ = self._held(image_ids)
+        similarities, image_ids = similarities[held], image_ids[held]
         inliers = np.asarray(self.verifier.inliers(query, image_ids), dtype=np.int64)
         # looked up again after matching, the slow part, where a deletion is most likely to land
-        found = self.gallery.identities_of(image_ids)
-        kept = np.array([identity is not None for identity in found], dtype=bool)
-        similarities, image_ids, inliers = similarities[kept], image_ids[kept], inliers[kept]
+        held, identities = self._held(image_ids)
+        similarities, image_ids, inliers = similarities[held], image_ids[held], inliers[held]
         verified = set(image_ids.tolist())
         unverified = [hit for hit in plain if hit.image_id not in verified]
-        unverified = [hit for hit, identity in zip(unverified, self.gallery.identities_of(
-            [hit.image_id for hit in unverified])) if identity is not None]
-        identities = [identity for identity in found if identity is not None] + [hit.individual for hit in unverified]
+        unverified = [hit for hit, kept in zip(unverified, self._held([hit.image_id for hit in unverified])[0]) if kept]
+        identities += [hit.individual for hit in unverified]
         similarities = np.concatenate([similarities, [hit.score for hit in unverified]]).astype(np.float64)
         image_ids = np.concatenate([image_ids, [hit.image_id for hit in unverified]]).astype(np.int64)
         inliers = np.concatenate([inliers, np.zeros(len(unverified), np.int64)])
@@ -168,6 +165,12 @@ class Identifier:
         inlier_of = dict(zip(image_ids.tolist(), inliers.tolist()))
         return [hit._replace(similarity=similarity[hit.image_id], inliers=int(inlier_of[hit.image_id]))
                 for hit in ranking]
+
+    def _held(self, image_ids: Sequence[int]) -> tuple[np.ndarray, list[Individual]]:
+        """Which of ``image_ids`` the gallery still holds (a mask), and those photos' individuals, in order."""
+        found = self.gallery.identities_of(image_ids)
+        return (np.array([identity is not None for identity in found], dtype=bool),
+                [identity for identity in found if identity is not None])
 
     def answer(self, queries: np.ndarray, k: int, threshold: Threshold) -> list[Answer]:
         """Ranked individuals with new_turtle placed by ``threshold``, cut to ``k``, each with its evidence (ranked
