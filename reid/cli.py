@@ -62,10 +62,11 @@ def _run_lightning(argv: list[str] | None) -> int:
         """Ctrl-C during a fit: Lightning stops gracefully and exits; this says what was kept and how to go on."""
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if not isinstance(exception, KeyboardInterrupt):
+                return
+            interrupted.append(True)
             callback = trainer.checkpoint_callback
-            if isinstance(exception, KeyboardInterrupt):
-                interrupted.append(True)
-            if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero or callback is None:
+            if not trainer.is_global_zero or callback is None:
                 return
             last = Path(callback.dirpath or ".") / "last.ckpt"
             print("interrupted: " + (f"the best checkpoint so far is {callback.best_model_path}"
@@ -125,32 +126,33 @@ def _run_lightning(argv: list[str] | None) -> int:
                             "model; give --ckpt_path .../checkpoints/best.ckpt for one", config["model"]["pretrained"])
 
         def after_fit(self) -> None:
+            if not self.trainer.is_global_zero:
+                return
             callback = self.trainer.checkpoint_callback
-            if self.trainer.is_global_zero and (callback is None or not callback.best_model_path):
-                config = self.config[self.subcommand]
+            config = self.config[self.subcommand]
+            if callback is None or not callback.best_model_path:
                 reason = ("fast_dev_run trains and validates a batch and saves nothing" if config["trainer"].get(
                     "fast_dev_run") else "the fit ended (max_steps, max_time) before its first validation")
                 if config.get("verify"):
                     raise ConfigError(f"no best checkpoint was kept, so --verify had nothing to verify: {reason}; "
                                       "let the fit reach a validation")
                 print(f"no best checkpoint was kept: {reason}")
-            if callback is not None and callback.best_model_path and self.trainer.is_global_zero:
-                score = callback.best_model_score
-                print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
-                      else f"best checkpoint: {callback.best_model_path}")
-                config = self.config[self.subcommand]
-                best = Path(callback.best_model_path)
-                if config.get("verify"):
-                    try:
-                        _store_verification(best, self.datamodule, float(self.model.hparams.runner_up_weight),
-                                            int(config["verify_candidates"]), int(config["verify_fallback"]),
-                                            self.model.hparams.threshold_objective)
-                    except KeyboardInterrupt:
-                        print(f"verification was not stored in {best} (interrupted); the checkpoint works without "
-                              f"it, or store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} "
-                              f"--verify --query-split none", file=sys.stderr)
-                        raise
-                print(_next_steps(best, Path(self.datamodule.root)))
+                return
+            score = callback.best_model_score
+            print(f"best checkpoint: {callback.best_model_path} (val_map5={float(score):.4f})" if score is not None
+                  else f"best checkpoint: {callback.best_model_path}")
+            best = Path(callback.best_model_path)
+            if config.get("verify"):
+                try:
+                    _store_verification(best, self.datamodule, float(self.model.hparams.runner_up_weight),
+                                        int(config["verify_candidates"]), int(config["verify_fallback"]),
+                                        self.model.hparams.threshold_objective)
+                except KeyboardInterrupt:
+                    print(f"verification was not stored in {best} (interrupted); the checkpoint works without it, or "
+                          f"store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} --verify "
+                          "--query-split none", file=sys.stderr)
+                    raise
+            print(_next_steps(best, Path(self.datamodule.root)))
 
         def before_fit(self) -> None:
             # the dataset is read and checked before the logger makes its version_N folder, so that a mistake in it
