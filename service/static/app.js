@@ -139,9 +139,10 @@ function megabytes(bytes) {
 }
 
 /** Send photos of one individual in as many requests as the body limit needs: the first group to ``first`` (with
- *  its extra ``fields``), the others to ``rest``. Returns every stored photo, as one answer would list them; a
- *  failed request throws with ``error.images``, the photos stored before it, and ``error.unsent``, the files (and
- *  ``error.unsentViews``, their views) of that request and the ones after it, none of which was stored. */
+ *  its extra ``fields``), the others to ``rest``. Returns ``{images, unsent}``: every stored photo, as one answer
+ *  would list them, and ``unsent`` (null when all were stored): the ``error`` of a request that failed after
+ *  others were stored, with the ``files`` and ``views`` of that request and the ones after it. Throws when nothing
+ *  was stored. */
 async function sendPhotos(files, views, first, fields, rest) {
   const groups = uploadGroups(files, views);
   const images = [];
@@ -151,13 +152,22 @@ async function sendPhotos(files, views, first, fields, rest) {
     try {
       images.push(...(await (await api(number === 0 ? first : rest, { method: "POST", body: form })).json()).images);
     } catch (error) {
-      error.images = images;
-      error.unsent = groups.slice(number).flatMap((later) => later.files);
-      error.unsentViews = groups.slice(number).flatMap((later) => later.views);
-      throw error;
+      if (!images.length) throw error;
+      const later = groups.slice(number);
+      return { images, unsent: { error, files: later.flatMap((g) => g.files), views: later.flatMap((g) => g.views) } };
     }
   }
-  return { images };
+  return { images, unsent: null };
+}
+
+/** Confirm photos saved to an individual by :func:`sendPhotos`, naming those it could not send (they wait, listed
+ *  under the individual's "Add photos", to be sent again or left out), then refresh what depends on them. */
+async function confirmSent(individualId, saved, sentence) {
+  await showIndividual(individualId, saved.unsent);  // it clears the message: say what happened after it
+  const text = savedPhotos(saved, sentence);
+  showSaved(saved, saved.unsent ? `${text} ${unsentNote(saved.unsent)}` : text, saved.unsent ? "warn" : "ok");
+  refreshHealth();
+  identifyOthersAgain(savedNote(individualId));
 }
 
 /** The chosen photos listed with a view field each, and a button that sends them with ``send(files, views)``. */
@@ -569,30 +579,21 @@ async function showIndividual(individualId, pending = null) {
 
 async function addPhotos(individualId, files, views) {
   const images = `/individuals/${encodeURIComponent(individualId)}/images`;
+  let saved;
   try {
-    const saved = await sendPhotos(files, views, images, {}, images);
-    await showIndividual(individualId);  // it clears the message: say what happened after it
-    showSaved(saved, savedPhotos(saved, `Added {} to ${individualId}.`));
-    refreshHealth();
-    identifyOthersAgain(savedNote(individualId));
+    saved = await sendPhotos(files, views, images, {}, images);
   } catch (error) {
-    if (!error.images || !error.images.length) {
-      showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
-      return;
-    }
-    await showIndividual(individualId, { files: error.unsent, views: error.unsentViews });
-    showSaved({ images: error.images },
-              savedPhotos({ images: error.images }, `Added {} to ${individualId}.`) + " " + unsentNote(error), "warn");
-    refreshHealth();
-    identifyOthersAgain(savedNote(individualId));
+    showMessage(`Could not add the photos to ${individualId}: ${error.message}`);
+    return;
   }
+  await confirmSent(individualId, saved, `Added {} to ${individualId}.`);
 }
 
 /** What a request that failed after others were stored left out: the photos, named, and where they wait. */
-function unsentNote(error) {
-  const names = error.unsent.map((file) => file.name).join(", ");
-  return `${plural(error.unsent.length, "other photo")} could not be added (${names}): ${error.message}. ` +
-         `${error.unsent.length === 1 ? "It is" : "They are"} listed under "Add photos" below, to send again or leave out.`;
+function unsentNote(unsent) {
+  const names = unsent.files.map((file) => file.name).join(", ");
+  return `${plural(unsent.files.length, "other photo")} could not be added (${names}): ${unsent.error.message}. ` +
+         `${unsent.files.length === 1 ? "It is" : "They are"} listed under "Add photos" below, to send again or leave out.`;
 }
 
 /** Confirm a save; a photo that is now filed under more than one individual turns it into a warning, since that
@@ -636,30 +637,18 @@ async function enrolNew(files, views) {
   const individualId = typedId($("new-id"));
   if (!individualId) return;
   let saved;
-  let failure = null;
   try {
     saved = await sendPhotos(files, views, "/individuals", { individual_id: individualId },
                              `/individuals/${encodeURIComponent(individualId)}/images`);
   } catch (error) {
-    if (!error.images || !error.images.length) {
-      showMessage(`Could not enrol ${individualId}: ${error.message}`);
-      return;
-    }
-    saved = { images: error.images };  // enrolled with its first photos: the others can be added on its page
-    failure = error;
+    showMessage(`Could not enrol ${individualId}: ${error.message}`);
+    return;
   }
   $("new-individual").reset();
   $("new-photos").replaceChildren();
   $("search").value = "";
   await loadIndividuals(true);
-  await showIndividual(individualId, failure && { files: failure.unsent, views: failure.unsentViews });
-  if (failure) {
-    showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`) + " " + unsentNote(failure), "warn");
-  } else {
-    showSaved(saved, savedPhotos(saved, `Enrolled ${individualId} with {}.`));
-  }
-  refreshHealth();
-  identifyOthersAgain(savedNote(individualId));
+  await confirmSent(individualId, saved, `Enrolled ${individualId} with {}.`);
 }
 
 async function deletePhoto(individualId, imageId) {
