@@ -48,7 +48,7 @@ def validation_sets(args: argparse.Namespace) -> tuple[Embedder, pd.DataFrame, n
     backbone = read_checkpoint(args.checkpoint)[CHECKPOINT_KEY]["backbone"]
     data = ReIDDataModule(str(args.data), split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                           backbone=backbone, image_size=embedder.preprocess.image_size, check_images=False)
-    data.setup("fit")
+    data.setup("validate")
     gallery, queries = data.gallery_records, data.query_records
     return (embedder, gallery, embedder.embed(gallery["path"].tolist(), progress=True), queries,
             embedder.embed(queries["path"].tolist(), progress=True))

@@ -30,7 +30,8 @@ def test_validation_embeds_with_the_attached_models_own_preprocessing(synth_data
 
     from reid.data.transforms import Preprocess
 
-    data = ReIDDataModule(str(synth_dataset), check_images=False, backbone="resnet10t", image_size=64)
+    data = ReIDDataModule(str(synth_dataset), individuals_per_batch=4, check_images=False, backbone="resnet10t",
+                          image_size=64)
     own = Preprocess(72, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))  # differs from what the name alone resolves
     data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(preprocess=own))
     assert data.preprocess() is own
@@ -39,8 +40,8 @@ def test_validation_embeds_with_the_attached_models_own_preprocessing(synth_data
 
 
 def test_labels_are_one_integer_per_individual_across_every_table(synth_dataset: Path) -> None:
-    data = ReIDDataModule(str(synth_dataset), split="individual", check_images=False, backbone="resnet10t",
-                          image_size=64)
+    data = ReIDDataModule(str(synth_dataset), split="individual", individuals_per_batch=4, check_images=False,
+                          backbone="resnet10t", image_size=64)
     data.setup("fit")
     assert data.identities == sorted(data.records["identity"].unique())
     for frame in (data.records, data.train_records, data.gallery_records, data.query_records):
@@ -108,8 +109,8 @@ print(tuple(images.shape), cv2.getNumThreads() == threads)
 def test_validation_interleaves_gallery_and_queries_so_any_first_batches_hold_both(synth_dataset: Path) -> None:
     """`limit_val_batches` and `fast_dev_run` keep a loader's first batches: a gallery-first loader cut short held no
     query, and validation logged no score (then ModelCheckpoint stopped the fit, missing val_map5)."""
-    data = ReIDDataModule(str(synth_dataset), check_images=False, backbone="resnet10t", image_size=48, num_workers=0,
-                          eval_batch_size=4)
+    data = ReIDDataModule(str(synth_dataset), individuals_per_batch=4, check_images=False, backbone="resnet10t",
+                          image_size=48, num_workers=0, eval_batch_size=4)
     data.setup("fit")
     table = data.validation_records
     assert len(table) == len(data.gallery_records) + len(data.query_records) == 32
@@ -152,6 +153,6 @@ def test_a_split_column_without_val_photos_names_its_values_and_the_way_round_it
     with pytest.raises(DatasetError, match=r"0 validation photos; both must be non-empty \(its split column has 4 "
                                            r"train, 2 test: mark some photos val .* --data.split image"):
         data.setup("fit")
-    drawn = ReIDDataModule(str(tmp_path), split="image", backbone="resnet10t", image_size=48)
+    drawn = ReIDDataModule(str(tmp_path), split="image", individuals_per_batch=2, backbone="resnet10t", image_size=48)
     drawn.setup("fit")
     assert len(drawn.val_records) > 0

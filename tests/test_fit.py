@@ -107,6 +107,14 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "lightning_logs").exists(), "no empty version_N folder for a run that never started"
 
 
+@pytest.mark.parametrize("override", [["--data.individuals_per_batch", "100"], ["--data.photos_per_individual", "1"],
+                                      ["--data.batches_per_epoch", "0"]])
+def test_batch_settings_the_data_cannot_fill_leave_no_empty_run_folder(tmp_path: Path, synth_dataset: Path,
+                                                                      override: list[str]) -> None:
+    assert main(_fit_args(tmp_path, synth_dataset, *override)) == 2
+    assert not (tmp_path / "lightning_logs").exists(), "no empty version_N folder for a run that never started"
+
+
 @pytest.mark.parametrize(("override", "message"), [
     (["--model.lr", "-1"], "model.lr must be > 0, got -1.0"),
     (["--model.temperature", "0"], "model.temperature must be > 0, got 0.0"),

@@ -105,6 +105,9 @@ class ReIDDataModule(L.LightningDataModule):
             raise DatasetError(f"{self.root}: validation has no query photo: every validation individual has a single "
                                "photo, which joins the gallery (give them at least 2 photos, or mark some as val)")
         self.validation_records = self._interleaved(self.gallery_records, self.query_records)
+        if stage == "fit":
+            IdentitySampler.check(self.train_records["label"], hp.individuals_per_batch, hp.photos_per_individual,
+                                  hp.batches_per_epoch)
         log.info("training on %d photos of %d individuals; validating %d photos of %d individuals",
                  len(self.train_records), self.train_records["identity"].nunique(),
                  len(self.val_records), self.val_records["identity"].nunique())

@@ -117,13 +117,7 @@ class IdentitySampler(DistributedSampler):
                  batches_per_epoch: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         individuals = np.unique(labels)
-        require("data.photos_per_individual", photos_per_individual, photos_per_individual >= 2,
-                ">= 2 (positives need a pair)")
-        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch >= 2,
-                ">= 2 (negatives need another individual)")
-        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch <= len(individuals),
-                f"at most {len(individuals)}, the individuals in the training split")
-        require("data.batches_per_epoch", batches_per_epoch, batches_per_epoch >= 1, ">= 1")
+        self.check(labels, individuals_per_batch, photos_per_individual, batches_per_epoch)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank} of {world_size}")
         super().__init__(labels, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -136,6 +130,21 @@ class IdentitySampler(DistributedSampler):
         self.individuals_per_batch = individuals_per_batch
         self.photos_per_individual = photos_per_individual
         self.batches_per_epoch = batches_per_epoch
+
+    @staticmethod
+    def check(labels: Sequence[int], individuals_per_batch: int, photos_per_individual: int,
+              batches_per_epoch: int) -> None:
+        """Refuse settings no batch can be drawn with. Also called when a fit's data is set up, before Lightning
+        builds the training loader: by then its logger has made the run's ``version_N`` folder, which a refusal
+        would leave empty."""
+        require("data.photos_per_individual", photos_per_individual, photos_per_individual >= 2,
+                ">= 2 (positives need a pair)")
+        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch >= 2,
+                ">= 2 (negatives need another individual)")
+        individuals = len(np.unique(np.asarray(labels)))
+        require("data.individuals_per_batch", individuals_per_batch, individuals_per_batch <= individuals,
+                f"at most {individuals}, the individuals in the training split")
+        require("data.batches_per_epoch", batches_per_epoch, batches_per_epoch >= 1, ">= 1")
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.individuals_per_batch * self.photos_per_individual
