@@ -164,6 +164,9 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual
     # position of new_turtle for every (candidate, query): how many ranked scores are >= the threshold
     position = (scores[None, :, :] >= candidates[:, None, None]).sum(axis=2)
     is_new = np.array([t == NEW_TURTLE for t in truths])
+    # MAP@5 and balanced accuracy are scored here again, for every candidate threshold at once (map_at_k and
+    # evaluation.open_set_scores score one set of answers: calling them per candidate is quadratic in the queries);
+    # tests/test_metrics.py checks on random answers that both give the score returned.
     if objective == "map5":
         effective = np.where(is_new[None, :], position,
                              np.where(position <= true_rank[None, :], true_rank + 1, true_rank))
@@ -190,4 +193,6 @@ def calibrate_threshold(rankings: Sequence[Ranking], truths: Sequence[Individual
         if candidates[j] - low > widest:
             widest, chosen = candidates[j] - low, (low + candidates[j]) / 2
         i = j + 1
-    return float(np.clip(chosen, -1.0, 1.0)), float(means.max())  # scores are cosines or probabilities
+    # Not clipped to [-1, 1]: the threshold is a bar on shifted scores, which reach 1 + runner_up_weight where the
+    # runner-up's cosine is negative (ViT features); a clipped bar would not earn the score returned beside it.
+    return float(chosen), float(means.max())

@@ -118,3 +118,28 @@ def test_a_threshold_fitted_for_balanced_accuracy_flags_what_map5_would_rank() -
     assert accuracy == pytest.approx(2 / 3) and threshold <= 0.55
     with pytest.raises(ValueError, match="objective must be one of map5, balanced_accuracy, got 'accuracy'"):
         calibrate_threshold(rankings, truths, objective="accuracy")
+
+
+# answers with only known (or only unknown) queries score the accuracy of those, after numpy warns of the empty half
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("objective", ["map5", "balanced_accuracy"])
+@pytest.mark.parametrize("runner_up_weight", [0.0, 0.5, 1.0])
+def test_the_calibrated_threshold_earns_the_score_returned_beside_it(objective: str, runner_up_weight: float) -> None:
+    """The score calibration reports is what the answers at its threshold score, cosines of either sign included:
+    a runner-up with a negative cosine lifts the bar's scale above 1, and a threshold clipped to 1 once accepted
+    the new turtle it had been fitted to flag."""
+    from reid.evaluation import open_set_scores
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        queries = int(rng.integers(1, 8))
+        rankings = [[Hit(name, float(score)) for name, score in zip(rng.permutation(list("abcdef"))[:3],
+                                                                      np.sort(rng.uniform(-1, 1, 3))[::-1])]
+                    for _ in range(queries)]
+        truths = [str(rng.choice(["a", "b", "c", NEW_TURTLE])) for _ in range(queries)]
+        threshold, score = calibrate_threshold(rankings, truths, runner_up_weight=runner_up_weight,
+                                               objective=objective)
+        answers = [insert_new_turtle(r, threshold, runner_up_weight=runner_up_weight) for r in rankings]
+        earned = (map_at_k(answers, truths) if objective == "map5" else
+                  open_set_scores(rankings, answers, truths, runner_up_weight)["balanced_accuracy"])
+        assert earned == pytest.approx(score), (rankings, truths, threshold)
