@@ -116,9 +116,14 @@ def _run_lightning(argv: list[str] | None) -> int:
         def before_instantiate_classes(self) -> None:
             """Settings that only mean something together are checked before anything is built or trained."""
             config = self.config[self.subcommand]
-            if config.get("verify_fallback") and not config.get("verify"):
-                raise ReIDError(f"--verify_fallback {config['verify_fallback']} needs --verify true: the fallback is "
-                                "part of the verification `reid fit --verify` learns")
+            # a config that verifies (turtles_cpu.yaml) run with --verify false: its verify step's settings are moot,
+            # which is said rather than refused, so that one flag turns the step off
+            moot = [f"verify_{key} {config.get(f'verify_{key}')}" for key, default in
+                    (("fallback", 0), ("candidates", DEFAULT_CANDIDATES))
+                    if not config.get("verify") and config.get(f"verify_{key}", default) != default]
+            if moot:
+                log.warning("%s: ignored, as settings of the verify step, which runs only with --verify true",
+                            " and ".join(moot))
             if self.subcommand == "fit":
                 _check_fit_keeps_a_best_checkpoint(config["trainer"], bool(config.get("verify")))
             if self.subcommand == "validate" and not config.get("ckpt_path"):
@@ -427,8 +432,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
         raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
-    if args.fallback and not args.verify:
-        raise ReIDError(f"--fallback {args.fallback} needs --verify: the fallback is part of the verification")
+    for flag, value in (("--fallback", args.fallback), ("--candidates", args.candidates),
+                        ("--max-side", args.max_side)):
+        if value and not args.verify:
+            raise ReIDError(f"{flag} {value} needs --verify: it is a setting of the verification")
     records = read_dataset(args.data)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     if args.runner_up_weight is None:
@@ -449,6 +456,10 @@ def _calibrate(args: argparse.Namespace) -> int:
                               calibration={"data": str(args.data), "protocol": protocol, args.objective: score},
                               **({} if verification is None else {"verification": verification.to_dict()}))
     print(f"new_turtle threshold {threshold:.4f} ({scored}; {protocol}) written to {args.checkpoint}")
+    if verification is None and embedder.verification is not None:
+        print(f"note: this checkpoint verifies its answers, so evaluate, predict and serve use its threshold "
+              f"{embedder.verification.threshold:.4f} on fused scores, not this one (which applies with --no-verify); "
+              "add --verify to fit that threshold again")
     if verification is not None:
         print(f"verification with threshold {verification.threshold:.4f} on fused scores written to {args.checkpoint}: "
               f"{verification.threshold_origin}")
@@ -470,7 +481,7 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
-    extraction = Extraction(args.max_side)
+    extraction = Extraction() if args.max_side is None else Extraction(args.max_side)
     features = extract_all(records["path"].tolist(), extraction, progress=True)
     gallery = open_set.gallery
     fusion = replace(fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
@@ -698,8 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also learn local verification (fusion of similarity and inliers, WildFusion-style) "
                                 "and its own threshold; later commands then verify by default")
     calibrate.add_argument("--candidates", type=at_least(1),
-                           help="most similar photos verified per query (default: as many as reid fit verifies, 80)")
-    calibrate.add_argument("--max-side", type=at_least(64), default=1024, help="long side local features are extracted at")
+                           help="with --verify: most similar photos verified per query (default: as many as reid "
+                                "fit verifies, 80)")
+    calibrate.add_argument("--max-side", type=at_least(64),
+                           help="with --verify: long side local features are extracted at (default: 1024, as "
+                                "reid fit extracts)")
     calibrate.add_argument("--fallback", type=at_least(0), default=0, metavar="N",
                            help="with --verify: where no verified photo of a query matches, match its N most similar "
                                 "again under simulated camera tilts (ASIFT; README, 'The ASIFT fallback'); 0: off")

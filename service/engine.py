@@ -72,8 +72,20 @@ def _cached_features(store: Store, image_ids: list[int], extraction: Extraction)
              len(missing), extraction.describe())
     started = time.monotonic()
     for start in range(0, len(missing), _FEATURE_BATCH):
-        images = list(store.images(missing[start:start + _FEATURE_BATCH]).values())
-        extracted = [extraction.extract(store.pixels(image)) for image in images]
+        images, extracted = [], []
+        for image in store.images(missing[start:start + _FEATURE_BATCH]).values():
+            try:
+                pixels = store.pixels(image)
+            except ReIDError as error:
+                # one lost file (a restore that missed it) must not keep down the service it could be deleted through
+                log.warning("image %d of individual %r is served without local features, so it matches nothing "
+                            "locally, until its file is restored or it is deleted (DELETE /individuals/%s/images/%d):"
+                            " %s", image.image_id, image.individual_id, image.individual_id, image.image_id,
+                            error.__cause__ or error)
+                features[image.image_id] = _DELETED
+                continue
+            images.append(image)
+            extracted.append(extraction.extract(pixels))
         store.put_local_features(extraction, [image.image_id for image in images], extracted)
         features.update((image.image_id, item) for image, item in zip(images, extracted))
         log.info("local features: %d/%d photos extracted (%.0f s)", start + len(images), len(missing),

@@ -167,6 +167,7 @@ class Store:
         self._readers = threading.local()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._refuse_photos_without_database()
             with self._connect() as connection:
                 mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode != "wal":
@@ -175,6 +176,19 @@ class Store:
                 self._create_or_upgrade(connection)
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the service's store in {self.root}: {error}") from error
+
+    def _refuse_photos_without_database(self) -> None:
+        """A folder whose photos/ holds files but whose database is missing or empty is a restore gone wrong (the
+        database left behind, or renamed), never a new store: opened as one, the start-up sweep would delete every
+        photo as unreferenced."""
+        if self.database.is_file() and self.database.stat().st_size > 0:
+            return
+        photos = self.root / PHOTOS_DIR
+        files = sum(1 for path in photos.rglob("*") if path.is_file()) if photos.is_dir() else 0
+        if files:
+            raise StoreError(f"{photos} holds {files} files but {self.database} is "
+                             f"{'empty' if self.database.is_file() else 'missing'}: put the store's database back "
+                             f"(e.g. from a backup) and start again; to start an empty store here, move {photos} away")
 
     def _create_or_upgrade(self, connection: sqlite3.Connection) -> None:
         """Create the tables a store of :data:`SCHEMA_VERSION` has. Every version so far only adds tables or columns
@@ -375,7 +389,20 @@ class Store:
         with self._transaction() as connection:
             for sha256, file in files.items():
                 if connection.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha256,)).fetchone() is None:
-                    (self.root / file).unlink(missing_ok=True)
+                    self._unlink(self.root / file)
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        """Remove a photo file no row refers to. A file that cannot be removed (a read-only folder, a full disk's
+        journal) is logged and left: the rows are already gone, so the deletion stands, and a file no row refers to
+        is only space, swept at the next start."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not remove %s, which no photo refers to any more (%s); it is removed at the next "
+                        "start if the folder allows it", path, error)
+            return False
+        return True
 
     def sweep(self) -> int:
         """Remove what a crash can leave in ``photos/``: temporary files of interrupted writes, and photo files no row
@@ -388,8 +415,8 @@ class Store:
             referenced = {row[0] for row in connection.execute("SELECT DISTINCT file FROM images")}
         removed = 0
         for path in sorted((self.root / PHOTOS_DIR).rglob("*")):
-            if path.is_file() and path.relative_to(self.root).as_posix() not in referenced:
-                path.unlink()
+            if (path.is_file() and path.relative_to(self.root).as_posix() not in referenced
+                    and self._unlink(path)):
                 removed += 1
         if removed:
             log.info("removed %d files a crash left in %s (temporary or unreferenced photo files)", removed,

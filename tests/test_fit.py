@@ -226,11 +226,16 @@ def test_verify_settings_out_of_range_exit_2_naming_the_key(tmp_path: Path, synt
     assert f'key "{key}"' in capsys.readouterr().err
 
 
-def test_a_fallback_without_verify_exit_2_before_training(tmp_path: Path, synth_dataset: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(_fit_args(tmp_path, synth_dataset, "--verify_fallback", "20")) == 2
-    assert "--verify_fallback 20 needs --verify true" in capsys.readouterr().err
-    assert not (tmp_path / "lightning_logs").exists()  # refused before any training
+def test_verify_false_turns_off_a_configs_verify_step_saying_its_settings_are_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """turtles_cpu.yaml sets verify_fallback: 20; `--verify false` alone turns the verify step off (the dataset here is
+    missing, so the command stops at that, the first mistake left, before any training)."""
+    with caplog.at_level("WARNING", logger="reid.cli"):
+        assert main(["fit", "--config", str(REPO / "configs" / "turtles_cpu.yaml"), "--data.root", str(tmp_path / "no"),
+                     "--trainer.default_root_dir", str(tmp_path), "--verify", "false", "--verify_candidates", "40"]) == 2
+    assert "reid: error: dataset folder" in capsys.readouterr().err
+    assert ("verify_fallback 20 and verify_candidates 40: ignored, as settings of the verify step, which runs only "
+            "with --verify true") in caplog.text
 
 
 def test_resuming_from_what_is_not_a_training_checkpoint_exit_2_before_training(

@@ -218,8 +218,14 @@ def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
     assert "ASIFT fallback on the 3 most similar photos" in capsys.readouterr().out
-    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--fallback", "3"]) == 2
-    assert "--fallback 3 needs --verify" in capsys.readouterr().err
+    for flag in ("--fallback", "--candidates", "--max-side"):
+        assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), flag, "300"]) == 2
+        assert f"{flag} 300 needs --verify: it is a setting of the verification" in capsys.readouterr().err
+    # without --verify only the similarity threshold is refitted, which this verifying checkpoint does not answer by
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
+    assert (f"note: this checkpoint verifies its answers, so evaluate, predict and serve use its threshold "
+            f"{verification.threshold:.4f} on fused scores, not this one (which applies with --no-verify)"
+            ) in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
         main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify", "--fallback", "-1"])
     assert exit_info.value.code == 2 and "argument --fallback: must be at least 0, got -1" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 from reid.imageio import decode_image
 from reid.inference import write_checkpoint_metadata
 from service.engine import Engine, Threshold
+from service.errors import StoreError
 from service.folder_lock import FolderInUseError
 from service.settings import Settings
 from service.store import Store
@@ -106,3 +107,55 @@ def test_the_checkpoints_runner_up_weight_raises_the_bar_in_answers(tmp_path: Pa
     assert scores["new_turtle"] == pytest.approx(0.1 + 0.5 * runner_up)
     assert answer.new_turtle == everything.new_turtle  # k=1 decides as k=5 does
     engine.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_a_store_whose_database_is_missing_or_empty_is_refused_and_its_photos_kept(
+        tmp_path: Path, checkpoint_a: Path, records: pd.DataFrame, damage: str) -> None:
+    """A restore that left the database behind (or a 0-byte copy) is not a new store: opened as one, the start-up
+    sweep would delete every photo as unreferenced."""
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")
+    engine = Engine.open(settings)
+    engine.enroll("turtle-0", [engine.decode_upload(data, "files", None) for data in photos(records, "ind_000")[:3]],
+                  "new")
+    engine.close()
+    database = settings.data_dir / "reid.sqlite3"
+    for path in settings.data_dir.glob("reid.sqlite3*"):
+        path.unlink()
+    if damage == "empty":
+        database.write_bytes(b"")
+    files = sorted((settings.data_dir / "photos").rglob("*.*"))
+    assert len(files) == 3
+    with pytest.raises(StoreError, match=rf"photos holds 3 files but .*reid.sqlite3 is {damage}: put the store's "
+                                         r"database back \(e.g. from a backup\) and start again; to start an empty "
+                                         r"store here, move .*photos away"):
+        Engine.open(settings)
+    assert sorted((settings.data_dir / "photos").rglob("*.*")) == files
+
+
+def test_a_photo_file_that_cannot_be_removed_leaves_the_deletion_standing(tmp_path: Path, checkpoint_a: Path,
+                                                                        records: pd.DataFrame,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only photos/ (restored by another user) once made DELETE a 500 that had removed the rows but left the
+    individual in the index, named by every identify until a restart."""
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")
+    engine = Engine.open(settings)
+    for i in range(2):
+        engine.enroll(f"turtle-{i}", [engine.decode_upload(data, "files", None)
+                                      for data in photos(records, f"ind_00{i}")[:2]], "new")
+    query = decode_image(photos(records, "ind_001")[0])
+
+    def refuse(path: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        engine.delete_individual("turtle-1")
+    assert "could not remove" in caplog.text and "Permission denied" in caplog.text
+    answer = engine.identify([query], k=5, threshold=None)[0]
+    assert [p.individual_id for p in answer.predictions] == ["turtle-0"]
+    assert len(engine.gallery) == engine.store.counts()[1] == 2
+    engine.close()
+    Engine.open(settings).close()  # the files left are swept at the next start
+    assert len(list((settings.data_dir / "photos").rglob("*.*"))) == 2

@@ -30,7 +30,7 @@ from reid.verification import Fallback
 from service.engine import Engine
 from service.offline import enroll_dataset
 from service.settings import Settings
-from service.store import DATABASE_NAME
+from service.store import DATABASE_NAME, Store
 from tests.service.conftest import StartServer
 from tests.service.helpers import enroll, identify, photos
 
@@ -320,3 +320,27 @@ def test_the_fallback_matches_a_slanted_photo_and_keeps_its_features_in_the_stor
     explanation = engine.explain(engine.decode_upload(png_bytes(slanted), "file", None), "slanted.png", "turtle-0", 1)
     assert explanation.fallback and explanation.inliers >= 30
     engine.close()
+
+
+def test_a_verifying_server_starts_over_a_lost_photo_file_so_it_can_be_deleted(tmp_path: Path,
+                                                                              verified: tuple[Path, Path],
+                                                                              verified_records: pd.DataFrame,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A restore that missed one photo file once kept a verifying server down, advising a DELETE through it."""
+    checkpoint, _ = verified
+    data_dir = tmp_path / "data"
+    plain = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir, verify=False))
+    for i in range(2):
+        plain.enroll(f"turtle-{i}", [plain.decode_upload(data, "files", None) for data in photos(verified_records,
+                                                                                      f"ind_00{i}")[:2]], "new")
+    plain.close()
+    lost = data_dir / Store(data_dir).images([1])[1].file
+    lost.unlink()
+    with caplog.at_level(logging.WARNING, logger="service"):
+        verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
+    assert ("image 1 of individual 'turtle-0' is served without local features, so it matches nothing locally, until "
+            "its file is restored or it is deleted (DELETE /individuals/turtle-0/images/1)") in caplog.text
+    best = verifying.identify([decode_image(photos(verified_records, "ind_001")[3])], 3, None)[0].predictions[0]
+    assert best.individual_id == "turtle-1"
+    verifying.delete_image("turtle-0", 1)
+    assert len(verifying.gallery) == verifying.store.counts()[1] == 3
