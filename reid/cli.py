@@ -61,6 +61,9 @@ def _run_lightning(argv: list[str] | None) -> int:
     class _InterruptNote(Callback):
         """Ctrl-C during a fit: Lightning stops gracefully and exits; this says what was kept and how to go on."""
 
+        def __init__(self, latest: ModelCheckpoint) -> None:
+            self.latest = latest
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             if not isinstance(exception, KeyboardInterrupt):
                 return
@@ -68,10 +71,10 @@ def _run_lightning(argv: list[str] | None) -> int:
             callback = trainer.checkpoint_callback
             if not trainer.is_global_zero or callback is None:
                 return
-            last = Path(callback.dirpath or ".") / "last.ckpt"
+            last = self.latest.best_model_path  # with no monitor, "best" is the latest checkpoint written
             print("interrupted: " + (f"the best checkpoint so far is {callback.best_model_path}"
                                      if callback.best_model_path else "no epoch was validated, so no best checkpoint")
-                  + (f"; resume the fit with --ckpt_path {last}" if last.is_file() else ""), file=sys.stderr)
+                  + (f"; resume the fit with --ckpt_path {last}" if last else ""), file=sys.stderr)
 
     class ReIDLightningCLI(LightningCLI):
         """LightningCLI that always keeps the best checkpoint by validation MAP@5 and says where it is (once, from
@@ -83,8 +86,6 @@ def _run_lightning(argv: list[str] | None) -> int:
                 "checkpoint.monitor": "val_map5",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-                "checkpoint.enable_version_counter": False,
             })
             # The data module resolves the model's preprocessing (timm's mean/std of the backbone, at the model's
             # input size) from the two settings that decide it, so they are written once, under model.
@@ -153,9 +154,11 @@ def _run_lightning(argv: list[str] | None) -> int:
                                         int(config["verify_candidates"]), int(config["verify_fallback"]),
                                         self.model.hparams.threshold_objective)
                 except KeyboardInterrupt:
+                    fallback = int(config["verify_fallback"])
                     print(f"verification was not stored in {best} (interrupted); the checkpoint works without it, or "
                           f"store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} --verify "
-                          "--query-split none", file=sys.stderr)
+                          f"--candidates {int(config['verify_candidates'])}"
+                          + (f" --fallback {fallback}" if fallback else "") + " --query-split none", file=sys.stderr)
                     raise
             print(_next_steps(best, Path(self.datamodule.root)))
 
@@ -163,7 +166,11 @@ def _run_lightning(argv: list[str] | None) -> int:
             # the dataset is read and checked before the logger makes its version_N folder, so that a mistake in it
             # leaves no empty run behind (the data module's setup runs once; Lightning's call then reuses it)
             self.datamodule.setup("fit")
-            self.trainer.callbacks.append(_InterruptNote())
+            # last.ckpt, what a resume goes on from, of the latest epoch: a second ModelCheckpoint, because Lightning
+            # (2.6) writes save_last's last.ckpt only when a new best is written, so it stopped at the best epoch
+            latest = ModelCheckpoint(dirpath=self.trainer.checkpoint_callback.dirpath, filename="last",
+                                     save_on_train_epoch_end=True)
+            self.trainer.callbacks += [latest, _InterruptNote(latest)]
 
     # From Python (`make demo`, notebooks) argv is the whole command line, and the caller's own sys.argv (`-m
     # reid.demo --out demo`) means nothing to the CLI: hidden, or Lightning warns that it was given both.

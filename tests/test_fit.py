@@ -207,6 +207,23 @@ def test_ctrl_c_mid_fit_names_the_best_checkpoint_so_far_and_how_to_resume(tmp_p
     assert resumed == 0 and (tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_last_ckpt_is_the_latest_epoch_and_a_second_fit_into_one_folder_keeps_the_first_ones_best(
+        tmp_path: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume goes on from last.ckpt: it once stayed at the best epoch, and the epochs after it were trained again.
+    Two fits sharing a folder (no logger, or one --checkpoint.dirpath) once replaced the first fit's best.ckpt."""
+    arguments = _fit_args(tmp_path, synth_dataset, "--trainer.logger", "false",
+                          "--trainer.callbacks+=tests.callbacks.FirstEpochScoresBest")
+    assert main(arguments) == 0
+    checkpoints = tmp_path / "checkpoints"
+    best, last = read_checkpoint(checkpoints / "best.ckpt"), read_checkpoint(checkpoints / "last.ckpt")
+    assert (best["epoch"], last["epoch"]) == (0, 1) and last["global_step"] == 6  # 3 batches an epoch
+    first = (checkpoints / "best.ckpt").read_bytes()
+    capsys.readouterr()
+    assert main(arguments) == 0
+    assert f"best checkpoint: {checkpoints / 'best-v1.ckpt'}" in capsys.readouterr().out
+    assert (checkpoints / "best.ckpt").read_bytes() == first
+
+
 def test_a_fit_called_from_python_ignores_the_callers_own_arguments(tmp_path: Path, synth_dataset: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`make demo` runs `reid fit` in its own process (`python -m reid.demo --out demo`): Lightning warned that
