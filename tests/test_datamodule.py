@@ -156,3 +156,32 @@ def test_a_split_column_without_val_photos_names_its_values_and_the_way_round_it
     drawn = ReIDDataModule(str(tmp_path), split="image", individuals_per_batch=2, backbone="resnet10t", image_size=48)
     drawn.setup("fit")
     assert len(drawn.val_records) > 0
+
+
+def _augmented_batches(root: Path, workers: int, seed: int) -> list[torch.Tensor]:
+    data = ReIDDataModule(str(root), individuals_per_batch=4, batches_per_epoch=4, num_workers=workers,
+                          check_images=False, backbone="resnet10t", image_size=48, val_fraction=0.34,
+                          augmentations=[{"type": "Affine", "rotate": [-15, 15], "scale": [0.85, 1.15], "p": 1.0},
+                                         {"type": "ColorJitter", "brightness": 0.3, "p": 1.0}])
+    data.setup("fit")
+    torch.manual_seed(seed)  # what seed_everything does
+    return [batch[0] for batch in data.train_dataloader()]
+
+
+def test_augmentations_differ_between_workers_and_repeat_with_the_seed(tmp_path: Path) -> None:
+    """Every photo a copy of one image, so batches differ by their augmentations alone: forked workers once drew the
+    same ones slot for slot, and the same seed gave different augmentations from one fit to the next."""
+    from tests.conftest import write_image
+
+    rows = ["path,identity"]
+    for individual in range(6):
+        for photo in range(3):
+            write_image(tmp_path / f"{individual}_{photo}.png", seed=0, size=(64, 64))
+            rows.append(f"{individual}_{photo}.png,t{individual}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    two_workers = _augmented_batches(tmp_path, 2, seed=0)
+    assert not torch.equal(two_workers[0], two_workers[1]), "batches 0 and 1 come from different workers"
+    one_process = _augmented_batches(tmp_path, 0, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(one_process, _augmented_batches(tmp_path, 0, seed=0)))
+    assert not torch.equal(one_process[0], _augmented_batches(tmp_path, 0, seed=1)[0])
+    assert all(torch.equal(a, b) for a, b in zip(two_workers, _augmented_batches(tmp_path, 2, seed=0)))

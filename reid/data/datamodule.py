@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reid.data.dataset import IdentitySampler, ImageRecords, PhotoLoader
+from reid.data.dataset import (IdentitySampler, ImageRecords, PhotoLoader, seed_augmentations,
+                               seed_worker_augmentations)
 from reid.data.records import read_dataset
 from reid.data.splits import SplitMode, assign_splits, split_by_image
 from reid.data.transforms import AugmentationSpec, Preprocess
@@ -148,12 +149,13 @@ class ReIDDataModule(L.LightningDataModule):
         """P x K batches for this rank; one process's batches when no Trainer is attached (a plain training loop)."""
         hp = self.hparams
         preprocess = Preprocess.of_backbone(hp.backbone, hp.image_size)
-        dataset = ImageRecords(self.train_records, preprocess.train_transform(self.augmentations))
+        dataset = ImageRecords(self.train_records,
+                               seed_augmentations(preprocess.train_transform(self.augmentations)))
         rank, world_size = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
         sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
                                   hp.batches_per_epoch, rank=rank, world_size=world_size, seed=hp.seed)
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
-                            sampler=sampler, drop_last=True)
+                            sampler=sampler, drop_last=True, worker_init_fn=seed_worker_augmentations)
 
     def val_dataloader(self) -> PhotoLoader:
         """One loader of :attr:`validation_records` (gallery and query photos interleaved, its ``query`` column

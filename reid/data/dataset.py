@@ -61,6 +61,20 @@ class PhotoLoader(DataLoader):
             cv2.setNumThreads(threads)
 
 
+def seed_augmentations(transform: A.BaseCompose) -> A.BaseCompose:
+    """Seed an albumentations pipeline from torch's generator, which ``seed_everything`` seeds: albumentations (2.x)
+    draws from generators of its own, made from OS entropy, so without this the same seed gave different fits."""
+    transform.set_random_seed(torch.initial_seed() % 2**32)
+    return transform
+
+
+def seed_worker_augmentations(worker_id: int) -> None:
+    """``worker_init_fn`` of training loaders: each worker process reseeds its copy of the augmentations from its own
+    torch seed (PyTorch's base seed + worker id). Forked with the parent's generators, every worker otherwise drew
+    the same augmentations, slot for slot, as the others: two workers, half the randomness configured."""
+    seed_augmentations(torch.utils.data.get_worker_info().dataset.photos.transform)
+
+
 class ImageRecords(Dataset):
     """The photos of a record table with their integer labels (its ``label`` column: one integer per individual,
     as :class:`reid.data.datamodule.ReIDDataModule` numbers them once for every table it serves).
