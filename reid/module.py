@@ -252,6 +252,28 @@ class ReIDModule(L.LightningModule):
 
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ReIDModule:  # type: ignore[override]
+        """Lightning's loading, without rebuilding the *starting* weights (``pretrained``): every weight is in the
+        checkpoint, and the starting file may be gone, or need a download. ``pretrained=...`` still overrides."""
+        kwargs.setdefault("pretrained", False)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Sub-center ArcFace's weights (one set per individual) are in the checkpoint, but its criterion is built
+        only once the data is known (:meth:`setup`): build it to the checkpoint's size to load them, where the loss is
+        not trained on (``load_from_checkpoint``, ``reid validate`` on other data). Resuming a fit needs the
+        individuals it was trained on."""
+        weights = checkpoint.get("state_dict", {}).get("criterion.W")
+        if weights is None or (self.criterion is not None and self.criterion.W.shape == weights.shape):
+            return
+        learnt = weights.shape[1] // self.hparams.sub_centers
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            raise ConfigError(f"this checkpoint's sub-center ArcFace learnt {learnt} individuals, and the data has "
+                              f"{self.criterion.W.shape[1] // self.hparams.sub_centers}: resume on the data it was "
+                              "trained on, or start a new fit from its weights with --model.pretrained")
+        self.criterion = self._make_criterion(num_classes=learnt)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what is needed to embed images later without the config: see :mod:`reid.inference`."""
         hp = self.hparams

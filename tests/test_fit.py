@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from reid.cli import main
 from reid.data.transforms import Preprocess
 from reid.inference import Embedder, export_encoder, read_checkpoint
+from reid.module import ReIDModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,6 +283,24 @@ def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Pa
     assert 0.0 <= float(score) <= 1.0
     assert best["reid"]["threshold"] is not None and "held out" in best["reid"]["threshold_origin"]
     assert best["reid"]["config"]["model"]["loss"] == loss
+    # loaded the Lightning way, and validated on data with other individuals (the loss is not used there)
+    path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    assert ReIDModule.load_from_checkpoint(path).hparams.loss == loss
+    assert main(["validate", *_fit_args(tmp_path, synth_dataset, "--model.loss", loss, "--ckpt_path", str(path))[1:],
+                 "--data.split", "image"]) == 0
+
+
+def test_a_trained_checkpoint_loads_without_its_starting_weights_file(tmp_path: Path, synth_dataset: Path) -> None:
+    """load_from_checkpoint rebuilt the starting weights, so it failed once that file was moved (and downloaded
+    them for imagenet-offline on a machine with an empty cache)."""
+    import timm
+
+    start = tmp_path / "start.pth"
+    torch.save(timm.create_model("lcnet_050", num_classes=0).state_dict(), start)
+    assert main(_fit_args(tmp_path, synth_dataset, "--model.pretrained", str(start), "--trainer.max_epochs", "1")) == 0
+    start.unlink()
+    module = ReIDModule.load_from_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt")
+    assert module.hparams.backbone == "lcnet_050"
 
 
 def test_a_larger_test_size_is_what_validation_and_the_checkpoint_use(tmp_path: Path, synth_dataset: Path) -> None:
