@@ -379,14 +379,24 @@ def _four_places(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _read_with_protocols(args: argparse.Namespace) -> pd.DataFrame:
+    """The dataset, once its queries are known to exist: a wrong --query-split is refused before minutes of
+    embedding and local features, not after."""
     from reid.data.records import read_dataset
+    from reid.evaluation import closed_and_open_protocols
+
+    records = read_dataset(args.data)
+    closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction, args.query_split)
+    return records
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from reid.evaluation import evaluate
     from reid.fileio import write_atomically
     from reid.identify import threshold_in_force, verification_in_force
 
     _check_threshold(args.threshold)
-    records = read_dataset(args.data)
+    records = _read_with_protocols(args)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     verification = verification_in_force(args.verify, embedder, args.checkpoint)
     verify = verification is not None
@@ -432,7 +442,6 @@ def _print_evaluation(report: dict[str, Any], verification: Verification | None)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from reid.data.records import read_dataset
     from reid.evaluation import calibrate
     from reid.inference import write_checkpoint_metadata
     from reid.metrics import runner_up_note
@@ -443,7 +452,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                         ("--max-side", args.max_side)):
         if value and not args.verify:
             raise ReIDError(f"{flag} {value} needs --verify: it is a setting of the verification")
-    records = read_dataset(args.data)
+    records = _read_with_protocols(args)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
     if args.runner_up_weight is None:
         args.runner_up_weight = embedder.runner_up_weight

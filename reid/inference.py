@@ -115,6 +115,23 @@ def write_checkpoint_metadata(path: str | Path, **updates: Any) -> None:
         torch.save(checkpoint, temporary)
 
 
+def _rgb_array(image: Any) -> np.ndarray:
+    """An in-memory photo as the ``H x W x 3`` uint8 RGB array the transform takes. A PIL image is converted as the
+    file decoder converts any mode; an array of another shape or type is refused: a float array in [0, 1] would
+    otherwise be read as 0-255, an almost black photo, without a word."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"embed takes image file paths, PIL images or RGB arrays, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"embed takes H x W x 3 uint8 RGB arrays (what reid.imageio.decode_image returns), got a "
+                         f"{image.dtype} array of shape {image.shape}: convert it, e.g. with "
+                         "PIL.Image.fromarray(...).convert('RGB'), or pass a PIL image")
+    return image
+
+
 class Embedder:
     """An encoder in eval mode plus its preprocessing: images in, L2-normalised float32 vectors out."""
 
@@ -190,9 +207,10 @@ class Embedder:
                    threshold_objective=objective)
 
     @torch.inference_mode()
-    def embed(self, images: Sequence[str | Path | np.ndarray], batch_size: int = 32,
+    def embed(self, images: Sequence[str | Path | np.ndarray | Any], batch_size: int = 32,
               progress: bool = False) -> np.ndarray:
-        """Embed image files or decoded RGB arrays; returns ``N x dim`` float32, rows L2-normalised.
+        """Embed image files, PIL images or decoded ``H x W x 3`` uint8 RGB arrays; returns ``N x dim`` float32, rows
+        L2-normalised.
 
         Files are decoded and transformed by DataLoader workers while the model runs, once there is more than one
         batch (bulk embedding of large photos is decode-bound, and a worker costs a process start). Decoded arrays
@@ -201,6 +219,7 @@ class Embedder:
         """
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        images = [_rgb_array(image) if not isinstance(image, (str, Path)) else image for image in images]
         photos = Photos(images, self._eval_transform())
         batches: Iterable[torch.Tensor]
         if all(isinstance(image, np.ndarray) for image in images):

@@ -200,8 +200,10 @@ def test_split_column_picks_queries_and_none_ignores_it(tmp_path: Path, checkpoi
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = _with_split_column(synth_dataset, tmp_path / "with_split", query_split="val")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+    error = capsys.readouterr().err
     assert ("no photos with split 'test' to use as queries; the dataset's splits are ['train', 'val']: --query-split "
-            "val picks another, --query-split none ignores the column") in capsys.readouterr().err
+            "val picks another, --query-split none ignores the column") in error
+    assert "embedding" not in error, "refused before any photo is embedded"
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val"]) == 2
     assert "--query-split none holds a seeded share of the individuals out instead" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "val", "--json"]) == 0

@@ -192,3 +192,24 @@ def test_a_seeded_run_draws_the_same_random_numbers_whatever_the_weight_source(t
     torch.manual_seed(0)
     create_backbone(BACKBONE, str(path), image_size=64)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_embed_takes_pil_images_and_refuses_arrays_it_would_misread(tmp_path: Path) -> None:
+    """A float array in [0, 1] was embedded as an almost black photo, and greyscale or RGBA arrays failed deep in the
+    network; a PIL image of any mode is converted as a file would be."""
+    from PIL import Image
+
+    from reid.inference import export_encoder
+
+    embedder = Embedder.from_checkpoint(export_encoder(tmp_path / "e.ckpt", "lcnet_050", pretrained=False,
+                                                       image_size=48))
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    from_array, from_pil, from_grey_pil = embedder.embed([pixels, Image.fromarray(pixels),
+                                                          Image.fromarray(pixels).convert("L")])
+    assert np.allclose(from_array, from_pil) and from_grey_pil.shape == from_array.shape
+    with pytest.raises(ValueError, match=r"H x W x 3 uint8 RGB arrays .* got a float64 array of shape \(40, 50, 3\)"):
+        embedder.embed([pixels / 255.0])
+    with pytest.raises(ValueError, match=r"got a uint8 array of shape \(40, 50\)"):
+        embedder.embed([pixels[..., 0]])
+    with pytest.raises(TypeError, match="got list"):
+        embedder.embed([[1, 2, 3]])
