@@ -21,7 +21,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from reid.local_features import Extraction, LocalFeatures
 from reid.verification import FallbackFeatures, LocalVerifier, Verification, fallback_note
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
-from service.photos import Photo, read_photo
+from service.photos import Photo, read_photo, within_pixel_budget
 from service.schemas import Evidence, IdentifyResponse, Prediction, image_url
 from service.settings import Settings
 from service.store import IndividualMode, ModelRecord, Store, StoredImage
@@ -182,15 +182,24 @@ class Engine:
     def _local_features(self, images: Sequence[np.ndarray]) -> list[LocalFeatures]:
         return [self.verification.fusion.extraction.extract(image) for image in images]
 
-    def enroll(self, individual_id: str, photos: Sequence[Photo], mode: IndividualMode) -> list[StoredImage]:
+    def enroll(self, individual_id: str, photos: Iterable[Photo], mode: IndividualMode) -> list[StoredImage]:
         """Embed (and with verification on, extract local features of) photos of one individual, store them, then
-        make the new ones searchable; all or nothing."""
-        pixels = [photo.pixels for photo in photos]
-        vectors = self.embedder.embed(pixels)
-        features = self._local_features(pixels) if self.verifying else None
+        make the new ones searchable; all or nothing. ``photos`` may be decoded as they are drawn: they are embedded
+        :func:`within_pixel_budget` of ``max_pixels``, so a request never holds more decoded pixels than that (and
+        one photo) at a time."""
+        kept: list[Photo] = []
+        chunks: list[np.ndarray] = []
+        features: list[LocalFeatures] | None = [] if self.verifying else None
+        for run in within_pixel_budget(photos, lambda photo: photo.width * photo.height, self.settings.max_pixels):
+            pixels = [photo.pixels for photo in run]
+            chunks.append(self.embedder.embed(pixels))
+            if features is not None:
+                features += self._local_features(pixels)
+            kept += [photo.without_pixels() for photo in run]
+        vectors = np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.dim), np.float32)
         extraction = self.verification.fusion.extraction if self.verifying else None
         with self._write_lock:
-            stored = self.store.add_images(individual_id, photos, vectors, self.embedder.fingerprint, mode, features,
+            stored = self.store.add_images(individual_id, kept, vectors, self.embedder.fingerprint, mode, features,
                                            extraction)
             new = [i for i, image in enumerate(stored) if not image.already_enrolled]
             if features is not None:  # before the gallery: a searchable photo always has its features
@@ -212,6 +221,14 @@ class Engine:
         with self._write_lock:
             self.store.delete_image(individual_id, image_id)
             self._forget([image_id])
+
+    def identify_photos(self, photos: Iterable[tuple[int, Photo]], k: int | None,
+                        threshold: float | None) -> Iterator[tuple[int, IdentifyResponse]]:
+        """:meth:`identify` for photos decoded as they are drawn, each with its position in the request, answered a
+        run :func:`within_pixel_budget` of ``max_pixels`` at a time (see :meth:`enroll`)."""
+        for run in within_pixel_budget(photos, lambda item: item[1].width * item[1].height, self.settings.max_pixels):
+            answers = self.identify([photo.pixels for _, photo in run], k, threshold)
+            yield from ((position, answer) for (position, _), answer in zip(run, answers))
 
     def identify(self, images: Sequence[np.ndarray], k: int | None, threshold: float | None) -> list[IdentifyResponse]:
         """Rank enrolled individuals for each image, with new_turtle placed by the threshold in force; with

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +26,7 @@ from service.engine import model_record
 from service.errors import StoreError
 from service.folder_lock import FolderLock
 from service.identifiers import check_individual_id
-from service.photos import Photo, read_photo
+from service.photos import Photo, read_photo, within_pixel_budget
 from service.store import DATABASE_NAME, Store
 
 log = logging.getLogger(__name__)
@@ -83,26 +83,34 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
             known = store.photo_hashes(identity)
-            photos: list[Photo] = []
-            stored_before = 0
-            for path, view in zip(rows["path"], rows["view"]):
-                try:
-                    data = Path(path).read_bytes()
-                    if hashlib.sha256(data).hexdigest() in known:
-                        stored_before += 1
+            stored_before = read = 0
+
+            def photos() -> Iterator[Photo]:
+                """The photos of this individual not yet stored, decoded one by one as they are embedded."""
+                nonlocal stored_before, skipped, read
+                for path, view in zip(rows["path"], rows["view"]):
+                    try:
+                        data = Path(path).read_bytes()
+                        if hashlib.sha256(data).hexdigest() in known:
+                            stored_before += 1
+                            continue
+                        photo = read_photo(data, max_pixels, view, name=str(path))
+                    except (OSError, ImageDecodeError) as error:  # either message names the file
+                        log.warning("skipping a photo: %s", error)
+                        skipped += 1
                         continue
-                    photos.append(read_photo(data, max_pixels, view, name=str(path)))
-                except (OSError, ImageDecodeError) as error:  # either message names the file
-                    log.warning("skipping a photo: %s", error)
-                    skipped += 1
-            for chunk in _chunks(photos, batch_size):
+                    read += 1
+                    yield photo
+
+            for chunk in within_pixel_budget(photos(), lambda photo: photo.width * photo.height, max_pixels,
+                                             batch_size):
                 vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)
                 features = None if extraction is None else [extraction.extract(photo.pixels) for photo in chunk]
                 stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, extraction)
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
             already += stored_before
-            individuals += bool(photos or stored_before)
+            individuals += bool(read or stored_before)
             bar.update(len(rows))
     return EnrollReport(added, already, skipped, individuals)
 

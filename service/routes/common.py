@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import Response, UploadFile
@@ -44,8 +44,9 @@ def json_answer(model: BaseModel) -> Response:
 
 
 def read_uploads(engine: Engine, files: Sequence[UploadFile], field: str,
-                 views: Sequence[str] | None = None) -> list[Photo]:
-    """Decode every upload of a multipart field (``files[0]``, ``files[1]``...), failing on the first bad one."""
+                 views: Sequence[str] | None = None) -> Iterator[Photo]:
+    """Decode the uploads of a multipart field (``files[0]``, ``files[1]``...) one by one as they are drawn (see
+    :meth:`service.engine.Engine.enroll`), failing on the first bad one."""
     views = list(views) if views else [""] * len(files)
-    return [engine.decode_upload(upload.file.read(), f"{field}[{i}]", upload.filename, view)
-            for i, (upload, view) in enumerate(zip(files, views))]
+    return (engine.decode_upload(upload.file.read(), f"{field}[{i}]", upload.filename, view)
+            for i, (upload, view) in enumerate(zip(files, views)))

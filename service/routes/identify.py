@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from service.auth import require_key_for_reads
 from service.deps import EngineDep
 from service.errors import InvalidFieldError, ServiceError
+from service.photos import Photo
 from service.routes.common import SQLITE_MAX_INTEGER, error_responses, json_answer
 from service.schemas import BatchItem, BatchResponse, IdentifyResponse, IndividualId
 from service.settings import MAX_K
@@ -40,17 +42,16 @@ def identify_batch(engine: EngineDep,
                    k: K = None, threshold: ThresholdField = None) -> Response:
     if len(files) > MAX_BATCH_FILES:
         raise InvalidFieldError(f"files: {len(files)} files is over the batch limit of {MAX_BATCH_FILES}", "files")
-    items: list[BatchItem] = []
-    decoded = []
-    for i, upload in enumerate(files):
-        filename = upload.filename or f"files[{i}]"
-        try:
-            decoded.append((len(items), engine.decode_upload(upload.file.read(), f"files[{i}]", upload.filename)))
-            items.append(BatchItem(filename=filename))
-        except ServiceError as error:
-            items.append(BatchItem(filename=filename, error=error.body()))
-    answers = engine.identify([photo.pixels for _, photo in decoded], k, threshold) if decoded else []
-    for (position, _), answer in zip(decoded, answers):
+    items = [BatchItem(filename=upload.filename or f"files[{i}]") for i, upload in enumerate(files)]
+
+    def decoded() -> Iterator[tuple[int, Photo]]:  # one by one, as the engine asks for them
+        for i, upload in enumerate(files):
+            try:
+                yield i, engine.decode_upload(upload.file.read(), f"files[{i}]", upload.filename)
+            except ServiceError as error:
+                items[i].error = error.body()
+
+    for position, answer in engine.identify_photos(decoded(), k, threshold):
         items[position].result = answer
     return json_answer(BatchResponse(results=items))
 

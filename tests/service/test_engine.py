@@ -159,3 +159,31 @@ def test_a_photo_file_that_cannot_be_removed_leaves_the_deletion_standing(tmp_pa
     engine.close()
     Engine.open(settings).close()  # the files left are swept at the next start
     assert len(list((settings.data_dir / "photos").rglob("*.*"))) == 2
+
+
+def test_a_request_is_decoded_and_embedded_a_pixel_budget_at_a_time(tmp_path: Path, checkpoint_a: Path,
+                                                                  records: pd.DataFrame,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding a whole request before embedding any photo held them all at full size: sixteen 62-megapixel PNGs in
+    a 1 MB request took 3 GB. Photos are now drawn one by one and embedded in runs of at most max_pixels."""
+    uploads = [photo for identity in ("ind_000", "ind_001") for photo in photos(records, identity)[:3]]
+    side = decode_image(uploads[0]).shape[0]  # the synthetic photos are square
+    engine = Engine.open(Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data", max_pixels=2 * side * side))
+    sizes: list[tuple[int, int]] = []  # (photos embedded, photos decoded so far) at each embedding
+    decoded: list[int] = []
+    embed = engine.embedder.embed
+    monkeypatch.setattr(engine.embedder, "embed", lambda images, *a, **kw: sizes.append((len(images), len(decoded)))
+                        or embed(images, *a, **kw))
+
+    def drawn(data: list[bytes]):  # noqa: ANN202 (a generator of photos, recording when each is decoded)
+        for i, upload in enumerate(data):
+            decoded.append(i)
+            yield engine.decode_upload(upload, f"files[{i}]", None)
+
+    stored = engine.enroll("turtle-0", drawn(uploads[:3]), "new")
+    assert sizes == [(2, 3), (1, 3)] and len(stored) == 3 and all(image.width == side for image in stored)
+    sizes.clear()
+    decoded.clear()
+    answers = list(engine.identify_photos(((i, photo) for i, photo in enumerate(drawn(uploads[3:]))), 1, None))
+    assert sizes == [(2, 3), (1, 3)] and [position for position, _ in answers] == [0, 1, 2]
+    assert answers[0][1].predictions[0].individual_id == "turtle-0"
