@@ -67,6 +67,13 @@ class ModelMismatchError(ServiceError):
     code = "model_mismatch"
 
 
+class StorageFullError(ServiceError):
+    """The data folder's disk is full: nothing can be stored, and even a deletion needs room for its journal."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class ImageRejectedError(ServiceError):
     """An uploaded file that cannot be decoded: corrupt, truncated, empty, or not an image."""
 
@@ -178,5 +185,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        # one line here; the server (uvicorn) logs the traceback once, as Starlette re-raises the error after this
+        # answer (log.exception here printed every traceback twice)
+        log.error("unexpected error on %s %s: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return error_response(500, ErrorBody(error="internal_error", message=f"internal error: {type(error).__name__}"))

@@ -28,6 +28,7 @@ read statement sees every transaction committed before it, so a kept connection 
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -44,7 +45,7 @@ from reid.errors import ImageDecodeError, ReIDError
 from reid.fileio import write_atomically
 from reid.imageio import decode_image
 from reid.local_features import Extraction, LocalFeatures
-from service.errors import ConflictError, ModelMismatchError, NotFoundError, StoreError
+from service.errors import ConflictError, ModelMismatchError, NotFoundError, StorageFullError, StoreError
 from service.photos import Photo
 
 log = logging.getLogger(__name__)
@@ -247,15 +248,23 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding SQLite's write lock from the start, so read-then-write steps cannot race."""
-        with self._connect() as connection:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
+        """A write transaction holding SQLite's write lock from the start, so read-then-write steps cannot race. A
+        full disk, met writing a photo file or the database, is a :class:`StorageFullError` naming the folder."""
+        try:
+            with self._connect() as connection:
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+                connection.execute("COMMIT")
+        except (OSError, sqlite3.OperationalError) as error:
+            if not (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                    or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
                 raise
-            connection.execute("COMMIT")
+            raise StorageFullError(f"the disk of the data folder {self.root} is full ({error}); nothing was stored: "
+                                   "free space on it (even a deletion needs a little, for its journal)") from error
 
     def path_of(self, image: StoredImage) -> Path:
         return self.root / image.file
@@ -332,32 +341,42 @@ class Store:
         if features is not None and (len(features) != len(photos) or extraction is None):
             raise ValueError(f"{len(photos)} photos but {len(features)} local features (extracted by {extraction})")
         stored: list[StoredImage] = []
-        with self._transaction() as connection:
-            self._require_model(connection, fingerprint)
-            exists = connection.execute("SELECT 1 FROM individuals WHERE id = ?", (individual_id,)).fetchone()
-            if exists and mode == "new":
-                raise ConflictError(f"individual {individual_id!r} already exists", "individual_id")
-            if not exists and mode == "existing":
-                raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
-            if not exists:
-                connection.execute("INSERT INTO individuals VALUES (?, ?)", (individual_id, _now()))
-            for i, (photo, vector) in enumerate(zip(photos, vectors)):
-                row = connection.execute("SELECT * FROM images WHERE individual_id = ? AND sha256 = ?",
-                                         (individual_id, photo.sha256)).fetchone()
-                if row is None:
-                    row = self._insert_image(connection, individual_id, photo, vector, fingerprint)
-                    if features is not None:
-                        connection.execute("INSERT INTO local_features VALUES (?, ?, ?, ?)",
-                                           (row["id"], extraction.max_side, features[i].to_bytes(), extraction.method))
-                    stored.append(_image(row))
-                else:
-                    stored.append(_image(row, already_enrolled=True))
+        written: dict[str, str] = {}  # photo files this call wrote: removed again if it fails (a full disk)
+        try:
+            with self._transaction() as connection:
+                self._require_model(connection, fingerprint)
+                exists = connection.execute("SELECT 1 FROM individuals WHERE id = ?", (individual_id,)).fetchone()
+                if exists and mode == "new":
+                    raise ConflictError(f"individual {individual_id!r} already exists", "individual_id")
+                if not exists and mode == "existing":
+                    raise NotFoundError(f"individual {individual_id!r} does not exist", "individual_id")
+                if not exists:
+                    connection.execute("INSERT INTO individuals VALUES (?, ?)", (individual_id, _now()))
+                for i, (photo, vector) in enumerate(zip(photos, vectors)):
+                    row = connection.execute("SELECT * FROM images WHERE individual_id = ? AND sha256 = ?",
+                                             (individual_id, photo.sha256)).fetchone()
+                    if row is None:
+                        row = self._insert_image(connection, individual_id, photo, vector, fingerprint, written)
+                        if features is not None:
+                            connection.execute("INSERT INTO local_features VALUES (?, ?, ?, ?)",
+                                               (row["id"], extraction.max_side, features[i].to_bytes(),
+                                                extraction.method))
+                        stored.append(_image(row))
+                    else:
+                        stored.append(_image(row, already_enrolled=True))
+        except BaseException:
+            try:
+                self._remove_unused_files(written)
+            except (OSError, sqlite3.Error, StorageFullError) as error:
+                log.warning("photo files of a failed enrolment are left until the next start: %s", error)
+            raise
         return stored
 
     def _insert_image(self, connection: sqlite3.Connection, individual_id: str, photo: Photo, vector: np.ndarray,
-                      fingerprint: str) -> sqlite3.Row:
+                      fingerprint: str, written: dict[str, str]) -> sqlite3.Row:
         file = f"{PHOTOS_DIR}/{photo.sha256[:2]}/{photo.sha256}{photo.extension}"
         if not (self.root / file).is_file():  # content-addressed: an existing file already holds these bytes
+            written[photo.sha256] = file
             write_atomically(self.root / file, photo.data)
         cursor = connection.execute(
             "INSERT INTO images (individual_id, sha256, file, media_type, view, width, height, created) "
@@ -500,8 +519,16 @@ class Store:
             query += f" WHERE im.individual_id IN ({', '.join('?' * len(individual_ids))})"
             parameters += list(individual_ids)
         with self._connect() as connection:
+            model = self._model(connection)
+            size = 4 * model.dim if model is not None and model.fingerprint == fingerprint else None
             cursor = connection.execute(query + " ORDER BY im.id", parameters)
             while rows := cursor.fetchmany(batch_size):
+                damaged = next((r for r in rows if size is not None and len(r["vector"]) != size), None)
+                if damaged is not None:
+                    raise StoreError(f"the embedding of image {damaged['id']} of individual "
+                                     f"{damaged['individual_id']!r} in {self.database} is damaged "
+                                     f"({len(damaged['vector'])} bytes where the model's {model.dim} dimensions take "
+                                     f"{size}): restore the data folder from a backup")
                 yield EmbeddingBatch([r["id"] for r in rows], [r["individual_id"] for r in rows],
                                      [r["view"] for r in rows],
                                      np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows]))

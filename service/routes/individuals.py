@@ -63,7 +63,7 @@ def _enroll(engine: Engine, individual_id: str, files: list[UploadFile], views: 
 
 
 @router.post("", status_code=201, dependencies=[Writer], summary="Enrol a new individual with its photos",
-             responses=error_responses(400, 401, 409, 413, 415, 422, 503))
+             responses=error_responses(400, 401, 409, 413, 415, 422, 503, 507))
 def create_individual(engine: EngineDep,
                       individual_id: Annotated[IndividualId, Form(description="id of the new individual")],
                       files: Files, view: Views = None) -> EnrollResponse:
@@ -72,7 +72,7 @@ def create_individual(engine: EngineDep,
 
 @router.post("/{individual_id}/images", status_code=201, dependencies=[Writer],
              summary="Add photos to an individual (re-adding a photo already enrolled changes nothing)",
-             responses=error_responses(400, 401, 404, 413, 415, 422, 503))
+             responses=error_responses(400, 401, 404, 413, 415, 422, 503, 507))
 def add_images(engine: EngineDep, individual_id: IdInPath, files: Files, view: Views = None) -> EnrollResponse:
     return _enroll(engine, individual_id, files, view, "existing")
 
@@ -100,7 +100,7 @@ def get_individual(engine: EngineDep, individual_id: IdInPath) -> Individual:
 
 
 @router.delete("/{individual_id}", status_code=204, dependencies=[Writer],
-               summary="Delete an individual and all its photos", responses=error_responses(401, 404, 422))
+               summary="Delete an individual and all its photos", responses=error_responses(401, 404, 422, 507))
 def delete_individual(engine: EngineDep, individual_id: IdInPath) -> Response:
     engine.delete_individual(individual_id)
     return Response(status_code=204)
@@ -123,7 +123,7 @@ def get_image(engine: EngineDep, individual_id: IdInPath, image_id: ImageIdInPat
 
 
 @router.delete("/{individual_id}/images/{image_id}", status_code=204, dependencies=[Writer],
-               summary="Delete one photo of an individual", responses=error_responses(401, 404, 422))
+               summary="Delete one photo of an individual", responses=error_responses(401, 404, 422, 507))
 def delete_image(engine: EngineDep, individual_id: IdInPath, image_id: ImageIdInPath) -> Response:
     engine.delete_image(individual_id, image_id)
     return Response(status_code=204)

@@ -111,6 +111,9 @@ function photoForm(files, views) {
 // room left in a request for the form's own bytes: its boundaries, and each part's headers and view
 const FORM_BYTES = 16384;
 const PART_BYTES = 1024;
+// the service's multipart parser refuses a request of more than 1000 files, or 1000 other fields (each photo's view
+// is one): half of that leaves room for the rest of the form
+const MAX_FILES_PER_REQUEST = 500;
 
 /** The photos in consecutive groups that each fit in one request under the service's body limit (/health's
  *  max_upload_bytes): six camera photos of 4 MB are one enrolment, not a refusal. Throws, before anything is sent,
@@ -126,7 +129,9 @@ function uploadGroups(files, views) {
                       `most ${megabytes(limit)}, the form's own bytes included): send a smaller copy, or start ` +
                       "the service with a higher --max-upload-bytes");
     }
-    if (!group || group.bytes + bytes > limit) groups.push(group = { files: [], views: [], bytes: FORM_BYTES });
+    if (!group || group.bytes + bytes > limit || group.files.length === MAX_FILES_PER_REQUEST) {
+      groups.push(group = { files: [], views: [], bytes: FORM_BYTES });
+    }
     group.files.push(file);
     group.views.push(views[i]);
     group.bytes += bytes;

@@ -13,7 +13,7 @@ import pytest
 from reid.imageio import decode_image
 from reid.inference import write_checkpoint_metadata
 from service.engine import Engine, Threshold
-from service.errors import StoreError
+from service.errors import StorageFullError, StoreError
 from service.folder_lock import FolderInUseError
 from service.settings import Settings
 from service.store import Store
@@ -187,3 +187,50 @@ def test_a_request_is_decoded_and_embedded_a_pixel_budget_at_a_time(tmp_path: Pa
     answers = list(engine.identify_photos(((i, photo) for i, photo in enumerate(drawn(uploads[3:]))), 1, None))
     assert sizes == [(2, 3), (1, 3)] and [position for position, _ in answers] == [0, 1, 2]
     assert answers[0][1].predictions[0].individual_id == "turtle-0"
+
+
+def test_a_full_disk_is_a_507_naming_the_folder_and_leaves_no_file_behind(tmp_path: Path, checkpoint_a: Path,
+                                                                        records: pd.DataFrame,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk was an opaque 500, and the photo files the failed enrolment had written took the little space left
+    until the next start."""
+    import errno
+
+    import service.store
+
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")
+    engine = Engine.open(settings)
+    engine.enroll("turtle-0", [engine.decode_upload(photos(records, "ind_000")[0], "files", None)], "new")
+    writes = []
+    write = service.store.write_atomically
+
+    def fills_the_disk(path: Path, data: bytes) -> None:
+        writes.append(path)
+        if len(writes) > 1:  # the first photo fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(service.store, "write_atomically", fills_the_disk)
+    with pytest.raises(StorageFullError, match=r"the disk of the data folder .*data is full \(\[Errno 28\] No space "
+                                               r"left on device: .*\); nothing was stored: free space on it") as error:
+        engine.enroll("turtle-1", [engine.decode_upload(data, "files", None) for data in photos(records, "ind_001")[:2]],
+                      "new")
+    assert error.value.status == 507
+    assert not writes[0].exists(), "the file the failed enrolment wrote is removed again"
+    assert engine.store.counts() == (1, 1) and len(list((settings.data_dir / "photos").rglob("*.*"))) == 1
+
+
+def test_a_damaged_embedding_is_one_clear_error_at_start(tmp_path: Path, checkpoint_a: Path,
+                                                         records: pd.DataFrame) -> None:
+    import sqlite3
+
+    settings = Settings(checkpoint=checkpoint_a, data_dir=tmp_path / "data")
+    engine = Engine.open(settings)
+    engine.enroll("turtle-0", [engine.decode_upload(data, "files", None) for data in photos(records, "ind_000")[:2]],
+                  "new")
+    engine.close()
+    with sqlite3.connect(settings.data_dir / "reid.sqlite3") as database:
+        database.execute("UPDATE embeddings SET vector = x'0011223344556677' WHERE image_id = 2")
+    with pytest.raises(StoreError, match=r"the embedding of image 2 of individual 'turtle-0' in .*reid.sqlite3 is "
+                                         r"damaged \(8 bytes where the model's \d+ dimensions take \d+\): restore"):
+        Engine.open(settings)
