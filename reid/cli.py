@@ -94,8 +94,8 @@ def _run_lightning(argv: list[str] | None) -> int:
             parser.link_arguments("model.test_image_size", "data.test_image_size")
             parser.link_arguments("model.test_crops", "data.test_crops")
             parser.add_argument("--verify", type=bool, default=False,
-                                help="after training, learn local verification on the validation photos and store "
-                                     "it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "
+                                help="after training, learn local verification (the fusion on the training photos, its "
+                                     "threshold on held-out validation individuals) and store it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "
                                      "predict and serve then verify by default (better on real photos; README, Results)")
             parser.add_argument("--verify_candidates", type=PositiveInt, default=DEFAULT_CANDIDATES,
                                 help="with --verify: the most similar photos verified per query (more: better "
@@ -204,10 +204,9 @@ def _next_steps(checkpoint: Path, data: Path) -> str:
     """The commands to run after a fit, ready to paste (paths quoted; queries the data's split column suggests)."""
     import shlex
 
-    from reid.data.records import read_dataset
-    from reid.evaluation import query_split_for
+    from reid.evaluation import query_split_of
 
-    query_split = query_split_for(set(read_dataset(data, check_images=False)["split"]))
+    query_split = query_split_of(data)
     return (f"next: reid evaluate --checkpoint {shlex.quote(str(checkpoint))} --data {shlex.quote(str(data))} "
             f"--query-split {query_split}\n"
             f"      reid serve --checkpoint {shlex.quote(str(checkpoint))} --data-dir DATA_DIR   "
@@ -550,14 +549,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from reid.explain import explain_match
+    from reid.fileio import write_atomically
     from reid.imageio import decode_image
     from reid.inference import Embedder
 
+    if args.out.suffix.lower() != ".png":
+        raise ReIDError(f"--out {args.out}: the drawing is a PNG; name the file with .png")
     query, photo = decode_image(args.query), decode_image(args.photo)
     embedder = Embedder.from_checkpoint(args.checkpoint)
     explanation = explain_match(embedder, query, photo, (f"query: {args.query.name}", f"photo: {args.photo.name}"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(explanation.png)
+    write_atomically(args.out, explanation.png)
     print(f"wrote {args.out}: cosine similarity {explanation.similarity:.4f}, {explanation.inliers} verified "
           "local-feature matches" + (" (the fallback's, under simulated camera tilts)" if explanation.fallback else ""))
     return 0
@@ -578,6 +579,9 @@ RSM_FORMATS = ("png", "jpg", "jpeg", "webp", "gif", "tif", "tiff", "svg", "pdf",
 
 
 def _rsm(args: argparse.Namespace) -> int:
+    import io
+
+    from reid.fileio import write_atomically
     from reid.rsm import dataset_rsm
 
     if Path(args.out).suffix.lower().lstrip(".") not in RSM_FORMATS:  # refused before the photos are embedded
@@ -585,8 +589,9 @@ def _rsm(args: argparse.Namespace) -> int:
                         "with one of these extensions")
     rsm, figure = dataset_rsm(args.checkpoint, args.data, args.individuals, args.per_individual, args.by_view,
                               args.seed, args.batch_size, args.backend)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=100, bbox_inches="tight")
+    image = io.BytesIO()
+    figure.savefig(image, format=Path(args.out).suffix.lower().lstrip("."), dpi=100, bbox_inches="tight")
+    write_atomically(Path(args.out), image.getvalue())
     print(f"wrote {args.out} ({len(rsm.identities)} photos of {len(set(rsm.identities))} individuals)")
     return 0
 
@@ -767,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="MAP@5 of a submission, as Zindi scores it")
     score.add_argument("--submission", required=True, type=Path)
-    score.add_argument("--truth", required=True, type=Path, help="CSV with image_id and turtle_id (or identity)")
+    score.add_argument("--truth", required=True, type=Path, help="CSV with image_id and turtle_id (or identity, or label)")
     score.add_argument("--json", action="store_true")
     score.set_defaults(handler=_score)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from reid.cli import main as reid
-from reid.data.records import read_dataset
+from reid.evaluation import query_split_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +26,6 @@ def _run(*args: str) -> None:
         raise SystemExit(code)
 
 
-def _query_split(data: Path) -> str:
-    """The queries ``data``'s split column suggests (:func:`reid.evaluation.query_split_for`)."""
-    from reid.evaluation import query_split_for
-
-    return query_split_for(set(read_dataset(data, check_images=False)["split"]))
 
 
 def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> dict[str, object]:
@@ -56,7 +51,7 @@ def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> 
     _run("calibrate", "--checkpoint", str(checkpoint), "--data", str(data), "--query-split", "none")
     results = out / "results.json"
     _run("evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(results),
-         "--query-split", _query_split(data))
+         "--query-split", query_split_of(data))
     _run("rsm", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out / "rsm.png"), "--by-view")
     report = json.loads(results.read_text())
     closed = report["closed_set"]  # null when no query shows an individual of the gallery

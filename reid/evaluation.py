@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -181,6 +182,13 @@ def query_split_for(splits: set[str]) -> str:
     """The queries a dataset's split column suggests: its ``test`` photos, else its ``val`` ones, else none (the
     seeded protocols). Never ``train``: the gallery would be left empty."""
     return "test" if "test" in splits else "val" if "val" in splits else IGNORE_SPLIT_COLUMN
+
+
+def query_split_of(data: Path | str) -> str:
+    """:func:`query_split_for` the split column of the dataset in ``data`` (a header read: no image is opened)."""
+    from reid.data.records import read_dataset
+
+    return query_split_for(set(read_dataset(data, check_images=False)["split"]))
 
 
 def closed_and_open_protocols(records: pd.DataFrame, seed: int = 0, query_fraction: float = 0.25,

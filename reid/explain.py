@@ -33,11 +33,13 @@ def explain_match(embedder: Embedder, query: np.ndarray, photo: np.ndarray, labe
 
     ``photo_features`` are the enrolled photo's cached features, when the caller has them (the service does), and
     ``fallback_photo_features`` gives its features for the fallback. Features are extracted the way the checkpoint
-    verifies, so the count drawn is the count ranked: where the checkpoint's fusion has a fallback and the plain
-    matches stay under its floor, the fallback's matches are drawn when they reach it.
+    verifies. Where its fusion has a fallback and this pair's plain matches stay under the floor, the fallback's
+    matches are drawn when they reach it: the most this pair can show. A ranking counts those only where none of the
+    query's verified photos reached the floor and this photo was among the fallback's most similar, so an answer's
+    ``evidence.inliers`` can be lower than the count drawn (never higher).
     """
     vectors = embedder.embed([query, photo])
-    similarity = float(vectors[0] @ vectors[1])
+    similarity = float(np.clip(vectors[0] @ vectors[1], -1.0, 1.0))  # as the gallery reports it: no 1.0000001
     fusion = embedder.verification.fusion if embedder.verification else None
     extraction = fusion.extraction if fusion else Extraction()
     match = match_features(extraction.extract(query), photo_features or extraction.extract(photo))

@@ -26,6 +26,8 @@ IndexKind = Literal["flat", "hnsw", "ivf"]
 #: Search breadth of HNSW, chosen with bench/gallery_search.py (see BENCHMARKS.md): FAISS's default (efSearch 16)
 #: misses the exact top answer most of the time.
 HNSW_EF_SEARCH = 256
+#: Neighbours per HNSW node: FAISS's usual 32, which the bench's recall at HNSW_EF_SEARCH was measured with.
+HNSW_NEIGHBOURS = 32
 #: IVF geometry and search breadth, chosen with bench/gallery_search.py on 1,000,000 structured 512-d photos (see
 #: BENCHMARKS.md, "Gallery search by index kind": recall@5 of individuals >= 0.98 against exact search, a query
 #: 83-90 times faster than exact search on one core):
@@ -63,7 +65,8 @@ def gpu_available() -> bool:
 class Gallery:
     """Photo embeddings keyed by integer id, each belonging to an individual; searchable by individual.
 
-    Thread-safe: searches take a shared snapshot under a lock; adds and removals are serialised.
+    Thread-safe: searches, adds and removals each hold one lock, so they run one at a time (a FAISS search uses
+    every core itself, and takes about a millisecond, BENCHMARKS.md).
 
     Args:
         dim: embedding dimension.
@@ -77,7 +80,7 @@ class Gallery:
     """
 
     def __init__(self, dim: int, kind: IndexKind = "flat", use_gpu: bool | None = None,
-                 ivf_lists: int = IVF_MAX_LISTS, ivf_scan: int = IVF_SCAN_PHOTOS, hnsw_neighbours: int = 32) -> None:
+                 ivf_lists: int = IVF_MAX_LISTS, ivf_scan: int = IVF_SCAN_PHOTOS) -> None:
         if kind not in ("flat", "hnsw", "ivf"):
             raise ValueError(f"index kind must be flat, hnsw or ivf, got {kind!r}")
         self.dim = dim
@@ -90,7 +93,6 @@ class Gallery:
         self._ivf_lists = ivf_lists
         self._ivf_nprobe = 1
         self._ivf_trained_on = 0
-        self._hnsw_neighbours = hnsw_neighbours
         self._lock = threading.RLock()
         self._identity: dict[int, Individual] = {}
         # Photos per individual, kept up to date so that a search knows how many individuals there are without
@@ -106,7 +108,7 @@ class Gallery:
 
     def _new_master(self) -> faiss.Index:
         if self.kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self._hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
+            inner = faiss.IndexHNSWFlat(self.dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efSearch = HNSW_EF_SEARCH
         elif self.kind == "ivf":
             # A flat coarse quantizer, not HNSW: comparing 4096 centroids takes well under a millisecond, and FAISS

@@ -7,6 +7,7 @@ labels per row, ``new_turtle`` a label like any other; the score is MAP@5 (:mod:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from reid.identify import Answer
 
 from reid.data.records import photo_files, read_csv_table, read_dataset
 from reid.errors import DatasetError, SubmissionError
+from reid.fileio import write_atomically
 from reid.metrics import map_at_k, top_k_accuracy
 
 PREDICTION_COLUMNS = [f"prediction{i}" for i in range(1, 6)]
@@ -96,12 +98,13 @@ def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Se
         distinct = list(dict.fromkeys(labels))[:5]
         if len(distinct) < 5:
             raise SubmissionError(f"query {image_id}: only {len(distinct)} distinct labels {distinct}; {_FIVE_LABELS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image_id", *PREDICTION_COLUMNS])
-        for image_id, labels in zip(image_ids, predictions):
-            writer.writerow([image_id, *list(dict.fromkeys(labels))[:5]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["image_id", *PREDICTION_COLUMNS])
+    for image_id, labels in zip(image_ids, predictions):
+        writer.writerow([image_id, *list(dict.fromkeys(labels))[:5]])
+    # all or nothing: a Ctrl-C or a full disk must not leave a truncated file for `reid score` or Zindi to read
+    write_atomically(path, text.getvalue().encode())
     return path
 
 
@@ -127,8 +130,7 @@ def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answ
                      "predictions": predictions})
     threshold = asdict(answers[0].threshold) if answers else None
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"threshold": threshold, "queries": rows}, indent=1) + "\n")
+    write_atomically(path, (json.dumps({"threshold": threshold, "queries": rows}, indent=1) + "\n").encode())
     return path
 
 

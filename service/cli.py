@@ -124,10 +124,9 @@ def _reindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    suffix = "" if required else " (or REID_CHECKPOINT / REID_DATA_DIR)"
-    parser.add_argument("--checkpoint", type=Path, required=required, help=f"model checkpoint{suffix}")
-    parser.add_argument("--data-dir", type=Path, required=required,
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("--data-dir", type=Path, required=True,
                         help="folder the service owns: SQLite database and enrolled photos")
 
 
@@ -156,7 +155,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=_serve)
 
     enroll = commands.add_parser("enroll", help="enrol a whole dataset into the service's store (offline)")
-    _store_arguments(enroll, required=True)
+    _store_arguments(enroll)
     enroll.add_argument("--data", type=Path, required=True,
                         help="dataset folder (labels.csv, Zindi layout, or one folder per individual)")
     enroll.add_argument("--batch-size", type=at_least(1), default=32)
@@ -164,6 +163,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     enroll.set_defaults(handler=_enroll)
 
     reindex = commands.add_parser("reindex", help="re-embed every stored photo with a new checkpoint (offline)")
-    _store_arguments(reindex, required=True)
+    _store_arguments(reindex)
     reindex.add_argument("--batch-size", type=at_least(1), default=32)
     reindex.set_defaults(handler=_reindex)

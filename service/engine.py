@@ -3,8 +3,9 @@
 The store (SQLite) is the source of truth; the FAISS gallery is rebuilt from it at start and then follows every
 committed change. Writes hold one lock from the database commit until the gallery has the same change, so an
 enrolment and a deletion that race each other can never leave a deleted photo searchable (or a stored one missing).
-Identification never takes that lock: embedding, searching and local-feature matching run concurrently in as many
-requests as arrive, and a deletion never waits for them.
+Identification never takes that lock: embedding and local-feature matching run concurrently in as many requests
+as arrive, and a deletion never waits for them (only the gallery's own lock, held for each search, about a
+millisecond, orders searches and gallery changes).
 
 With verification on, every searchable photo's local features are in memory (read from the store at start, added
 at enrolment before the photo becomes searchable). A query that a deletion overtakes (one of its candidate photos

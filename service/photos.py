@@ -76,8 +76,7 @@ def read_photo(data: bytes, max_pixels: int, view: str = "", name: str | None = 
     """Decode ``data`` (raising :class:`reid.errors.ImageDecodeError` subclasses, their messages beginning with
     ``name``, for anything unusable)."""
     pixels, image_format = decode_image_with_format(data, max_pixels=max_pixels, name=name)
-    media_type, extension = MEDIA_TYPES.get(image_format, (Image.MIME.get(image_format, "application/octet-stream"),
-                                                           "." + image_format.lower()))
+    media_type, extension = MEDIA_TYPES[image_format]  # decoding refuses every format it has no entry for
     return Photo(data, hashlib.sha256(data).hexdigest(), media_type, extension, pixels, int(pixels.shape[1]),
                  int(pixels.shape[0]), view)
 

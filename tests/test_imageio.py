@@ -152,3 +152,10 @@ def test_photos_stored_before_the_smallest_side_existed_stay_readable(tmp_path) 
     path = tmp_path / "thumb.png"
     Image.new("RGB", (12, 9)).save(path)
     assert decode_image(path, min_side=1).shape == (9, 12, 3)
+
+
+def test_the_service_serves_every_format_it_decodes_under_its_media_type() -> None:
+    from reid.imageio import SUPPORTED_FORMATS
+    from service.photos import MEDIA_TYPES
+
+    assert set(MEDIA_TYPES) == SUPPORTED_FORMATS

@@ -125,6 +125,9 @@ def test_explain_draws_the_pair_and_verify_without_calibration_is_refused(
     assert main(["explain", "--checkpoint", str(verified), "--query", str(first), "--photo", str(second),
                  "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "verified local-feature matches" in capsys.readouterr().out
+    assert main(["explain", "--checkpoint", str(verified), "--query", str(first), "--photo", str(second),
+                 "--out", str(tmp_path / "explain.jpg")]) == 2
+    assert "--out " + str(tmp_path / "explain.jpg") + ": the drawing is a PNG" in capsys.readouterr().err
     plain = export_encoder(tmp_path / "plain.ckpt", "lcnet_050", False, 48)
     assert main(["evaluate", "--checkpoint", str(plain), "--data", str(textured), "--verify"]) == 2
     assert "reid calibrate --verify" in capsys.readouterr().err
