@@ -213,3 +213,12 @@ def test_embed_takes_pil_images_and_refuses_arrays_it_would_misread(tmp_path: Pa
         embedder.embed([pixels[..., 0]])
     with pytest.raises(TypeError, match="got list"):
         embedder.embed([[1, 2, 3]])
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("lcnet_050", 48), ("resnet10t", 64), ("convnext_atto", 64),
+                                                ("test_vit3", 96), ("mobilenetv2_100", 224)])
+def test_the_data_modules_preprocessing_is_the_models(backbone: str, size: int) -> None:
+    """A data module on its own resolves the preprocessing from the backbone's name, without building it; the
+    checkpoint stores the built model's. They must agree, or a model would be trained on other pixels than it serves."""
+    built = Encoder(backbone, False, 32, image_size=size).preprocess(size, ())
+    assert Preprocess.of_backbone(backbone, size) == built

@@ -328,7 +328,10 @@ def test_the_individuals_list_shows_each_individual_once_whatever_the_clicks(pag
     held = []
     page.route(lambda url: url.endswith("q=resident"), lambda route: held.append(route))  # a slow first answer
     page.fill("#search", "resident")
-    page.wait_for_timeout(600)  # past the search's debounce: its request is on its way, and held
+    for _ in range(200):  # the search's debounce (250 ms), then its request, held by the route above
+        if held:
+            break
+        page.wait_for_timeout(25)
     assert len(held) == 1
     page.fill("#search", "resident-1")
     expect(tiles).to_have_count(1)
