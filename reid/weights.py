@@ -160,10 +160,17 @@ def _from_file(name: str, path: Path, image_size: int | None) -> nn.Module:
 def check_input_size(backbone: nn.Module, image_size: int, error: Callable[[Exception], ReIDError]) -> None:
     """Embed one blank image, so a size the architecture cannot take fails here and not mid-evaluation.
 
-    A ViT whose patch size does not divide the size, a ViT built for another size, or MaxViT windows that do not
-    tile it, only fail on the first forward pass; that failure is raised as ``error(failure)``, a user error
-    naming the setting.
+    A ViT built for another size, or MaxViT windows that do not tile it, only fail on the first forward pass; that
+    failure is raised as ``error(failure)``, a user error naming the setting. A ViT whose patch does not divide the
+    size does not fail at all (timm's patch embedding drops the pixels left over): it is refused here, since the
+    border of every photo would never reach the model.
     """
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    side = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(side, int) and side > 1 and image_size % side:
+        low = image_size - image_size % side
+        raise error(ValueError(f"{image_size} px is not a multiple of its {side} px patch, so the last "
+                               f"{image_size % side} px of each side would never reach it; use {low} or {low + side}"))
     training = backbone.training
     backbone.eval()
     try:

@@ -222,3 +222,11 @@ def test_the_data_modules_preprocessing_is_the_models(backbone: str, size: int) 
     checkpoint stores the built model's. They must agree, or a model would be trained on other pixels than it serves."""
     built = Encoder(backbone, False, 32, image_size=size).preprocess(size, ())
     assert Preprocess.of_backbone(backbone, size) == built
+
+
+def test_a_vit_at_a_size_its_patch_does_not_divide_is_refused() -> None:
+    """timm's patch embedding drops the pixels left over: at 60 px a 16 px patch never sees the photo's last 12 px."""
+    with pytest.raises(ConfigError, match=r"backbone 'vit_tiny_patch16_224' cannot take 60 px input: 60 px is not a "
+                                          r"multiple of its 16 px patch, so the last 12 px of each side would never "
+                                          r"reach it; use 48 or 64"):
+        create_backbone("vit_tiny_patch16_224", False, 60)
