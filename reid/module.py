@@ -151,9 +151,20 @@ class ReIDModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         return loss
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised retrieval embeddings of a batch of photos as the evaluation transform makes them
+        (``B x 3 x H x W``, or ``B x V x 3 x H x W`` with test crops): what validation and :class:`Embedder` compute,
+        for ``model(images)`` and Lightning's ``trainer.predict``."""
+        views = images.unsqueeze(1) if images.dim() == 4 else images
+        return embed_views(lambda batch: self.encoder.embed(self._images(batch)), views)
+
+    def predict_step(self, batch: tuple[torch.Tensor, ...] | torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Embeddings of a batch from this project's loaders (``(photos, labels, indices)``) or of photos alone."""
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels, indices = batch
-        embeddings = embed_views(lambda views: self.encoder.embed(self._images(views)), images)
+        embeddings = self(images)
         self._validation.append((embeddings, labels, indices))
 
     def _gathered(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -343,3 +343,26 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     assert report["verified"] is True and report["threshold"] == pytest.approx(verification["threshold"])
     assert report["runner_up_weight"] == 0.5
 
+
+
+def test_a_trained_module_embeds_as_the_embedder_does_through_lightnings_conventions(tmp_path: Path,
+                                                                                    synth_dataset: Path) -> None:
+    """model(images) and trainer.predict work, and give the embeddings `reid evaluate` and the service use."""
+    import lightning as L
+
+    from reid.data.records import read_dataset
+    from reid.imageio import decode_image
+
+    assert main(_fit_args(tmp_path, synth_dataset, "--trainer.max_epochs", "1")) == 0
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    module = ReIDModule.load_from_checkpoint(best).eval()
+    embedder = Embedder.from_checkpoint(best)
+    paths = read_dataset(synth_dataset)["path"].tolist()[:6]
+    expected = embedder.embed(paths)
+    transform = embedder.preprocess.eval_transform()
+    batch = torch.stack([transform(image=decode_image(path))["image"] for path in paths])  # B x V x 3 x H x W
+    with torch.no_grad():
+        assert np.allclose(module(batch).numpy(), expected, atol=1e-5)
+        assert np.allclose(module(batch[:, 0]).numpy(), expected, atol=1e-5)  # one view: B x 3 x H x W
+    predicted = L.Trainer(logger=False, enable_progress_bar=False).predict(module, [batch])
+    assert np.allclose(predicted[0].numpy(), expected, atol=1e-5)
