@@ -51,7 +51,7 @@ def test_fit_keeps_best_checkpoint_by_map5_and_it_embeds_like_training(tmp_path:
     assert (meta["config"]["data"]["backbone"], meta["config"]["data"]["image_size"]) == ("lcnet_050", 48)
     assert Preprocess.of_backbone("lcnet_050", 48).to_dict() == meta["preprocess"]
     # fit -> serve answers new_turtle with no extra step: the threshold was fitted on held-out individuals
-    assert -1.0 <= meta["threshold"] <= 1.0
+    assert -1.0 <= meta["threshold"] <= 1.0 + 1e-5  # a bar just above the best score seen, where flagging all is best
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch") and "held out" in meta["threshold_origin"]
     # an RSM heatmap per validation, beside the logs
     assert len(list((best.parents[1] / "rsm").glob("epoch_*.png"))) == 2
@@ -330,7 +330,7 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     assert verification["fusion"]["fallback"]["top"] == 3
     assert "ASIFT fallback on the 3" in verification["threshold_origin"]
     assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
-    assert 0.0 <= verification["threshold"] <= 1.0 and "held out of the gallery" in verification["threshold_origin"]
+    assert 0.0 <= verification["threshold"] <= 1.0 + 1e-5 and "held out of the gallery" in verification["threshold_origin"]
     assert meta["threshold_origin"].startswith("reid fit, validation of epoch")  # the similarity threshold stays
     assert meta["runner_up_weight"] == verification["runner_up_weight"] == 0.5
     assert "0.5 x the runner-up's score" in meta["threshold_origin"] and "runner-up" in verification["threshold_origin"]

@@ -43,7 +43,7 @@ def verified(tmp_path_factory: pytest.TempPathFactory, textured: Path) -> Path:
 
 def test_calibrate_verify_stores_fusion_and_its_own_threshold(verified: Path) -> None:
     verification = Embedder.from_checkpoint(verified).verification
-    assert verification is not None and 0.0 <= verification.threshold <= 1.0  # fused scores are probabilities
+    assert verification is not None and 0.0 <= verification.threshold <= 1.0 + 1e-5  # probabilities (a bar can top the best)
     assert verification.threshold_origin.startswith("reid calibrate --verify")
     fusion = verification.fusion
     assert fusion.candidates == 8 and fusion.extraction == Extraction(1024, equalise=True)
