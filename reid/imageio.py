@@ -215,6 +215,12 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None 
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error
 
 
+def rgb_array_of(image: Image.Image) -> np.ndarray:
+    """An already opened PIL image as :func:`decode_image` returns a file: upright by its EXIF orientation, 16- and
+    32-bit data scaled, transparency over mid grey, ``H x W x 3`` uint8 (for images handed over in memory)."""
+    return np.array(_to_rgb(ImageOps.exif_transpose(image)))
+
+
 def check_image_header(path: str | Path, max_pixels: int | None = None) -> None:
     """Cheaply check that ``path`` opens as a supported image of at most ``max_pixels`` (header only, no pixel decode;
     ``max_pixels`` defaults to :func:`configured_max_pixels`).

@@ -117,12 +117,14 @@ def write_checkpoint_metadata(path: str | Path, **updates: Any) -> None:
 
 def _rgb_array(image: Any) -> np.ndarray:
     """An in-memory photo as the ``H x W x 3`` uint8 RGB array the transform takes. A PIL image is converted as the
-    file decoder converts any mode; an array of another shape or type is refused: a float array in [0, 1] would
-    otherwise be read as 0-255, an almost black photo, without a word."""
+    file decoder converts a file (:func:`reid.imageio.rgb_array_of`); an array of another shape or type is refused: a
+    float array in [0, 1] would otherwise be read as 0-255, an almost black photo, without a word."""
     from PIL import Image
 
+    from reid.imageio import rgb_array_of
+
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return rgb_array_of(image)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"embed takes image file paths, PIL images or RGB arrays, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

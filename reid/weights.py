@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import timm
+from timm.layers import PatchEmbed
 import torch
 from torch import nn
 
@@ -165,9 +166,12 @@ def check_input_size(backbone: nn.Module, image_size: int, error: Callable[[Exce
     size does not fail at all (timm's patch embedding drops the pixels left over): it is refused here, since the
     border of every photo would never reach the model.
     """
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    side = patch[0] if isinstance(patch, (tuple, list)) else patch
-    if isinstance(side, int) and side > 1 and image_size % side:
+    embed = getattr(backbone, "patch_embed", None)
+    # timm's PatchEmbed cuts the photo into patches side by side; overlapping embeddings (PVT, PiT) pad or stride
+    # over every pixel, and a dynamically padded one pads the rest
+    side = (embed.patch_size[0] if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad
+            and tuple(embed.proj.stride) == tuple(embed.patch_size) else 1)
+    if side > 1 and image_size % side:
         low = image_size - image_size % side
         raise error(ValueError(f"{image_size} px is not a multiple of its {side} px patch, so the last "
                                f"{image_size % side} px of each side would never reach it; use {low} or {low + side}"))

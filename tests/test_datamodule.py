@@ -158,11 +158,15 @@ def test_a_split_column_without_val_photos_names_its_values_and_the_way_round_it
     assert len(drawn.val_records) > 0
 
 
-def _augmented_batches(root: Path, workers: int, seed: int) -> list[torch.Tensor]:
-    data = ReIDDataModule(str(root), individuals_per_batch=4, batches_per_epoch=4, num_workers=workers,
+def _augmented_batches(root: Path, workers: int, seed: int, rank: int | None = None) -> list[torch.Tensor]:
+    data = ReIDDataModule(str(root), individuals_per_batch=2, batches_per_epoch=4, num_workers=workers,
                           check_images=False, backbone="resnet10t", image_size=48, val_fraction=0.34,
                           augmentations=[{"type": "Affine", "rotate": [-15, 15], "scale": [0.85, 1.15], "p": 1.0},
                                          {"type": "ColorJitter", "brightness": 0.3, "p": 1.0}])
+    if rank is not None:  # one rank of a two-process (DDP) run
+        from types import SimpleNamespace
+
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, lightning_module=None)
     data.setup("fit")
     torch.manual_seed(seed)  # what seed_everything does
     return [batch[0] for batch in data.train_dataloader()]
@@ -185,3 +189,7 @@ def test_augmentations_differ_between_workers_and_repeat_with_the_seed(tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(one_process, _augmented_batches(tmp_path, 0, seed=0)))
     assert not torch.equal(one_process[0], _augmented_batches(tmp_path, 0, seed=1)[0])
     assert all(torch.equal(a, b) for a, b in zip(two_workers, _augmented_batches(tmp_path, 2, seed=0)))
+    # DDP ranks share the seed, and must not share the augmentations
+    for workers in (0, 2):
+        first, second = (_augmented_batches(tmp_path, workers, seed=0, rank=rank)[0] for rank in (0, 1))
+        assert not torch.equal(first, second)

@@ -230,3 +230,24 @@ def test_a_vit_at_a_size_its_patch_does_not_divide_is_refused() -> None:
                                           r"multiple of its 16 px patch, so the last 12 px of each side would never "
                                           r"reach it; use 48 or 64"):
         create_backbone("vit_tiny_patch16_224", False, 60)
+    create_backbone("pvt_v2_b0", False, 256)  # overlapping patch embeddings see every pixel at any size
+
+
+def test_a_pil_image_embeds_as_the_same_photo_read_from_a_file(tmp_path: Path) -> None:
+    """16-bit data, transparency and the EXIF orientation are converted as the file decoder converts them."""
+    import io
+
+    from PIL import Image
+
+    from reid.imageio import decode_image, rgb_array_of
+
+    rng = np.random.default_rng(0)
+    grey16 = Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8))
+    rotated = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    for image, save in ((grey16, {}), (rgba, {}), (rotated, {"exif": exif.tobytes()})):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **save)
+        assert np.array_equal(rgb_array_of(Image.open(io.BytesIO(buffer.getvalue()))), decode_image(buffer.getvalue()))

@@ -10,6 +10,7 @@ links ``model.backbone`` and ``model.image_size`` into this module, which resolv
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -149,13 +150,14 @@ class ReIDDataModule(L.LightningDataModule):
         """P x K batches for this rank; one process's batches when no Trainer is attached (a plain training loop)."""
         hp = self.hparams
         preprocess = Preprocess.of_backbone(hp.backbone, hp.image_size)
-        dataset = ImageRecords(self.train_records,
-                               seed_augmentations(preprocess.train_transform(self.augmentations)))
         rank, world_size = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+        dataset = ImageRecords(self.train_records,
+                               seed_augmentations(preprocess.train_transform(self.augmentations), rank))
         sampler = IdentitySampler(dataset.labels, hp.individuals_per_batch, hp.photos_per_individual,
                                   hp.batches_per_epoch, rank=rank, world_size=world_size, seed=hp.seed)
         return self._loader(dataset, batch_size=hp.individuals_per_batch * hp.photos_per_individual,
-                            sampler=sampler, drop_last=True, worker_init_fn=seed_worker_augmentations)
+                            sampler=sampler, drop_last=True,
+                            worker_init_fn=functools.partial(seed_worker_augmentations, rank=rank))
 
     def val_dataloader(self) -> PhotoLoader:
         """One loader of :attr:`validation_records` (gallery and query photos interleaved, its ``query`` column

@@ -61,18 +61,20 @@ class PhotoLoader(DataLoader):
             cv2.setNumThreads(threads)
 
 
-def seed_augmentations(transform: A.BaseCompose) -> A.BaseCompose:
-    """Seed an albumentations pipeline from torch's generator, which ``seed_everything`` seeds: albumentations (2.x)
-    draws from generators of its own, made from OS entropy, so without this the same seed gave different fits."""
-    transform.set_random_seed(torch.initial_seed() % 2**32)
+def seed_augmentations(transform: A.BaseCompose, rank: int = 0) -> A.BaseCompose:
+    """Seed an albumentations pipeline from torch's generator, which ``seed_everything`` seeds, and the process's
+    rank: albumentations (2.x) draws from generators of its own, made from OS entropy, so without this the same seed
+    gave different fits; and every DDP rank holds the same torch seed, so without the rank they would draw alike."""
+    transform.set_random_seed(int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1)[0]))
     return transform
 
 
-def seed_worker_augmentations(worker_id: int) -> None:
-    """``worker_init_fn`` of training loaders: each worker process reseeds its copy of the augmentations from its own
-    torch seed (PyTorch's base seed + worker id). Forked with the parent's generators, every worker otherwise drew
-    the same augmentations, slot for slot, as the others: two workers, half the randomness configured."""
-    seed_augmentations(torch.utils.data.get_worker_info().dataset.photos.transform)
+def seed_worker_augmentations(worker_id: int, rank: int = 0) -> None:
+    """``worker_init_fn`` of training loaders (``rank`` bound with :func:`functools.partial`): each worker process
+    reseeds its copy of the augmentations from its own torch seed (PyTorch's base seed + worker id) and its rank.
+    Forked with the parent's generators, every worker otherwise drew the same augmentations, slot for slot, as the
+    others: two workers, half the randomness configured."""
+    seed_augmentations(torch.utils.data.get_worker_info().dataset.photos.transform, rank)
 
 
 class ImageRecords(Dataset):
