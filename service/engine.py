@@ -89,7 +89,7 @@ def _cached_features(store: Store, image_ids: list[int], extraction: Extraction)
             extracted.append(extraction.extract(pixels))
         store.put_local_features(extraction, [image.image_id for image in images], extracted)
         features.update((image.image_id, item) for image, item in zip(images, extracted))
-        log.info("local features: %d/%d photos extracted (%.0f s)", start + len(images), len(missing),
+        log.info("local features: %d/%d photos done (%.0f s)", min(start + _FEATURE_BATCH, len(missing)), len(missing),
                  time.monotonic() - started)
     return features
 
@@ -186,8 +186,8 @@ class Engine:
     def enroll(self, individual_id: str, photos: Iterable[Photo], mode: IndividualMode) -> list[StoredImage]:
         """Embed (and with verification on, extract local features of) photos of one individual, store them, then
         make the new ones searchable; all or nothing. ``photos`` may be decoded as they are drawn: they are embedded
-        :func:`within_pixel_budget` of ``max_pixels``, so a request never holds more decoded pixels than that (and
-        one photo) at a time."""
+        :func:`within_pixel_budget` of ``max_pixels``, so a request holds about that many decoded pixels (and one
+        photo more) at a time, however many photos it sends."""
         kept: list[Photo] = []
         chunks: list[np.ndarray] = []
         features: list[LocalFeatures] | None = [] if self.verifying else None
@@ -197,6 +197,7 @@ class Engine:
             if features is not None:
                 features += self._local_features(pixels)
             kept += [photo.without_pixels() for photo in run]
+            del pixels  # with the run, emptied when the next is drawn: one run's pixels alive at a time
         vectors = np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.dim), np.float32)
         extraction = self.verification.fusion.extraction if self.verifying else None
         with self._write_lock:

@@ -185,9 +185,11 @@ class Store:
         if self.database.is_file() and self.database.stat().st_size > 0:
             return
         photos = self.root / PHOTOS_DIR
-        files = sum(1 for path in photos.rglob("*") if path.is_file()) if photos.is_dir() else 0
+        # stored photos only: an interrupted write's temporary file, or a .DS_Store, starts with a dot
+        files = sum(1 for path in photos.rglob("*") if path.is_file() and not path.name.startswith(".")
+                    ) if photos.is_dir() else 0
         if files:
-            raise StoreError(f"{photos} holds {files} files but {self.database} is "
+            raise StoreError(f"{photos} holds {files} photo file{'s' if files > 1 else ''} but {self.database} is "
                              f"{'empty' if self.database.is_file() else 'missing'}: put the store's database back "
                              f"(e.g. from a backup) and start again; to start an empty store here, move {photos} away")
 
@@ -260,11 +262,13 @@ class Store:
                     raise
                 connection.execute("COMMIT")
         except (OSError, sqlite3.OperationalError) as error:
+            # SQLite says SQLITE_FULL (13) in sqlite_errorcode from Python 3.11, and "database or disk is full" always
             if not (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-                    or getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
+                    or getattr(error, "sqlite_errorcode", None) == 13 or "disk is full" in str(error)):
                 raise
-            raise StorageFullError(f"the disk of the data folder {self.root} is full ({error}); nothing was stored: "
-                                   "free space on it (even a deletion needs a little, for its journal)") from error
+            raise StorageFullError(f"the disk of the data folder {self.root} is full ({error}); the request changed "
+                                   "nothing: free space on it (even a deletion needs a little, for its journal)"
+                                   ) from error
 
     def path_of(self, image: StoredImage) -> Path:
         return self.root / image.file

@@ -126,7 +126,7 @@ def test_a_store_whose_database_is_missing_or_empty_is_refused_and_its_photos_ke
         database.write_bytes(b"")
     files = sorted((settings.data_dir / "photos").rglob("*.*"))
     assert len(files) == 3
-    with pytest.raises(StoreError, match=rf"photos holds 3 files but .*reid.sqlite3 is {damage}: put the store's "
+    with pytest.raises(StoreError, match=rf"photos holds 3 photo files but .*reid.sqlite3 is {damage}: put the store's "
                                          r"database back \(e.g. from a backup\) and start again; to start an empty "
                                          r"store here, move .*photos away"):
         Engine.open(settings)
@@ -212,7 +212,7 @@ def test_a_full_disk_is_a_507_naming_the_folder_and_leaves_no_file_behind(tmp_pa
 
     monkeypatch.setattr(service.store, "write_atomically", fills_the_disk)
     with pytest.raises(StorageFullError, match=r"the disk of the data folder .*data is full \(\[Errno 28\] No space "
-                                               r"left on device: .*\); nothing was stored: free space on it") as error:
+                                               r"left on device: .*\); the request changed nothing: free space on it") as error:
         engine.enroll("turtle-1", [engine.decode_upload(data, "files", None) for data in photos(records, "ind_001")[:2]],
                       "new")
     assert error.value.status == 507
@@ -234,3 +234,13 @@ def test_a_damaged_embedding_is_one_clear_error_at_start(tmp_path: Path, checkpo
     with pytest.raises(StoreError, match=r"the embedding of image 2 of individual 'turtle-0' in .*reid.sqlite3 is "
                                          r"damaged \(8 bytes where the model's \d+ dimensions take \d+\): restore"):
         Engine.open(settings)
+
+
+def test_a_new_store_beside_leftover_temporary_files_opens(tmp_path: Path) -> None:
+    """Only stored photos make a missing database a restore gone wrong: not a .DS_Store, nor an interrupted write's
+    temporary file (both start with a dot), which the start-up sweep removes."""
+    photos_dir = tmp_path / "data" / "photos" / "ab"
+    photos_dir.mkdir(parents=True)
+    (photos_dir / ".abcd.jpg.1234.tmp").write_bytes(b"partial")
+    (tmp_path / "data" / "photos" / ".DS_Store").write_bytes(b"finder")
+    assert Store(tmp_path / "data").counts() == (0, 0)

@@ -164,7 +164,7 @@ def test_old_store_gets_features_when_verification_is_turned_on(tmp_path: Path, 
     with caplog.at_level(logging.INFO, logger="service"):
         verifying = Engine.open(Settings(checkpoint=checkpoint, data_dir=data_dir))
     assert "upgraded from schema version 1 to 4" in caplog.text
-    assert "extracting the local features of 6 photos" in caplog.text and "6/6 photos extracted" in caplog.text
+    assert "extracting the local features of 6 photos" in caplog.text and "6/6 photos done" in caplog.text
     extraction = verifying.verification.fusion.extraction
     assert extraction.equalise, "a freshly calibrated checkpoint equalises"
     assert feature_rows(data_dir) == {image_id: {(1024, "rootsift-clahe")} for image_id in range(1, 7)}
