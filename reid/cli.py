@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reid.errors import ConfigError, ReIDError
-from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, ThresholdObjective
+from reid.metrics import OBJECTIVE_NAMES, THRESHOLD_OBJECTIVES, THRESHOLD_RANGE, ThresholdObjective
 
 if TYPE_CHECKING:  # heavy imports (torch) stay out of `reid --help`
     import numpy as np
@@ -344,9 +344,11 @@ def _embed(checkpoint: Path, paths: list[str], batch_size: int = 32,
 
 
 def _check_threshold(value: float | None) -> None:
-    """Refuse a threshold outside cosine similarity's range before any work is done."""
-    if value is not None and not -1.0 <= value <= 1.0:
-        raise ReIDError(f"--threshold must be a cosine similarity in [-1, 1], got {value}")
+    """Refuse a threshold no score can be compared with (:data:`reid.metrics.THRESHOLD_RANGE`) before any work."""
+    low, high = THRESHOLD_RANGE
+    if value is not None and not low <= value <= high:
+        raise ReIDError(f"--threshold must be in [{low:g}, {high:g}] (scores lie in [-1, 1]; the runner-up's share "
+                        f"can lift a bar past them), got {value}")
 
 
 def _verifier_factory(fusion: Fusion, images: Sequence[str], queries: Sequence[str] = ()) -> VerifierFactory:

@@ -120,6 +120,12 @@ def insert_new_turtle(ranking: Ranking, threshold: float | None, k: int = 5,
     return labels[:k]
 
 
+#: The thresholds a person may give (``--threshold``, a request's ``threshold``, the service's default). Scores are
+#: cosines or fused probabilities, in [-1, 1], but a threshold is a bar on the best score less ``runner_up_weight``
+#: (at most 1) times the runner-up's, which spans [-2, 2]: what calibration fits can lie outside [-1, 1] and must
+#: still be accepted back.
+THRESHOLD_RANGE = (-2.0, 2.0)
+
 #: What a new_turtle threshold is fitted to maximise. ``map5``: Zindi's MAP@5 of the whole ranked answers, where
 #: new_turtle is a label like any other (what a submission is scored on). ``balanced_accuracy``: the decision of the
 #: first answer alone, the mean of the known queries answered with their individual (and not flagged) and the

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from reid.gallery import IndexKind
 from reid.onnx_backend import Backend
 from reid.imageio import DEFAULT_MAX_PIXELS
+from reid.metrics import THRESHOLD_RANGE
 
 #: Upper bound of ``k`` for identify: a ranking longer than this is never useful to a person and only costs time.
 MAX_K = 50
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
                           "to start",
     )
     default_threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        None, ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], allow_inf_nan=False,
         description="new_turtle threshold when neither the request nor the checkpoint gives one; "
                     "unset, an uncalibrated model never reports new_turtle",
     )

@@ -99,8 +99,9 @@ def test_calibrate_fits_for_the_objective_asked_and_keeps_it(checkpoint: Path, s
 
 def test_bad_threshold_and_missing_checkpoint_exit_2(tmp_path: Path, checkpoint: Path, synth_dataset: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--threshold", "1.5"]) == 2
-    assert "[-1, 1], got 1.5" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dataset), "--threshold", "2.5"]) == 2
+    assert "--threshold must be in [-2, 2] (scores lie in [-1, 1]; the runner-up's share can lift a bar past them), " \
+           "got 2.5" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.ckpt"), "--data", str(synth_dataset)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint.parent), "--data", str(synth_dataset)]) == 2

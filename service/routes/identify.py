@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
+from reid.metrics import THRESHOLD_RANGE
 from service.auth import require_key_for_reads
 from service.deps import EngineDep
 from service.errors import InvalidFieldError, ServiceError
@@ -22,8 +23,10 @@ MAX_BATCH_FILES = 64
 
 K = Annotated[int | None, Form(ge=1, le=MAX_K, description=f"individuals to return, 1..{MAX_K} "
                                                              "(default: the service's default_k)")]
-ThresholdField = Annotated[float | None, Form(ge=-1.0, le=1.0, allow_inf_nan=False,
-                                              description="new_turtle threshold in [-1, 1] (default: the checkpoint's "
+ThresholdField = Annotated[float | None, Form(ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], allow_inf_nan=False,
+                                              description="new_turtle threshold in [-2, 2] (scores lie in [-1, 1]; "
+                                                          "the runner-up's share can lift a bar past them; default: "
+                                                          "the checkpoint's "
                                                           "calibrated threshold, else the service's default)")]
 
 

@@ -199,7 +199,7 @@ def test_unknown_ids_are_404(client: httpx.Client, records: pd.DataFrame) -> Non
 
 @pytest.mark.parametrize(("fields", "field"), [
     ({"k": 0}, "k"), ({"k": 51}, "k"), ({"k": -3}, "k"), ({"k": "five"}, "k"),
-    ({"threshold": 1.5}, "threshold"), ({"threshold": -1.01}, "threshold"), ({"threshold": "nan"}, "threshold"),
+    ({"threshold": 2.5}, "threshold"), ({"threshold": -2.01}, "threshold"), ({"threshold": "nan"}, "threshold"),
     ({"threshold": "inf"}, "threshold"), ({"threshold": "high"}, "threshold"),
 ])
 def test_out_of_range_parameters(client: httpx.Client, records: pd.DataFrame, fields: dict[str, object],
