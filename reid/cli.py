@@ -127,6 +127,9 @@ def _run_lightning(argv: list[str] | None) -> int:
                             " and ".join(moot))
             if self.subcommand == "fit":
                 _check_fit_keeps_a_best_checkpoint(config["trainer"], bool(config.get("verify")))
+                if (config.get("checkpoint") or {}).get("save_last"):
+                    raise ConfigError("checkpoint.save_last: reid fit always writes the latest epoch to last.ckpt "
+                                      "(Lightning's save_last would write it only at a new best); leave it out")
             if self.subcommand == "validate" and not config.get("ckpt_path"):
                 log.warning("no --ckpt_path: validating the starting weights (model.pretrained %s), not a trained "
                             "model; give --ckpt_path .../checkpoints/best.ckpt for one", config["model"]["pretrained"])

@@ -153,6 +153,7 @@ def test_batch_settings_the_data_cannot_fill_leave_no_empty_run_folder(tmp_path:
                                                              "trainer.fast_dev_run saves none"),
     (["--ckpt_path", "last"], "--ckpt_path last would look in this new run's own folder, which holds no checkpoint"),
     (["--trainer.max_epochs", "0"], "trainer.max_epochs 0 trains nothing"),
+    (["--checkpoint.save_last", "true"], "checkpoint.save_last: reid fit always writes the latest epoch to last.ckpt"),
     (["--trainer.max_steps", "1", "--verify", "true"], "no best checkpoint was kept, so --verify had nothing to "
                                                        "verify: the fit ended (max_steps, max_time) before its first "
                                                        "validation"),
