@@ -210,6 +210,10 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None 
             raise UnsupportedImageFormatError(
                 f"{name}: image format {foreign} is not supported; use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
             ) from error
+        if data[:4] in (b"II*\x00", b"MM\x00*"):  # a TIFF header Pillow could not read past: a sample format it lacks
+            raise ImageDecodeError(f"{name}: a TIFF that cannot be read: corrupt, or a pixel format not supported "
+                                   "(e.g. 32-bit floating-point colour); save it as an 8- or 16-bit TIFF, PNG or JPEG"
+                                   ) from error
         raise ImageDecodeError(f"{name}: not a recognisable image (corrupt, or not an image file)") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error

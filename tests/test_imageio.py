@@ -159,3 +159,14 @@ def test_the_service_serves_every_format_it_decodes_under_its_media_type() -> No
     from service.photos import MEDIA_TYPES
 
     assert set(MEDIA_TYPES) == SUPPORTED_FORMATS
+
+
+def test_a_tiff_in_a_pixel_format_pillow_lacks_is_named_as_such() -> None:
+    """A 32-bit float colour TIFF (what scientific software writes) was called "corrupt, or not an image file"."""
+    import cv2
+
+    ok, data = cv2.imencode(".tiff", np.random.default_rng(0).random((20, 30, 3)).astype(np.float32))
+    assert ok
+    with pytest.raises(ImageDecodeError, match=r"a TIFF that cannot be read: corrupt, or a pixel format not supported "
+                                               r"\(e.g. 32-bit floating-point colour\); save it as an 8- or 16-bit"):
+        decode_image(data.tobytes())
