@@ -82,6 +82,19 @@ def _foreign_format(data: bytes) -> str | None:
     return None
 
 
+#: TIFF and BigTIFF signatures, little- and big-endian
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unrecognised(name: str, head: bytes) -> str:
+    """Why Pillow could not identify a file that starts with ``head``: a TIFF header it could not read past is a
+    sample format it lacks (or damage), not "not an image"."""
+    if head[:4] in _TIFF_SIGNATURES:
+        return (f"{name}: a TIFF that cannot be read: corrupt, or a pixel format not supported (e.g. 32-bit "
+                "floating-point colour); save it as an 8- or 16-bit TIFF, PNG or JPEG")
+    return f"{name}: not a recognisable image (corrupt, or not an image file)"
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, scaling 16/32-bit data instead of clipping it."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -210,11 +223,7 @@ def decode_image_with_format(source: bytes | str | Path, max_pixels: int | None 
             raise UnsupportedImageFormatError(
                 f"{name}: image format {foreign} is not supported; use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
             ) from error
-        if data[:4] in (b"II*\x00", b"MM\x00*"):  # a TIFF header Pillow could not read past: a sample format it lacks
-            raise ImageDecodeError(f"{name}: a TIFF that cannot be read: corrupt, or a pixel format not supported "
-                                   "(e.g. 32-bit floating-point colour); save it as an 8- or 16-bit TIFF, PNG or JPEG"
-                                   ) from error
-        raise ImageDecodeError(f"{name}: not a recognisable image (corrupt, or not an image file)") from error
+        raise ImageDecodeError(_unrecognised(name, data[:4])) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"{name}: the image is corrupt or truncated ({error})") from error
 
@@ -237,6 +246,11 @@ def check_image_header(path: str | Path, max_pixels: int | None = None) -> None:
         with _open(Path(path), str(path), max_pixels, MIN_SIDE):
             pass
     except UnidentifiedImageError as error:
-        raise ImageDecodeError(f"{path}: not a recognisable image (corrupt, or not an image file)") from error
+        try:
+            with open(path, "rb") as file:
+                head = file.read(4)
+        except OSError:
+            head = b""
+        raise ImageDecodeError(_unrecognised(str(path), head)) from error
     except OSError as error:
         raise ImageDecodeError(f"{path}: cannot be read as an image ({error})") from error

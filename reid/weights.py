@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import timm
-from timm.layers import PatchEmbed
 import torch
 from torch import nn
 
@@ -158,23 +157,37 @@ def _from_file(name: str, path: Path, image_size: int | None) -> nn.Module:
     return backbone
 
 
+def _pixels_left_out(backbone: nn.Module, size: int) -> int:
+    """How many pixels at the end of each side of a ``size`` px photo no window of the backbone's patch embedding
+    covers (0 for a model without one, or one that pads to fit): the last window starts at a multiple of the stride,
+    and a convolution drops what is past it."""
+    embed = getattr(backbone, "patch_embed", None)
+    conv = next((layer for layer in (getattr(embed, "proj", None), getattr(embed, "conv", None))
+                 if isinstance(layer, nn.Conv2d)), None)
+    if conv is None or getattr(embed, "dynamic_img_pad", False) or isinstance(conv.padding, str):
+        return 0
+    kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    if size + 2 * padding < kernel:
+        return 0  # too small to embed at all: the forward pass below says so
+    covered = stride * ((size + 2 * padding - kernel) // stride) - padding + kernel
+    return max(0, size - covered)
+
+
 def check_input_size(backbone: nn.Module, image_size: int, error: Callable[[Exception], ReIDError]) -> None:
     """Embed one blank image, so a size the architecture cannot take fails here and not mid-evaluation.
 
     A ViT built for another size, or MaxViT windows that do not tile it, only fail on the first forward pass; that
-    failure is raised as ``error(failure)``, a user error naming the setting. A ViT whose patch does not divide the
-    size does not fail at all (timm's patch embedding drops the pixels left over): it is refused here, since the
-    border of every photo would never reach the model.
+    failure is raised as ``error(failure)``, a user error naming the setting. A patch embedding whose windows do not
+    reach the photo's last pixels (a ViT whose patch does not divide the size, PiT at most sizes) does not fail at
+    all, timm's convolution drops them: it is refused here, since the border of every photo would never reach the
+    model.
     """
-    embed = getattr(backbone, "patch_embed", None)
-    # timm's PatchEmbed cuts the photo into patches side by side; overlapping embeddings (PVT, PiT) pad or stride
-    # over every pixel, and a dynamically padded one pads the rest
-    side = (embed.patch_size[0] if isinstance(embed, PatchEmbed) and not embed.dynamic_img_pad
-            and tuple(embed.proj.stride) == tuple(embed.patch_size) else 1)
-    if side > 1 and image_size % side:
-        low = image_size - image_size % side
-        raise error(ValueError(f"{image_size} px is not a multiple of its {side} px patch, so the last "
-                               f"{image_size % side} px of each side would never reach it; use {low} or {low + side}"))
+    left_out = _pixels_left_out(backbone, image_size)
+    if left_out:
+        low, high = (next(size for size in sizes if not _pixels_left_out(backbone, size))
+                     for sizes in (range(image_size - 1, 0, -1), range(image_size + 1, 4 * image_size)))
+        raise error(ValueError(f"its patches leave the last {left_out} px of each side of a {image_size} px photo "
+                               f"out; use {low} or {high}"))
     training = backbone.training
     backbone.eval()
     try:

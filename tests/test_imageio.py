@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,12 +162,17 @@ def test_the_service_serves_every_format_it_decodes_under_its_media_type() -> No
     assert set(MEDIA_TYPES) == SUPPORTED_FORMATS
 
 
-def test_a_tiff_in_a_pixel_format_pillow_lacks_is_named_as_such() -> None:
+def test_a_tiff_in_a_pixel_format_pillow_lacks_is_named_as_such(tmp_path: Path) -> None:
     """A 32-bit float colour TIFF (what scientific software writes) was called "corrupt, or not an image file"."""
     import cv2
 
     ok, data = cv2.imencode(".tiff", np.random.default_rng(0).random((20, 30, 3)).astype(np.float32))
     assert ok
-    with pytest.raises(ImageDecodeError, match=r"a TIFF that cannot be read: corrupt, or a pixel format not supported "
-                                               r"\(e.g. 32-bit floating-point colour\); save it as an 8- or 16-bit"):
+    message = (r"a TIFF that cannot be read: corrupt, or a pixel format not supported \(e.g. 32-bit floating-point "
+               r"colour\); save it as an 8- or 16-bit")
+    with pytest.raises(ImageDecodeError, match=message):
         decode_image(data.tobytes())
+    path = tmp_path / "float.tif"  # a dataset's header pass says the same
+    path.write_bytes(data.tobytes())
+    with pytest.raises(ImageDecodeError, match=message):
+        check_image_header(path)

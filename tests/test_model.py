@@ -226,11 +226,12 @@ def test_the_data_modules_preprocessing_is_the_models(backbone: str, size: int) 
 
 def test_a_vit_at_a_size_its_patch_does_not_divide_is_refused() -> None:
     """timm's patch embedding drops the pixels left over: at 60 px a 16 px patch never sees the photo's last 12 px."""
-    with pytest.raises(ConfigError, match=r"backbone 'vit_tiny_patch16_224' cannot take 60 px input: 60 px is not a "
-                                          r"multiple of its 16 px patch, so the last 12 px of each side would never "
-                                          r"reach it; use 48 or 64"):
+    with pytest.raises(ConfigError, match=r"backbone 'vit_tiny_patch16_224' cannot take 60 px input: its patches "
+                                          r"leave the last 12 px of each side of a 60 px photo out; use 48 or 64"):
         create_backbone("vit_tiny_patch16_224", False, 60)
-    create_backbone("pvt_v2_b0", False, 256)  # overlapping patch embeddings see every pixel at any size
+    with pytest.raises(ConfigError, match=r"'pit_ti_224' .* leave the last 2 px .* use 248 or 256"):
+        create_backbone("pit_ti_224", False, 250)  # 16 px windows every 8 px
+    create_backbone("pvt_v2_b0", False, 256)  # padded overlapping windows reach every pixel at this size
 
 
 def test_a_pil_image_embeds_as_the_same_photo_read_from_a_file(tmp_path: Path) -> None:
