@@ -95,8 +95,9 @@ def _run_lightning(argv: list[str] | None) -> int:
             parser.link_arguments("model.test_crops", "data.test_crops")
             parser.add_argument("--verify", type=bool, default=False,
                                 help="after training, learn local verification (the fusion on the training photos, its "
-                                     "threshold on held-out validation individuals) and store it in the best checkpoint, with a new_turtle threshold on fused scores: evaluate, "
-                                     "predict and serve then verify by default (better on real photos; README, Results)")
+                                     "new_turtle threshold on fused scores on held-out validation individuals) and "
+                                     "store it in the best checkpoint: evaluate, predict and serve then verify by "
+                                     "default (better on real photos; README, Results)")
             parser.add_argument("--verify_candidates", type=PositiveInt, default=DEFAULT_CANDIDATES,
                                 help="with --verify: the most similar photos verified per query (more: better "
                                      "answers, slower; README, 'How many photos to verify')")

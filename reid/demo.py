@@ -26,8 +26,6 @@ def _run(*args: str) -> None:
         raise SystemExit(code)
 
 
-
-
 def run_demo(out: Path, data: Path | None, config: Path, epochs: int | None) -> dict[str, object]:
     """Run the whole quickstart into ``out``; returns the evaluation report (also written to results.json)."""
     started = time.monotonic()

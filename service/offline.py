@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,24 @@ def enroll_dataset(checkpoint: Path, data_dir: Path, dataset: Path, batch_size: 
         return _enroll_records(store, embedder, records, batch_size, progress)
 
 
+def _new_photos(rows: pd.DataFrame, known: set[str], max_pixels: int, tally: Counter[str]) -> Iterator[Photo]:
+    """The photos of ``rows`` not stored yet (``known`` SHA-256s), decoded one by one as they are drawn; ``tally``
+    counts those ``stored before``, those ``skipped`` as unreadable (each named in a warning) and those ``read``."""
+    for path, view in zip(rows["path"], rows["view"]):
+        try:
+            data = Path(path).read_bytes()
+            if hashlib.sha256(data).hexdigest() in known:
+                tally["stored before"] += 1
+                continue
+            photo = read_photo(data, max_pixels, view, name=str(path))
+        except (OSError, ImageDecodeError) as error:  # either message names the file
+            log.warning("skipping a photo: %s", error)
+            tally["skipped"] += 1
+            continue
+        tally["read"] += 1
+        yield photo
+
+
 def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, batch_size: int,
                     progress: bool) -> EnrollReport:
     """Enrol every record's photo, skipping those already stored and those that cannot be read."""
@@ -82,35 +101,17 @@ def _enroll_records(store: Store, embedder: Embedder, records: pd.DataFrame, bat
     added = already = skipped = individuals = 0
     with tqdm(total=len(records), unit="photo", desc="enrolling", disable=not progress) as bar:
         for identity, rows in records.groupby("identity", sort=True):
-            known = store.photo_hashes(identity)
-            stored_before = read = 0
-
-            def photos() -> Iterator[Photo]:
-                """The photos of this individual not yet stored, decoded one by one as they are embedded."""
-                nonlocal stored_before, skipped, read
-                for path, view in zip(rows["path"], rows["view"]):
-                    try:
-                        data = Path(path).read_bytes()
-                        if hashlib.sha256(data).hexdigest() in known:
-                            stored_before += 1
-                            continue
-                        photo = read_photo(data, max_pixels, view, name=str(path))
-                    except (OSError, ImageDecodeError) as error:  # either message names the file
-                        log.warning("skipping a photo: %s", error)
-                        skipped += 1
-                        continue
-                    read += 1
-                    yield photo
-
-            for chunk in within_pixel_budget(photos(), lambda photo: photo.width * photo.height, max_pixels,
-                                             batch_size):
+            tally: Counter[str] = Counter()
+            for chunk in within_pixel_budget(_new_photos(rows, store.photo_hashes(identity), max_pixels, tally),
+                                             lambda photo: photo.width * photo.height, max_pixels, batch_size):
                 vectors = embedder.embed([photo.pixels for photo in chunk], batch_size=batch_size)
                 features = None if extraction is None else [extraction.extract(photo.pixels) for photo in chunk]
                 stored = store.add_images(identity, chunk, vectors, embedder.fingerprint, "any", features, extraction)
                 fresh = sum(not image.already_enrolled for image in stored)
                 added, already = added + fresh, already + len(stored) - fresh
-            already += stored_before
-            individuals += bool(read or stored_before)
+            already += tally["stored before"]
+            skipped += tally["skipped"]
+            individuals += bool(tally["read"] or tally["stored before"])
             bar.update(len(rows))
     return EnrollReport(added, already, skipped, individuals)
 

@@ -24,7 +24,7 @@ _DESCRIPTIONS = {
     415: "Uploaded file is an unsupported format (e.g. PDF, SVG)",
     422: "Invalid field (named in the body), or an image that is corrupt, truncated, empty or over the pixel limit",
     503: "The store was re-indexed with another model since the service started",
-    507: "The data folder's disk is full: nothing was stored (free space on it)",
+    507: "The data folder's disk is full: the request changed nothing (free space on it)",
 }
 
 
