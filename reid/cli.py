@@ -49,7 +49,7 @@ def _run_lightning(argv: list[str] | None) -> int:
     from jsonargparse.typing import NonNegativeInt, PositiveInt
 
     from reid.data.datamodule import ReIDDataModule
-    from reid.module import ReIDModule
+    from reid.module import ReIDModule, arcface_resume_error
     from reid.verification import DEFAULT_CANDIDATES
 
     # Lightning's own code asks torch `isinstance(treespec, LeafSpec)` at every fit; torch deprecates it. Nothing a
@@ -113,7 +113,8 @@ def _run_lightning(argv: list[str] | None) -> int:
             subcommand = self.config.get("subcommand")
             if subcommand:
                 config = self.config[subcommand]
-                _check_resumable(config.get("ckpt_path"), (config.get("checkpoint") or {}).get("dirpath"))
+                self._resumed_arcface = _check_resumable(config.get("ckpt_path"),
+                                                         (config.get("checkpoint") or {}).get("dirpath"))
 
         def before_instantiate_classes(self) -> None:
             """Settings that only mean something together are checked before anything is built or trained."""
@@ -170,6 +171,9 @@ def _run_lightning(argv: list[str] | None) -> int:
             # the dataset is read and checked before the logger makes its version_N folder, so that a mistake in it
             # leaves no empty run behind (the data module's setup runs once; Lightning's call then reuses it)
             self.datamodule.setup("fit")
+            learnt, individuals = getattr(self, "_resumed_arcface", None), len(self.datamodule.identities)
+            if learnt is not None and learnt != individuals:
+                raise arcface_resume_error(learnt, individuals)
             # last.ckpt, what a resume goes on from, of the latest epoch: a second ModelCheckpoint, because Lightning
             # (2.6) writes save_last's last.ckpt only when a new best is written, so it stopped at the best epoch
             latest = ModelCheckpoint(dirpath=self.trainer.checkpoint_callback.dirpath, filename="last",
@@ -247,13 +251,15 @@ def _check_fit_keeps_a_best_checkpoint(trainer: Any, verify: bool) -> None:
               "--trainer.check_val_every_n_epoch 1")
 
 
-def _check_resumable(ckpt_path: str | None, dirpath: str | None = None) -> None:
+def _check_resumable(ckpt_path: str | None, dirpath: str | None = None) -> int | None:
     """``--ckpt_path`` (Lightning's resume) names a checkpoint `reid fit` wrote with its training state: checked
     before anything is built, where Lightning would fail after setting up with FileNotFoundError or a bare KeyError.
     Lightning's ``last`` and ``best`` look in the checkpoint folder, by default the new run's own, which is always
     empty in a new process: a fit would start over without a word, so they are refused with what to give instead,
-    unless ``--checkpoint.dirpath`` names a folder that runs share."""
+    unless ``--checkpoint.dirpath`` names a folder that runs share. Returns how many individuals the checkpoint's
+    sub-center ArcFace learnt (None for other losses), for a check against the data once it is read."""
     from reid.errors import CheckpointError
+    from reid.module import arcface_individuals
     from reid.weights import load_tensors
 
     if ckpt_path in ("last", "best") and not dirpath:
@@ -261,7 +267,7 @@ def _check_resumable(ckpt_path: str | None, dirpath: str | None = None) -> None:
                               "checkpoint yet: give the file, e.g. --ckpt_path "
                               "runs/x/lightning_logs/version_0/checkpoints/last.ckpt (the folder `reid fit` printed)")
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-        return
+        return None
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
@@ -270,6 +276,7 @@ def _check_resumable(ckpt_path: str | None, dirpath: str | None = None) -> None:
         raise CheckpointError(f"--ckpt_path {ckpt_path} holds no training state to resume from: give a best.ckpt or "
                               "last.ckpt that `reid fit` wrote (a `reid export` checkpoint, or one with weights only, "
                               "can start a fit as --model.pretrained instead)")
+    return arcface_individuals(checkpoint)
 
 
 def _fallback(top: int) -> Fallback | None:

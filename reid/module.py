@@ -38,6 +38,23 @@ log = logging.getLogger(__name__)
 LossName = Literal["ntxent", "supcon", "subcenter_arcface"]
 
 
+def arcface_individuals(checkpoint: dict[str, Any]) -> int | None:
+    """How many individuals a training checkpoint's sub-center ArcFace learnt (one set of sub-centers each), or None
+    for the losses that learn no per-individual weights: a resume must train on that many."""
+    weights = checkpoint.get("state_dict", {}).get("criterion.W")
+    if weights is None:
+        return None
+    return int(weights.shape[1]) // int(checkpoint.get("hyper_parameters", {}).get("sub_centers", 1))
+
+
+def arcface_resume_error(learnt: int, data: int) -> ConfigError:
+    """The refusal of a resume whose ArcFace weights cannot fit the data's individuals (said the same by the CLI, which
+    checks before the run's folder is made, and by the module, for fits started from Python)."""
+    return ConfigError(f"this checkpoint's sub-center ArcFace learnt {learnt} individuals, and the data has {data}: "
+                       "resume on the data it was trained on, or start a new fit from its weights with "
+                       "--model.pretrained")
+
+
 class ReIDModule(L.LightningModule):
     """A timm encoder trained contrastively for re-identification.
 
@@ -280,9 +297,7 @@ class ReIDModule(L.LightningModule):
             return
         learnt = weights.shape[1] // self.hparams.sub_centers
         if self._trainer is not None and self._trainer.state.fn == "fit":
-            raise ConfigError(f"this checkpoint's sub-center ArcFace learnt {learnt} individuals, and the data has "
-                              f"{self.criterion.W.shape[1] // self.hparams.sub_centers}: resume on the data it was "
-                              "trained on, or start a new fit from its weights with --model.pretrained")
+            raise arcface_resume_error(learnt, self.criterion.W.shape[1] // self.hparams.sub_centers)
         self.criterion = self._make_criterion(num_classes=learnt)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -291,6 +291,23 @@ def test_other_losses_and_open_set_split_train(tmp_path: Path, synth_dataset: Pa
                  "--data.split", "image"]) == 0
 
 
+def test_resuming_arcface_on_other_individuals_exit_2_before_a_new_run_folder(
+        tmp_path: Path, synth_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reid.data.synth import generate_synthetic_dataset
+
+    arcface = ("--model.loss", "subcenter_arcface")
+    assert main(_fit_args(tmp_path, synth_dataset, *arcface, "--trainer.max_epochs", "1")) == 0
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    fewer = tmp_path / "six"
+    generate_synthetic_dataset(fewer, individuals=6, images_per_individual=4, seed=1, image_size=64, progress=False)
+    capsys.readouterr()
+    assert main(_fit_args(tmp_path, fewer, *arcface, "--ckpt_path", str(last))) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "reid: error: this checkpoint's sub-center ArcFace learnt 8 individuals, and the data has 6: resume on the data "
+        "it was trained on, or start a new fit from its weights with --model.pretrained")
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # no empty version_1
+
+
 def test_a_trained_checkpoint_loads_without_its_starting_weights_file(tmp_path: Path, synth_dataset: Path) -> None:
     """load_from_checkpoint rebuilt the starting weights, so it failed once that file was moved (and downloaded
     them for imagenet-offline on a machine with an empty cache)."""
