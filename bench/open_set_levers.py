@@ -8,11 +8,12 @@ does it (:func:`reid.verification.verification_from_validation`'s steps: a fusio
 alone, then the new_turtle threshold fitted and scored on folds of validation individuals held out of the gallery),
 once per fusion variant:
 
-* ``mean``: the default, the mean of the two calibrated probabilities (WildFusion);
+* ``mean``: the default, the mean of the two calibrated probabilities (WildFusion), inlier counts under
+  ``--inlier-floor`` (:data:`reid.verification.DEFAULT_INLIER_FLOOR`) read as 0, as ``reid fit --verify`` stores it;
 * ``log-odds``: the calibrated probabilities combined as a sum of log-odds (naive Bayes);
 * ``max``: the larger of the two probabilities;
 * ``logistic``: a logistic regression on the two calibrated log-odds, fitted on the same training pairs;
-* ``floor-N``: the mean, with inlier counts under N read as 0 (counts a homography reaches on random matches).
+* ``floor-N``: the mean with other floors (``--floors``; ``floor-0`` reads every count, the fusion before the floor).
 
 Each variant is printed with its closed-set verified MAP@5 and top-1, and its held-out balanced accuracy and AUROC.
 ``--objective`` fits each fold's threshold for ``map5`` or ``balanced_accuracy`` (default: what the checkpoint's
@@ -59,8 +60,8 @@ from reid.evaluation import HeldOutCalibration, calibrate_on_held_out_individual
 from reid.fileio import write_atomically
 from reid.local_features import DEFAULT_MAX_KEYPOINTS, Extraction, LocalFeatures, match_features
 from reid.metrics import NEW_TURTLE, THRESHOLD_OBJECTIVES
-from reid.verification import (Fallback, FallbackFeatures, FeaturesOnDemand, Fusion, LocalVerifier, extract_all,
-                               fusion_from_pairs, fusion_training_pairs)
+from reid.verification import (DEFAULT_INLIER_FLOOR, Fallback, FallbackFeatures, FeaturesOnDemand, Fusion,
+                               LocalVerifier, extract_all, fusion_from_pairs, fusion_training_pairs)
 
 log = logging.getLogger("open_set_levers")
 
@@ -108,8 +109,7 @@ def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], flo
         "logistic": Variant(base, lambda s, i: logistic.predict_proba(both(s, i))[:, 1]),
     }
     for floor in floors:
-        found[f"floor-{floor}"] = Variant(
-            base, lambda s, i, f=floor: (similarity(s) + inliers(np.where(i < f, 0, i))) / 2)
+        found[f"floor-{floor}"] = replace(base, inlier_floor=floor)
     return found
 
 
@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/verification_cache"))
     parser.add_argument("--max-keypoints", type=int, default=DEFAULT_MAX_KEYPOINTS,
                         help="SIFT keypoints a photo (the fusion is learnt for this extraction)")
-    parser.add_argument("--floors", type=int, nargs="*", default=[8], help="inlier floors to score")
+    parser.add_argument("--inlier-floor", type=int, default=DEFAULT_INLIER_FLOOR,
+                        help="the default fusion's floor: inlier counts under it read as 0")
+    parser.add_argument("--floors", type=int, nargs="*", default=[0], help="other inlier floors to score")
     parser.add_argument("--match-inliers", type=int, default=10,
                         help="inliers from which the diagnosis calls a best answer a geometric match")
     parser.add_argument("--objective", choices=THRESHOLD_OBJECTIVES,
@@ -188,10 +190,10 @@ def main() -> None:
 
     pairs = fusion_training_pairs(gallery_vectors, gallery_ids, [f for _, f in gallery_features], progress=True,
                                   pair_inliers=gallery_pair)
-    base = replace(fusion_from_pairs(pairs, extraction=extraction), fallback=fallback)
+    base = replace(fusion_from_pairs(pairs, extraction=extraction, inlier_floor=args.inlier_floor), fallback=fallback)
     print(f"{args.checkpoint} (split {args.split}, seed {args.seed}): {len(queries)} validation photos against "
           f"{len(gallery)} training photos, {base.candidates} verified a query, "
-          f"runner-up weight {runner_up_weight:g}, thresholds fitted for {objective}"
+          f"runner-up weight {runner_up_weight:g}, thresholds fitted for {objective}, inlier floor {base.inlier_floor}"
           + (f", ASIFT fallback on the {args.affine_fallback} most similar" if args.affine_fallback else "") + "\n")
     print("| fusion | verified MAP@5 | top-1 | held-out balanced accuracy | AUROC |")
     print("|---|---|---|---|---|")

@@ -50,7 +50,7 @@ def _run_lightning(argv: list[str] | None) -> int:
 
     from reid.data.datamodule import ReIDDataModule
     from reid.module import ReIDModule, arcface_resume_error
-    from reid.verification import DEFAULT_CANDIDATES
+    from reid.verification import DEFAULT_CANDIDATES, DEFAULT_INLIER_FLOOR
 
     # Lightning's own code asks torch `isinstance(treespec, LeafSpec)` at every fit; torch deprecates it. Nothing a
     # user can act on, so it is not printed at the top of every run.
@@ -104,7 +104,10 @@ def _run_lightning(argv: list[str] | None) -> int:
             parser.add_argument("--verify_fallback", type=NonNegativeInt, default=0,
                                 help="with --verify: where no verified photo of a query matches, match its N most "
                                      "similar again under simulated camera tilts (ASIFT; better open set, ~3 s more "
-                                     "for such a query on a CPU; README, 'The ASIFT fallback'); 0: off")
+                                     "for such a query on a CPU; docs/results.md, 'The ASIFT fallback'); 0: off")
+            parser.add_argument("--verify_inlier_floor", type=NonNegativeInt, default=DEFAULT_INLIER_FLOOR,
+                                help="with --verify: inlier counts under this are read as no match (random pairs "
+                                     "reach 4-8; docs/results.md, 'Counts random matches reach'); 0: every count")
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
             """Lightning reads ``--ckpt_path``'s hyperparameters right after parsing, with torch.load: the file is
@@ -122,7 +125,7 @@ def _run_lightning(argv: list[str] | None) -> int:
             # a config that verifies (turtles_cpu.yaml) run with --verify false: its verify step's settings are moot,
             # which is said rather than refused, so that one flag turns the step off
             moot = [f"verify_{key} {config.get(f'verify_{key}')}" for key, default in
-                    (("fallback", 0), ("candidates", DEFAULT_CANDIDATES))
+                    (("fallback", 0), ("candidates", DEFAULT_CANDIDATES), ("inlier_floor", DEFAULT_INLIER_FLOOR))
                     if not config.get("verify") and config.get(f"verify_{key}", default) != default]
             if moot:
                 log.warning("%s: ignored, as settings of the verify step, which runs only with --verify true",
@@ -157,13 +160,15 @@ def _run_lightning(argv: list[str] | None) -> int:
                 try:
                     _store_verification(best, self.datamodule, float(self.model.hparams.runner_up_weight),
                                         int(config["verify_candidates"]), int(config["verify_fallback"]),
-                                        self.model.hparams.threshold_objective)
+                                        self.model.hparams.threshold_objective, int(config["verify_inlier_floor"]))
                 except KeyboardInterrupt:
-                    fallback = int(config["verify_fallback"])
+                    fallback, floor = int(config["verify_fallback"]), int(config["verify_inlier_floor"])
                     print(f"verification was not stored in {best} (interrupted); the checkpoint works without it, or "
                           f"store it with: reid calibrate --checkpoint {best} --data {self.datamodule.root} --verify "
                           f"--candidates {int(config['verify_candidates'])}"
-                          + (f" --fallback {fallback}" if fallback else "") + " --query-split none", file=sys.stderr)
+                          + (f" --fallback {fallback}" if fallback else "")
+                          + (f" --inlier-floor {floor}" if floor != DEFAULT_INLIER_FLOOR else "")
+                          + " --query-split none", file=sys.stderr)
                     raise
             print(_next_steps(best, Path(self.datamodule.root)))
 
@@ -295,10 +300,12 @@ def _fallback_features(fallback: Fallback | None, images: Sequence[str]) -> Feat
 
 
 def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int,
-                        fallback_top: int = 0, objective: ThresholdObjective = "map5") -> None:
-    """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
+                        fallback_top: int = 0, objective: ThresholdObjective = "map5",
+                        inlier_floor: int | None = None) -> None:
+    """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``
+    (``inlier_floor`` None: the default floor)."""
     from reid.inference import write_checkpoint_metadata
-    from reid.verification import extract_all, verification_from_validation
+    from reid.verification import DEFAULT_INLIER_FLOOR, extract_all, verification_from_validation
 
     gallery, queries = data.gallery_records, data.query_records
     paths = gallery["path"].tolist() + queries["path"].tolist()
@@ -312,7 +319,7 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
         progress=True, runner_up_weight=runner_up_weight, fallback=fallback, fallback_features=on_demand,
-        objective=objective)
+        objective=objective, inlier_floor=DEFAULT_INLIER_FLOOR if inlier_floor is None else inlier_floor)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
@@ -428,12 +435,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _print_evaluation(report: dict[str, Any], verification: Verification | None) -> None:
     """``reid evaluate``'s report for a person to read."""
-    from reid.verification import fallback_note
+    from reid.verification import fusion_note
 
     closed, open_set = report["closed_set"], report["open_set"]
     if verification is not None:
         print(f"answers verified with local features (the {verification.fusion.candidates} most similar "
-              f"photos of each query{fallback_note(verification.fusion)}; --no-verify for similarity alone)")
+              f"photos of each query{fusion_note(verification.fusion)}; --no-verify for similarity alone)")
     if closed is None:
         print("closed set: no query shows an individual of the gallery")
     else:
@@ -461,8 +468,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.runner_up_weight is not None and not 0.0 <= args.runner_up_weight <= 1.0:
         raise ReIDError(f"--runner-up-weight must be in [0, 1], got {args.runner_up_weight}")
     for flag, value in (("--fallback", args.fallback), ("--candidates", args.candidates),
-                        ("--max-side", args.max_side)):
-        if value and not args.verify:
+                        ("--max-side", args.max_side), ("--inlier-floor", args.inlier_floor)):
+        if value is not None and not args.verify:
             raise ReIDError(f"{flag} {value} needs --verify: it is a setting of the verification")
     records = _read_with_protocols(args)
     embedder, embeddings = _embed(args.checkpoint, records["path"].tolist(), args.batch_size, args.backend)
@@ -496,32 +503,42 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, embedder: Embedder,
                              embeddings: np.ndarray) -> Verification:
-    """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores."""
+    """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores. A
+    setting not given keeps the checkpoint's (as its runner-up weight and objective are kept): recalibrating a
+    `turtles_cpu.yaml` checkpoint on other data keeps its fallback, candidates, extraction and inlier floor."""
     from dataclasses import replace
 
     from reid.evaluation import calibrate, closed_and_open_protocols
     from reid.metrics import runner_up_note
     from reid.local_features import Extraction
-    from reid.verification import (DEFAULT_CANDIDATES, Verification, extract_all, fallback_note, fit_fusion,
-                                   verifier_factory)
+    from reid.verification import (DEFAULT_CANDIDATES, DEFAULT_INLIER_FLOOR, Verification, extract_all, fusion_note,
+                                   fit_fusion, verifier_factory)
 
-    candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
+    stored = None if embedder.verification is None else embedder.verification.fusion
+
+    def kept(given: Any, setting: str, default: Any) -> Any:
+        return given if given is not None else default if stored is None else getattr(stored, setting)
+
+    extraction = kept(None, "extraction", Extraction())
+    extraction = extraction if args.max_side is None else replace(extraction, max_side=args.max_side)
+    fallback = kept(None, "fallback", None) if args.fallback is None else _fallback(args.fallback)  # 0: none
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
-    extraction = Extraction() if args.max_side is None else Extraction(args.max_side)
     features = extract_all(records["path"].tolist(), extraction, progress=True)
     gallery = open_set.gallery
     fusion = replace(fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
-                                [features[i] for i in gallery], candidates, extraction, progress=True),
-                     fallback=_fallback(args.fallback))
+                                [features[i] for i in gallery], kept(args.candidates, "candidates", DEFAULT_CANDIDATES),
+                                extraction, progress=True,
+                                inlier_floor=kept(args.inlier_floor, "inlier_floor", DEFAULT_INLIER_FLOOR)),
+                     fallback=fallback)
     on_demand = _fallback_features(fusion.fallback, records["path"].tolist())
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features,
                                                                               fallback_features=on_demand),
                                            args.runner_up_weight, args.objective)
     return Verification(fusion, threshold, f"reid calibrate --verify on {args.data} (fusion learnt on the "
-                                           f"{len(gallery)} gallery photos{fallback_note(fusion)}; {protocol}; "
+                                           f"{len(gallery)} gallery photos{fusion_note(fusion)}; {protocol}; "
                                            f"open-set {OBJECTIVE_NAMES[args.objective]} {score:.4f}"
                                            f"{runner_up_note(args.runner_up_weight, '; ')})",
                                            args.runner_up_weight)
@@ -743,14 +760,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also learn local verification (fusion of similarity and inliers, WildFusion-style) "
                                 "and its own threshold; later commands then verify by default")
     calibrate.add_argument("--candidates", type=at_least(1),
-                           help="with --verify: most similar photos verified per query (default: as many as reid "
-                                "fit verifies, 80)")
+                           help="with --verify: most similar photos verified per query (default: the checkpoint's "
+                                "verification's; 80 for one without, as reid fit verifies)")
     calibrate.add_argument("--max-side", type=at_least(64),
-                           help="with --verify: long side local features are extracted at (default: 1024, as "
-                                "reid fit extracts)")
-    calibrate.add_argument("--fallback", type=at_least(0), default=0, metavar="N",
+                           help="with --verify: long side local features are extracted at (default: the checkpoint's "
+                                "verification's; 1024 for one without, as reid fit extracts)")
+    calibrate.add_argument("--fallback", type=at_least(0), metavar="N",
                            help="with --verify: where no verified photo of a query matches, match its N most similar "
-                                "again under simulated camera tilts (ASIFT; README, 'The ASIFT fallback'); 0: off")
+                                "again under simulated camera tilts (ASIFT; docs/results.md, 'The ASIFT fallback'); "
+                                "0: off (default: the checkpoint's verification's; off for one without)")
+    calibrate.add_argument("--inlier-floor", type=at_least(0), metavar="N",
+                           help="with --verify: inlier counts under N are read as no match (random pairs reach 4-8; "
+                                "docs/results.md, 'Counts random matches reach'); 0: every count (default: the "
+                                "checkpoint's verification's; 8 for one without, as reid fit reads them)")
     calibrate.add_argument("--runner-up-weight", type=float,
                            help="raise each answer's new_turtle bar by this share (0..1) of the second individual's "
                                 "score (default: the checkpoint's, as reid fit stored it; 0 for older checkpoints)")

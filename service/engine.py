@@ -34,7 +34,7 @@ from reid.identify import Answer, Identifier, Threshold, threshold_in_force, ver
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
 from reid.local_features import Extraction, LocalFeatures
-from reid.verification import FallbackFeatures, LocalVerifier, Verification, fallback_note
+from reid.verification import FallbackFeatures, LocalVerifier, Verification, fusion_note
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo, within_pixel_budget
@@ -150,7 +150,7 @@ class Engine:
             features = _cached_features(store, image_ids, verification.fusion.extraction)
             log.info("verification on: the %d most similar photos of each query are checked with local features "
                      "(%d photos' features in memory)%s", verification.fusion.candidates, len(features),
-                     fallback_note(verification.fusion))
+                     fusion_note(verification.fusion))
         return cls(settings, embedder, store, gallery, verification, features, folder_lock)
 
     def __enter__(self) -> Engine:

@@ -346,6 +346,7 @@ def test_fit_with_verify_stores_verification_that_later_commands_use(tmp_path: P
     verification = meta["verification"]
     assert verification["fusion"]["candidates"] == 8  # what the service and evaluate will verify per query
     assert verification["fusion"]["fallback"]["top"] == 3
+    assert verification["fusion"]["inlier_floor"] == 8  # counts random matches reach are read as none
     assert "ASIFT fallback on the 3" in verification["threshold_origin"]
     assert verification["threshold_origin"].startswith("reid fit --verify, fusion learnt on the")
     assert 0.0 <= verification["threshold"] <= 1.0 + 1e-5 and "held out of the gallery" in verification["threshold_origin"]

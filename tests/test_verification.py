@@ -16,8 +16,8 @@ from reid.errors import FeatureError
 from reid.imageio import decode_image
 from reid.inference import Embedder, export_encoder
 from reid.local_features import Extraction, LocalFeatures, extract_features
-from reid.verification import (Fallback, FallbackFeatures, Fusion, LocalVerifier, extract_all,
-                               feature_cache_dir)
+from reid.verification import (DEFAULT_INLIER_FLOOR, Fallback, FallbackFeatures, Fusion, LocalVerifier,
+                               extract_all, feature_cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,40 @@ def test_a_fallback_travels_in_the_fusion_and_older_fusions_have_none(verified: 
         Fallback(top=0)
 
 
+def test_counts_under_the_inlier_floor_score_as_no_match_and_older_fusions_read_every_count(
+        verified: Path, textured: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fusion = Embedder.from_checkpoint(verified).verification.fusion
+    assert fusion.inlier_floor == DEFAULT_INLIER_FLOOR == 8  # what calibrate --verify stores by default
+    similarities, counts = [0.5] * 4, [0, 7, 8, 30]
+    scores = fusion(similarities, counts)
+    every_count = replace(fusion, inlier_floor=0)(similarities, counts)
+    # a random-looking 7 counts as no match, 8 and more as they are
+    assert scores[1] == scores[0] and list(scores[2:]) == list(every_count[2:])
+    stored = fusion.to_dict()
+    assert Fusion.from_dict(stored) == fusion
+    del stored["inlier_floor"]  # what checkpoints calibrated before the floor hold: they keep scoring as they did
+    assert Fusion.from_dict(stored).inlier_floor == 0
+    with pytest.raises(FeatureError, match="inlier floor must be an integer >= 0, got -1"):
+        replace(fusion, inlier_floor=-1)
+
+    checkpoint = tmp_path / "floor.ckpt"
+    shutil.copy(verified, checkpoint)
+    capsys.readouterr()
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify",
+                 "--candidates", "8", "--inlier-floor", "0"]) == 0
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    assert verification.fusion.inlier_floor == 0 and "inliers read as none" not in verification.threshold_origin
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify",
+                 "--candidates", "8", "--inlier-floor", "5"]) == 0
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    assert verification.fusion.inlier_floor == 5 and "under 5 inliers read as none" in verification.threshold_origin
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
+    assert "under 5 inliers read as none" in capsys.readouterr().out
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--inlier-floor", "5"]) == 2
+    assert "--inlier-floor 5 needs --verify: it is a setting of the verification" in capsys.readouterr().err
+
+
 def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
         verified: Path, textured: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "fallback.ckpt"
@@ -221,7 +255,18 @@ def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(textured)]) == 0
     assert "ASIFT fallback on the 3 most similar photos" in capsys.readouterr().out
-    for flag in ("--fallback", "--candidates", "--max-side"):
+    # recalibrated without naming them, the checkpoint's verification settings stay: a turtles_cpu.yaml checkpoint
+    # recalibrated on other data keeps its fallback
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify", "--seed", "2"]) == 0
+    kept = Embedder.from_checkpoint(checkpoint).verification
+    assert (kept.fusion.fallback, kept.fusion.candidates, kept.fusion.extraction) == (Fallback(top=3), 8,
+                                                                                      verification.fusion.extraction)
+    assert "ASIFT fallback on the 3 most similar photos" in kept.threshold_origin
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify", "--fallback", "3",
+                 "--max-side", "512"]) == 0
+    verification = Embedder.from_checkpoint(checkpoint).verification
+    assert verification.fusion.extraction == replace(kept.fusion.extraction, max_side=512)
+    for flag in ("--fallback", "--candidates", "--max-side", "--inlier-floor"):
         assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), flag, "300"]) == 2
         assert f"{flag} 300 needs --verify: it is a setting of the verification" in capsys.readouterr().err
     # without --verify only the similarity threshold is refitted, which this verifying checkpoint does not answer by
