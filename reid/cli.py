@@ -100,7 +100,7 @@ def _run_lightning(argv: list[str] | None) -> int:
                                      "default (better on real photos; README, Results)")
             parser.add_argument("--verify_candidates", type=PositiveInt, default=DEFAULT_CANDIDATES,
                                 help="with --verify: the most similar photos verified per query (more: better "
-                                     "answers, slower; README, 'How many photos to verify')")
+                                     "answers, slower; docs/results.md, 'How many photos to verify')")
             parser.add_argument("--verify_fallback", type=NonNegativeInt, default=0,
                                 help="with --verify: where no verified photo of a query matches, match its N most "
                                      "similar again under simulated camera tilts (ASIFT; better open set, ~3 s more "
@@ -813,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rsm = commands.add_parser("rsm", help="representational similarity matrix heatmap of a dataset")
     _add_checkpoint_and_data(rsm, "dataset to draw photos from")
-    rsm.add_argument("--out", required=True, type=output_file("rsm.png"), help="PNG to write")
+    rsm.add_argument("--out", required=True, type=output_file("rsm.png"),
+                     help="image to write (.png, .svg, .pdf, ...: the extension picks the format)")
     rsm.add_argument("--individuals", type=at_least(1), default=12)
     rsm.add_argument("--per-individual", type=at_least(1), default=8)
     rsm.add_argument("--by-view", action="store_true", help="group photos by view inside each individual")
@@ -845,10 +846,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
+    # `reid -v fit ...`: the global flag, then Lightning's command line, which has no -v of its own
+    verbose_flags = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), len(argv))
+    if argv[verbose_flags:] and argv[verbose_flags] in LIGHTNING_COMMANDS:
+        lightning_argv = argv[verbose_flags:]
         # From the shell LightningCLI reads sys.argv itself (it warns when given both); from Python it gets argv.
-        handler: Callable[[], int] = lambda: _run_lightning(None if from_command_line else argv)  # noqa: E731
-        verbose = False
+        handler: Callable[[], int] = lambda: _run_lightning(  # noqa: E731
+            None if from_command_line and not verbose_flags else lightning_argv)
+        verbose = bool(verbose_flags)
     else:
         args = build_parser().parse_args(argv)
         handler = lambda: args.handler(args)  # noqa: E731

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="key clients send in X-API-Key for writes; unset leaves "
                                                         "writes open. Prefer REID_API_KEY, which other users cannot "
                                                         "see in the process list")
-    protect_reads: bool = Field(False, description="require the API key for identify, listings and photos too")
+    protect_reads: bool = Field(False, description="require the API key for every API read too (identify, listings, "
+                                                   "photos, /health, /rsm.png)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image (decompression-bomb guard)")
     index: IndexKind = Field("flat", description="FAISS index: flat (exact), ivf (approximate, for galleries of "

@@ -106,6 +106,8 @@ def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_fit_args(tmp_path, tmp_path / "nowhere")) == 2
     assert "reid: error: dataset folder" in capsys.readouterr().err
+    assert main(["-v", *_fit_args(tmp_path, tmp_path / "nowhere")]) == 2  # the global flag before Lightning's command
+    assert capsys.readouterr().err.splitlines()[-1].startswith("reid: error: dataset folder")
     assert not (tmp_path / "lightning_logs").exists(), "no empty version_N folder for a run that never started"
 
 
