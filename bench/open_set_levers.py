@@ -10,7 +10,8 @@ once per fusion variant:
 
 * ``mean``: the default, the mean of the two calibrated probabilities (WildFusion), inlier counts under
   ``--inlier-floor`` (:data:`reid.verification.DEFAULT_INLIER_FLOOR`) read as 0, as ``reid fit --verify`` stores it;
-* ``log-odds``: the calibrated probabilities combined as a sum of log-odds (naive Bayes);
+* ``log-odds``: the calibrated probabilities combined as a sum of log-odds (naive Bayes) (this and the next two
+  read the counts under the default's floor as 0 too);
 * ``max``: the larger of the two probabilities;
 * ``logistic``: a logistic regression on the two calibrated log-odds, fitted on the same training pairs;
 * ``floor-N``: the mean with other floors (``--floors``; ``floor-0`` reads every count, the fusion before the floor).
@@ -84,14 +85,15 @@ class InlierCache:
 
 
 class Variant:
-    """A fusion rule over the default fusion's two calibrations (the verifier only calls it and reads
-    ``candidates`` and ``fallback``, both the default fusion's)."""
+    """A fusion rule over the default fusion's two calibrations, reading inlier counts under its floor as 0 as it
+    does (the verifier only calls it and reads ``candidates`` and ``fallback``, both the default fusion's)."""
 
     def __init__(self, base: Fusion, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        self.candidates, self.fallback, self.rule = base.candidates, base.fallback, rule
+        self.candidates, self.fallback, self.floor, self.rule = base.candidates, base.fallback, base.inlier_floor, rule
 
     def __call__(self, similarities: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-        return self.rule(np.asarray(similarities, np.float64), np.asarray(inliers, np.float64))
+        counts = np.asarray(inliers, np.float64)
+        return self.rule(np.asarray(similarities, np.float64), np.where(counts < self.floor, 0.0, counts))
 
 
 def variants(base: Fusion, pairs: tuple[np.ndarray, np.ndarray, np.ndarray], floors: list[int]) -> dict[str, object]:

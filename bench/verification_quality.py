@@ -8,7 +8,9 @@ the individuals outside the verified photos follow in cosine order. Variants com
 * ``cosine``: embeddings alone (the baseline);
 * ``inliers``: the verified photos ordered by inlier count (ties by cosine);
 * ``fused mean``: WildFusion (Cermak et al. 2024): each score calibrated into P(same individual) by isotonic
-  regression, then averaged;
+  regression, then averaged (every count read, as fusions were before ``reid.verification.DEFAULT_INLIER_FLOOR``;
+  this bench is the record of the earlier levers, and ranks as the product did then: ``bench/open_set_levers.py``
+  scores the product's fusion and ranking of today);
 * ``fused log-odds``: the calibrated probabilities combined as a sum of log-odds (naive Bayes);
 * ``naive additive``: cosine + inliers / 100, uncalibrated, for reference.
 

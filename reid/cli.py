@@ -206,7 +206,9 @@ def _run_lightning(argv: list[str] | None) -> int:
         given = argv or sys.argv[1:] or ["fit"]
         stored = ("; a setting not on this command line comes from the hyperparameters stored in --ckpt_path's "
                   "checkpoint" if any(word.startswith("--ckpt_path") for word in given) else "")
-        raise ConfigError(f"{' '.join(str(error).split())}{stored} (reid {given[0]} --help lists every "
+        verbose = (f"; reid's -v goes before the command: reid -v {given[0]} ..."
+                   if {"-v", "--verbose"} & set(given[1:]) else "")
+        raise ConfigError(f"{' '.join(str(error).split())}{stored}{verbose} (reid {given[0]} --help lists every "
                           "option)") from error
     finally:
         sys.argv = caller_argv
@@ -503,9 +505,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, embedder: Embedder,
                              embeddings: np.ndarray) -> Verification:
-    """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores. A
-    setting not given keeps the checkpoint's (as its runner-up weight and objective are kept): recalibrating a
-    `turtles_cpu.yaml` checkpoint on other data keeps its fallback, candidates, extraction and inlier floor."""
+    """Learn the fusion on the open-set protocol's gallery photos alone, then the threshold on its fused scores.
+
+    The settings a user chooses (photos verified, the features' resolution, the inlier floor, the fallback) keep the
+    checkpoint's unless given, as its runner-up weight and objective do: recalibrating a `turtles_cpu.yaml`
+    checkpoint on other data keeps its fallback. How features are extracted otherwise is today's (an older fusion,
+    learnt before contrast equalisation, is learnt again with it)."""
     from dataclasses import replace
 
     from reid.evaluation import calibrate, closed_and_open_protocols
@@ -515,23 +520,24 @@ def _calibrate_verification(args: argparse.Namespace, records: pd.DataFrame, emb
                                    fit_fusion, verifier_factory)
 
     stored = None if embedder.verification is None else embedder.verification.fusion
-
-    def kept(given: Any, setting: str, default: Any) -> Any:
-        return given if given is not None else default if stored is None else getattr(stored, setting)
-
-    extraction = kept(None, "extraction", Extraction())
-    extraction = extraction if args.max_side is None else replace(extraction, max_side=args.max_side)
-    fallback = kept(None, "fallback", None) if args.fallback is None else _fallback(args.fallback)  # 0: none
+    candidates = args.candidates or (DEFAULT_CANDIDATES if stored is None else stored.candidates)
+    extraction = Extraction(args.max_side or (Extraction().max_side if stored is None else stored.extraction.max_side))
+    floor = args.inlier_floor if args.inlier_floor is not None else (
+        DEFAULT_INLIER_FLOOR if stored is None else stored.inlier_floor)
+    fallback = (None if stored is None else stored.fallback) if args.fallback is None else _fallback(args.fallback)
+    if stored is not None:
+        print(f"verification settings (the checkpoint's, unless given): the {candidates} most similar photos, "
+              f"features at {extraction.max_side} px, inlier floor {floor}, "
+              + (f"ASIFT fallback on the {fallback.top} most similar" if fallback else "no ASIFT fallback")
+              + " (--candidates, --max-side, --inlier-floor, --fallback change them)")
 
     _, open_set = closed_and_open_protocols(records, args.seed, args.query_fraction, args.unknown_fraction,
                                             args.query_split)
     features = extract_all(records["path"].tolist(), extraction, progress=True)
     gallery = open_set.gallery
     fusion = replace(fit_fusion(embeddings[gallery], records["identity"].to_numpy()[gallery].tolist(),
-                                [features[i] for i in gallery], kept(args.candidates, "candidates", DEFAULT_CANDIDATES),
-                                extraction, progress=True,
-                                inlier_floor=kept(args.inlier_floor, "inlier_floor", DEFAULT_INLIER_FLOOR)),
-                     fallback=fallback)
+                                [features[i] for i in gallery], candidates, extraction, progress=True,
+                                inlier_floor=floor), fallback=fallback)
     on_demand = _fallback_features(fusion.fallback, records["path"].tolist())
     threshold, score, protocol = calibrate(embeddings, records, args.seed, args.query_fraction, args.unknown_fraction,
                                            args.query_split, verifier_factory(fusion, features,
@@ -722,9 +728,16 @@ def _add_verify(parser: argparse.ArgumentParser) -> None:
                              "calibrated with --verify)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reid", description="Re-identify individual animals from photos.")
+def _global_options(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """reid's options before its command (the only ones a Lightning command takes from reid's own parser)."""
+    parser = parser or argparse.ArgumentParser(prog="reid")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _global_options(argparse.ArgumentParser(prog="reid",
+                                                     description="Re-identify individual animals from photos."))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in LIGHTNING_COMMANDS:
         commands.add_parser(name, help=f"{name} an encoder with Lightning (reid {name} --help for options)",
@@ -846,14 +859,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `reid -v fit ...`: the global flag, then Lightning's command line, which has no -v of its own
-    verbose_flags = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), len(argv))
-    if argv[verbose_flags:] and argv[verbose_flags] in LIGHTNING_COMMANDS:
-        lightning_argv = argv[verbose_flags:]
-        # From the shell LightningCLI reads sys.argv itself (it warns when given both); from Python it gets argv.
+    command = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    if argv[command:] and argv[command] in LIGHTNING_COMMANDS:
+        # `reid -v fit ...`: reid's own options (argparse's spellings: -vv, --verb), then Lightning's command line
+        verbose = _global_options().parse_args(argv[:command]).verbose
+        lightning_argv = argv[command:]
+        if from_command_line:
+            # LightningCLI reads sys.argv itself (it warns when given both), and DDP starts every other rank by
+            # running sys.argv again: so it is Lightning's command line alone
+            sys.argv[1:] = lightning_argv
         handler: Callable[[], int] = lambda: _run_lightning(  # noqa: E731
-            None if from_command_line and not verbose_flags else lightning_argv)
-        verbose = bool(verbose_flags)
+            None if from_command_line else lightning_argv)
     else:
         args = build_parser().parse_args(argv)
         handler = lambda: args.handler(args)  # noqa: E731

@@ -66,8 +66,9 @@ def _loopback_port() -> int:
 
 
 def _run_ddp_fit(root: Path, data: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    # `python -m reid.cli` is `reid` wherever the package is installed (a --target prefix has no script beside python)
-    command = [sys.executable, "-m", "reid.cli", *_fit_args(
+    # `python -m reid.cli` is `reid` wherever the package is installed (a --target prefix has no script beside python);
+    # reid's -v before the command: the second rank runs the command line again, which must be Lightning's alone
+    command = [sys.executable, "-m", "reid.cli", "-v", *_fit_args(
         root, data, "--trainer.accelerator", ACCELERATOR, "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--trainer.max_epochs", "1", "--data.individuals_per_batch", str(P), "--data.batches_per_epoch", str(STEPS),
         "--model.backbone", "test_efficientnet", "--data.eval_batch_size", "1",

@@ -106,8 +106,11 @@ def test_print_config_shows_overrides(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_fit_args(tmp_path, tmp_path / "nowhere")) == 2
     assert "reid: error: dataset folder" in capsys.readouterr().err
-    assert main(["-v", *_fit_args(tmp_path, tmp_path / "nowhere")]) == 2  # the global flag before Lightning's command
-    assert capsys.readouterr().err.splitlines()[-1].startswith("reid: error: dataset folder")
+    for verbose in (["-v"], ["-vv"], ["--verb"]):  # reid's own flag before Lightning's command, as argparse spells it
+        assert main([*verbose, *_fit_args(tmp_path, tmp_path / "nowhere")]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith("reid: error: dataset folder")
+    assert main([*_fit_args(tmp_path, tmp_path / "nowhere"), "-v"]) == 2
+    assert "reid's -v goes before the command: reid -v fit ..." in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs").exists(), "no empty version_N folder for a run that never started"
 
 

@@ -14,7 +14,7 @@ import torch
 from reid.cli import main
 from reid.errors import FeatureError
 from reid.imageio import decode_image
-from reid.inference import Embedder, export_encoder
+from reid.inference import Embedder, export_encoder, write_checkpoint_metadata
 from reid.local_features import Extraction, LocalFeatures, extract_features
 from reid.verification import (DEFAULT_INLIER_FLOOR, Fallback, FallbackFeatures, Fusion, LocalVerifier,
                                extract_all, feature_cache_dir)
@@ -262,10 +262,21 @@ def test_calibrate_with_a_fallback_stores_it_and_evaluate_uses_it(
     assert (kept.fusion.fallback, kept.fusion.candidates, kept.fusion.extraction) == (Fallback(top=3), 8,
                                                                                       verification.fusion.extraction)
     assert "ASIFT fallback on the 3 most similar photos" in kept.threshold_origin
+    assert ("verification settings (the checkpoint's, unless given): the 8 most similar photos, features at 1024 px, "
+            "inlier floor 8, ASIFT fallback on the 3 most similar") in capsys.readouterr().out
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify", "--fallback", "0"]) == 0
+    assert Embedder.from_checkpoint(checkpoint).verification.fusion.fallback is None  # 0 turns a stored one off
+    # a fusion learnt before contrast equalisation (no "equalise" stored) is learnt again with it
+    legacy = Embedder.from_checkpoint(checkpoint).verification.to_dict()
+    del legacy["fusion"]["equalise"]
+    write_checkpoint_metadata(checkpoint, verification=legacy)
+    assert Embedder.from_checkpoint(checkpoint).verification.fusion.extraction.equalise is False
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--verify", "--fallback", "3",
                  "--max-side", "512"]) == 0
     verification = Embedder.from_checkpoint(checkpoint).verification
-    assert verification.fusion.extraction == replace(kept.fusion.extraction, max_side=512)
+    assert verification.fusion.extraction == Extraction(512, equalise=True)
+    assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), "--fallback", "0"]) == 2
+    assert "--fallback 0 needs --verify" in capsys.readouterr().err
     for flag in ("--fallback", "--candidates", "--max-side", "--inlier-floor"):
         assert main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(textured), flag, "300"]) == 2
         assert f"{flag} 300 needs --verify: it is a setting of the verification" in capsys.readouterr().err
