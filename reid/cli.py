@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -207,7 +208,7 @@ def _run_lightning(argv: list[str] | None) -> int:
         stored = ("; a setting not on this command line comes from the hyperparameters stored in --ckpt_path's "
                   "checkpoint" if any(word.startswith("--ckpt_path") for word in given) else "")
         verbose = (f"; reid's -v goes before the command: reid -v {given[0]} ..."
-                   if {"-v", "--verbose"} & set(given[1:]) else "")
+                   if any(re.fullmatch(r"-v+", word) for word in given[1:]) else "")
         raise ConfigError(f"{' '.join(str(error).split())}{stored}{verbose} (reid {given[0]} --help lists every "
                           "option)") from error
     finally:
@@ -728,16 +729,9 @@ def _add_verify(parser: argparse.ArgumentParser) -> None:
                              "calibrated with --verify)")
 
 
-def _global_options(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """reid's options before its command (the only ones a Lightning command takes from reid's own parser)."""
-    parser = parser or argparse.ArgumentParser(prog="reid")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _global_options(argparse.ArgumentParser(prog="reid",
-                                                     description="Re-identify individual animals from photos."))
+    parser = argparse.ArgumentParser(prog="reid", description="Re-identify individual animals from photos.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in LIGHTNING_COMMANDS:
         commands.add_parser(name, help=f"{name} an encoder with Lightning (reid {name} --help for options)",
@@ -862,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
     if argv[command:] and argv[command] in LIGHTNING_COMMANDS:
         # `reid -v fit ...`: reid's own options (argparse's spellings: -vv, --verb), then Lightning's command line
-        verbose = _global_options().parse_args(argv[:command]).verbose
+        verbose = build_parser().parse_args(argv[:command + 1]).verbose
         lightning_argv = argv[command:]
         if from_command_line:
             # LightningCLI reads sys.argv itself (it warns when given both), and DDP starts every other rank by
