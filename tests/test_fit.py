@@ -111,6 +111,9 @@ def test_fit_on_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.
         assert capsys.readouterr().err.splitlines()[-1].startswith("reid: error: dataset folder")
     assert main([*_fit_args(tmp_path, tmp_path / "nowhere"), "-v"]) == 2
     assert "reid's -v goes before the command: reid -v fit ..." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # reid's own help, with every command
+        main(["-h", "fit"])
+    assert exit_info.value.code == 0 and "validate" in capsys.readouterr().out
     assert not (tmp_path / "lightning_logs").exists(), "no empty version_N folder for a run that never started"
 
 
