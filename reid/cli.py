@@ -577,7 +577,7 @@ def _predict(args: argparse.Namespace) -> int:
     answers = [answer_from_ranking(ranking, threshold, k=5) for ranking in rankings]
     write_submission(args.out, queries["image_id"].tolist(), [answer.labels for answer in answers])
     if args.report:
-        write_report(args.report, queries, answers, gallery)
+        write_report(args.report, queries, answers, gallery, None if verification is None else verification.fusion)
     print(f"wrote {len(queries)} predictions to {args.out}" + (f" and the evidence to {args.report}" if args.report else "")
           + f" (new_turtle threshold: {'none' if threshold.value is None else f'{threshold.value:.4f}'}"
           + (f", from the {threshold.source})" if threshold.source else ")"))
@@ -596,8 +596,11 @@ def _explain(args: argparse.Namespace) -> int:
     embedder = Embedder.from_checkpoint(args.checkpoint)
     explanation = explain_match(embedder, query, photo, (f"query: {args.query.name}", f"photo: {args.photo.name}"))
     write_atomically(args.out, explanation.png)
+    floor = embedder.verification.fusion.inlier_floor if embedder.verification is not None else 0
     print(f"wrote {args.out}: cosine similarity {explanation.similarity:.4f}, {explanation.inliers} verified "
-          "local-feature matches" + (" (the fallback's, under simulated camera tilts)" if explanation.fallback else ""))
+          "local-feature matches" + (" (the fallback's, under simulated camera tilts)" if explanation.fallback else "")
+          + (f"; fewer than the inlier floor of {floor}, as many as photos of different individuals reach by chance, "
+             "so the score reads them as no match" if explanation.inliers < floor else ""))
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -21,6 +22,9 @@ from reid.data.records import photo_files, read_csv_table, read_dataset
 from reid.errors import DatasetError, SubmissionError
 from reid.fileio import write_atomically
 from reid.metrics import map_at_k, top_k_accuracy
+
+if TYPE_CHECKING:
+    from reid.verification import Fusion
 
 PREDICTION_COLUMNS = [f"prediction{i}" for i in range(1, 6)]
 #: Columns accepted as the true label in a truth file (Zindi's train.csv says turtle_id; labels.csv identity).
@@ -108,13 +112,17 @@ def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Se
     return path
 
 
-def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answer], gallery: pd.DataFrame) -> Path:
+def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answer], gallery: pd.DataFrame,
+                 fusion: Fusion | None = None) -> Path:
     """Write each query's ranked answer with its evidence as JSON, for a person to confirm matches by eye.
 
     For every predicted individual: its score and the gallery photo that matched best (``image_id``, ``view``,
-    ``path``, cosine ``similarity``, and ``inliers`` where local verification ran). ``answers[i]`` answers
-    ``queries`` row ``i``; an evidence ``image_id`` is a row number of ``gallery``.
+    ``path``, cosine ``similarity``, and where local verification ran by ``fusion``, ``inliers`` and whether the
+    score counted them, ``inliers_counted``). ``answers[i]`` answers ``queries`` row ``i``; an evidence
+    ``image_id`` is a row number of ``gallery``.
     """
+    from reid.verification import inliers_counted
+
     rows = []
     for query, answer in zip(queries.itertuples(index=False), answers):
         predictions = []
@@ -124,7 +132,8 @@ def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answ
                 photo = gallery.iloc[prediction.image_id]
                 entry["evidence"] = {"image_id": str(photo["image_id"]), "view": str(photo["view"]),
                                      "path": str(photo["path"]), "similarity": prediction.similarity,
-                                     "inliers": prediction.inliers}
+                                     "inliers": prediction.inliers,
+                                     "inliers_counted": inliers_counted(prediction.inliers, fusion)}
             predictions.append(entry)
         rows.append({"image_id": str(query.image_id), "path": str(query.path), "new_turtle": answer.new_turtle,
                      "predictions": predictions})

@@ -298,6 +298,12 @@ def verifier_factory(fusion: Fusion, features: Sequence[LocalFeatures],
     return build
 
 
+def inliers_counted(inliers: int | None, fusion: Fusion | None) -> bool | None:
+    """For evidence a person reads: whether the fused score counted a photo's inliers as a match, False where they
+    are under the fusion's floor, as many as photos of different individuals reach by chance (None: no count)."""
+    return None if inliers is None or fusion is None else inliers >= fusion.inlier_floor
+
+
 def fusion_note(fusion: Fusion) -> str:
     """``, ...`` naming the fusion's inlier floor and its fallback to simulated tilts, where it has them, for messages
     that say how it verifies."""

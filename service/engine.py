@@ -34,7 +34,7 @@ from reid.identify import Answer, Identifier, Threshold, threshold_in_force, ver
 from reid.identify import Prediction as RankedPrediction
 from reid.inference import Embedder
 from reid.local_features import Extraction, LocalFeatures
-from reid.verification import FallbackFeatures, LocalVerifier, Verification, fusion_note
+from reid.verification import FallbackFeatures, Fusion, LocalVerifier, Verification, fusion_note, inliers_counted
 from service.errors import NotFoundError, rejected_image
 from service.folder_lock import FolderLock
 from service.photos import Photo, read_photo, within_pixel_budget
@@ -309,7 +309,8 @@ class Engine:
 
     def _response(self, answer: Answer) -> IdentifyResponse:
         shown = self.store.images([p.image_id for p in answer.predictions if p.image_id is not None])
-        predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p, shown))
+        fusion = None if self.verification is None else self.verification.fusion
+        predictions = [Prediction(individual_id=p.individual, score=p.score, evidence=self._evidence(p, shown, fusion))
                        for p in answer.predictions]
         threshold = answer.threshold
         return IdentifyResponse(predictions=predictions, new_turtle=answer.new_turtle, threshold=threshold.value,
@@ -318,10 +319,14 @@ class Engine:
                                 model=self.embedder.fingerprint)
 
     @staticmethod
-    def _evidence(prediction: RankedPrediction, shown: dict[int, StoredImage]) -> Evidence | None:
-        """The enrolled photo that matched best; None for new_turtle, or when it was deleted since the search."""
+    def _evidence(prediction: RankedPrediction, shown: dict[int, StoredImage], fusion: Fusion | None
+                  ) -> Evidence | None:
+        """The enrolled photo that matched best; None for new_turtle, or when it was deleted since the search.
+        ``fusion``: what scored the answer (None: no verification)."""
         image = shown.get(prediction.image_id) if prediction.image_id is not None else None
         if image is None:
             return None
         return Evidence(image_id=image.image_id, view=image.view, similarity=prediction.similarity,
-                        inliers=prediction.inliers, url=image_url(image.individual_id, image.image_id))
+                        inliers=prediction.inliers,
+                        inliers_counted=inliers_counted(prediction.inliers, fusion),
+                        url=image_url(image.individual_id, image.image_id))

@@ -79,6 +79,11 @@ class Evidence(BaseModel):
     similarity: float = Field(description="cosine similarity between the query's embedding and this photo's")
     inliers: int | None = Field(None, description="local-feature matches that passed the geometric check "
                                                   "(null: verification did not run)")
+    inliers_counted: bool | None = Field(None, description="whether the score counted those matches: false when "
+                                                           "there are fewer than verification's inlier floor (8 by "
+                                                           "default), as many as photos of different individuals "
+                                                           "reach by chance, so the match rests on the photos' "
+                                                           "overall likeness alone (null: verification did not run)")
     url: str = Field(description="where to fetch the photo")
 
 

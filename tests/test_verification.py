@@ -116,6 +116,11 @@ def test_predict_report_names_the_matched_photo_and_its_inliers(verified: Path, 
     assert answer["image_id"] == "q1" and best["individual"] == photo.parent.name
     assert Path(best["evidence"]["path"]) == photo  # the very photo, found again, with its geometric matches
     assert best["evidence"]["inliers"] > 20 and best["evidence"]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    # other turtles' photos match by chance at most: the report says their counts were not counted as a match
+    counted = [(p["evidence"]["inliers"], p["evidence"]["inliers_counted"]) for p in answer["predictions"]
+               if p["evidence"]]
+    assert counted[0] == (best["evidence"]["inliers"], True) and (0, False) in counted[1:]
+    assert all(flag is (inliers >= DEFAULT_INLIER_FLOOR) for inliers, flag in counted)
 
 
 def test_explain_draws_the_pair_and_verify_without_calibration_is_refused(
@@ -125,6 +130,11 @@ def test_explain_draws_the_pair_and_verify_without_calibration_is_refused(
     assert main(["explain", "--checkpoint", str(verified), "--query", str(first), "--photo", str(second),
                  "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "verified local-feature matches" in capsys.readouterr().out
+    other = next(path for path in sorted((textured / "images").glob("*/*.png")) if path.parent != first.parent)
+    assert main(["explain", "--checkpoint", str(verified), "--query", str(first), "--photo", str(other),
+                 "--out", str(out)]) == 0  # another individual: chance-level matches at most, and it says so
+    assert ("fewer than the inlier floor of 8, as many as photos of different individuals reach by chance, so the "
+            "score reads them as no match") in capsys.readouterr().out
     assert main(["explain", "--checkpoint", str(verified), "--query", str(first), "--photo", str(second),
                  "--out", str(tmp_path / "explain.jpg")]) == 2
     assert "--out " + str(tmp_path / "explain.jpg") + ": the drawing is a PNG" in capsys.readouterr().err

@@ -396,7 +396,9 @@ function predictionRow(card, file, prediction, rank, explain, verified, belowLin
     ? loadImage(el("img", { className: "thumb", alt: `matched photo of ${prediction.individual_id}` }),
                 `${evidence.url}?max_side=128`)
     : "";
-  const points = evidence && evidence.inliers !== null ? String(evidence.inliers) : "–";
+  // under verification's floor the matches are as many as chance gives two turtles: say so beside the number
+  const points = evidence && evidence.inliers !== null
+    ? `${evidence.inliers}${evidence.inliers_counted === false ? " (chance level)" : ""}` : "–";
   const actions = el("div", { className: "actions" });
   if (evidence) {
     actions.append(el("button", { className: "secondary", onclick: () => showMatches(explain, file, prediction) },
@@ -428,8 +430,12 @@ async function showMatches(explain, file, prediction) {
       ? " once a change of camera angle was simulated" : "";
     const image = el("img", { alt: `matching points between your photo and ${prediction.individual_id}`,
                               src: URL.createObjectURL(await response.blob()) });
+    const chance = prediction.evidence.inliers_counted === false
+      ? " No more than photos of two different turtles match by chance: this match rests on the photos' overall " +
+        "likeness, not on their patterns."
+      : "";
     explain.replaceChildren(el("p", {}, `${inliers} points of your photo match points of ` +
-      `${prediction.individual_id}'s photo in a consistent arrangement${tilted} (lines join them):`), image);
+      `${prediction.individual_id}'s photo in a consistent arrangement${tilted} (lines join them).${chance}`), image);
   } catch (error) {
     explain.replaceChildren(el("p", { className: "message error" }, error.message));
   }

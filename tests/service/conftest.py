@@ -47,6 +47,29 @@ def checkpoint_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def verified(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random-weight encoder calibrated for verification, and its dataset: 10 synthetic individuals x 6 photos at
+    160 px (big enough for SIFT). About 15-30 s on a 2-core machine, so it is made once (tests copy it to change it)."""
+    from reid import cli
+    from reid.data.synth import generate_synthetic_dataset
+    from reid.inference import Embedder
+
+    root = tmp_path_factory.mktemp("verified")
+    torch.manual_seed(0)
+    checkpoint = export_encoder(root / "verified.ckpt", "lcnet_050", pretrained=False, image_size=64)
+    generate_synthetic_dataset(root / "data", individuals=10, images_per_individual=6, seed=0, image_size=160,
+                               progress=False)
+    assert cli.main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(root / "data"), "--verify"]) == 0
+    assert Embedder.from_checkpoint(checkpoint).verification is not None
+    return checkpoint, root / "data"
+
+
+@pytest.fixture(scope="session")
+def verified_records(verified: tuple[Path, Path]) -> pd.DataFrame:
+    return read_dataset(verified[1])
+
+
+@pytest.fixture(scope="session")
 def records(synth_dataset: Path) -> pd.DataFrame:
     """The shared synthetic dataset (8 individuals x 4 photos) as records."""
     return read_dataset(synth_dataset)

@@ -181,6 +181,7 @@ def test_threshold_places_new_turtle(client: httpx.Client, records: pd.DataFrame
     # the evidence is the enrolled photo that matched, fetchable for a person to compare by eye
     assert eta["evidence"]["image_id"] == image["image_id"] and eta["evidence"]["url"] == image["url"]
     assert eta["evidence"]["similarity"] == pytest.approx(eta["score"]) and eta["evidence"]["inliers"] is None
+    assert eta["evidence"]["inliers_counted"] is None  # no verification ran
     assert client.get(eta["evidence"]["url"]).headers["content-type"].startswith("image/")
 
     default = identify(client, unknown).json()  # this checkpoint is uncalibrated and no default is configured

@@ -17,14 +17,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from reid import cli
-from reid.data.records import read_dataset
-from reid.data.synth import generate_synthetic_dataset
 from reid.imageio import decode_image
-from reid.inference import Embedder, export_encoder, write_checkpoint_metadata
+from reid.inference import Embedder, write_checkpoint_metadata
 from reid.local_features import Extraction
 from reid.verification import Fallback
 from service.engine import Engine
@@ -33,25 +30,6 @@ from service.settings import Settings
 from service.store import DATABASE_NAME, Store
 from tests.service.conftest import StartServer
 from tests.service.helpers import enroll, identify, photos
-
-
-@pytest.fixture(scope="module")
-def verified(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A random-weight encoder calibrated for verification, and its dataset: 10 synthetic individuals x 6 photos at
-    160 px (big enough for SIFT). About 15-30 s on a 2-core machine, so it is made once for this module."""
-    root = tmp_path_factory.mktemp("verified")
-    torch.manual_seed(0)
-    checkpoint = export_encoder(root / "verified.ckpt", "lcnet_050", pretrained=False, image_size=64)
-    generate_synthetic_dataset(root / "data", individuals=10, images_per_individual=6, seed=0, image_size=160,
-                               progress=False)
-    assert cli.main(["calibrate", "--checkpoint", str(checkpoint), "--data", str(root / "data"), "--verify"]) == 0
-    assert Embedder.from_checkpoint(checkpoint).verification is not None
-    return checkpoint, root / "data"
-
-
-@pytest.fixture(scope="module")
-def verified_records(verified: tuple[Path, Path]) -> pd.DataFrame:
-    return read_dataset(verified[1])
 
 
 def feature_rows(data_dir: Path) -> dict[int, set[tuple[int, str]]]:
@@ -102,6 +80,9 @@ def test_verified_identify_explain_delete_and_restart(start_server: StartServer,
         assert best["individual_id"] == "turtle-0"
         evidence = best["evidence"]
         assert evidence["image_id"] in enrolled["turtle-0"] and evidence["inliers"] > 0
+        assert evidence["inliers_counted"] is True
+        # the other turtles' photos match by chance at most: the answer says the score did not count those matches
+        assert any(p["evidence"]["inliers_counted"] is False for p in answer.json()["predictions"][1:] if p["evidence"])
         assert -1.0 <= evidence["similarity"] <= 1.0
 
         drawn = explain(client, query, "turtle-0", evidence["image_id"])

@@ -392,3 +392,36 @@ def test_photos_over_the_upload_limit_are_sent_in_several_requests(browser: Brow
         r"bytes included\): send a smaller copy, or start the service with a higher --max-upload-bytes"))
     assert errors == [], errors
     context.close()
+
+
+def test_a_verified_answer_says_which_matching_points_are_chance_level(
+        browser: Browser, start_server: StartServer, tmp_path: Path, verified: tuple[Path, Path],
+        verified_records: pd.DataFrame) -> None:
+    """With verification on, the answer's table counts each individual's matching points; counts under the
+    checkpoint's inlier floor, which photos of two different turtles reach by chance, are labelled so, and their
+    drawing says the match rests on the photos' overall likeness."""
+    server = start_server(verified[0], tmp_path / "verified")
+    with server.client() as client:
+        for i in range(3):
+            assert enroll(client, f"turtle-{i}", photos(verified_records, f"ind_00{i}")[:3]).status_code == 201
+    query = _upload(tmp_path, "another.png", photos(verified_records, "ind_000")[3])  # never enrolled
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    steps = Steps(page, "verified")
+    page.goto(server.url + "/")
+    page.set_input_files("#identify-files", [str(query)])
+    card = page.locator(".card.result[data-filename='another.png']")
+    expect(card.locator("tbody tr").first).to_have_attribute("data-individual", "turtle-0")
+    expect(card.locator("thead")).to_contain_text("Matching points")
+    own = card.locator("tr[data-individual='turtle-0'] td").nth(4)
+    expect(own).to_have_text(re.compile(r"^\d+$"))  # its own turtle's photo: counted
+    chance = card.locator("tr", has_text="(chance level)")
+    expect(chance.first).to_be_visible()
+    steps.shot("chance_level")
+    chance.first.get_by_role("button", name="Show matching points").click()
+    expect(card.locator(".explain")).to_contain_text("No more than photos of two different turtles match by chance")
+    steps.shot("chance_level_drawn")
+    assert errors == [], errors
+    context.close()
