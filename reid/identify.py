@@ -143,8 +143,9 @@ class Identifier:
 
     def _verified(self, query: int, similarities: np.ndarray, image_ids: np.ndarray, plain: Ranking, k: int) -> Ranking:
         """Re-rank one query: its top photos by fused score; individuals found only further down are fused with
-        zero inliers, so every answer still names ``k`` individuals when the gallery has them. A photo removed from
-        the gallery since the search (the service deletes while queries run) is left out."""
+        zero inliers, so every answer still names ``k`` individuals when the gallery has them, and their evidence
+        has no inlier count (None: never matched). A photo removed from the gallery since the search (the service
+        deletes while queries run) is left out."""
         held, _ = self._held(image_ids)
         similarities, image_ids = similarities[held], image_ids[held]
         inliers = np.asarray(self.verifier.inliers(query, image_ids), dtype=np.int64)
@@ -163,7 +164,8 @@ class Identifier:
         ranking = rank_individuals(fused[order], [identities[i] for i in order], k, image_ids[order])
         similarity = dict(zip(image_ids.tolist(), similarities.tolist()))
         inlier_of = dict(zip(image_ids.tolist(), inliers.tolist()))
-        return [hit._replace(similarity=similarity[hit.image_id], inliers=int(inlier_of[hit.image_id]))
+        return [hit._replace(similarity=similarity[hit.image_id],
+                             inliers=int(inlier_of[hit.image_id]) if hit.image_id in verified else None)
                 for hit in ranking]
 
     def _held(self, image_ids: Sequence[int]) -> tuple[np.ndarray, list[Individual]]:

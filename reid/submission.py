@@ -113,12 +113,12 @@ def write_submission(path: str | Path, image_ids: Sequence[str], predictions: Se
 
 
 def write_report(path: str | Path, queries: pd.DataFrame, answers: Sequence[Answer], gallery: pd.DataFrame,
-                 fusion: Fusion | None = None) -> Path:
+                 fusion: Fusion | None) -> Path:
     """Write each query's ranked answer with its evidence as JSON, for a person to confirm matches by eye.
 
     For every predicted individual: its score and the gallery photo that matched best (``image_id``, ``view``,
-    ``path``, cosine ``similarity``, and where local verification ran by ``fusion``, ``inliers`` and whether the
-    score counted them, ``inliers_counted``). ``answers[i]`` answers ``queries`` row ``i``; an evidence
+    ``path``, cosine ``similarity``, and where local verification ran by ``fusion`` (None: it did not), ``inliers``
+    and whether the score counted them, ``inliers_counted``; both None for a photo that was not verified). ``answers[i]`` answers ``queries`` row ``i``; an evidence
     ``image_id`` is a row number of ``gallery``.
     """
     from reid.verification import inliers_counted

@@ -78,12 +78,14 @@ class Evidence(BaseModel):
     view: str = Field(description="view label given at enrolment ('' when unknown)")
     similarity: float = Field(description="cosine similarity between the query's embedding and this photo's")
     inliers: int | None = Field(None, description="local-feature matches that passed the geometric check "
-                                                  "(null: verification did not run)")
+                                                  "(null: verification did not run, or did not reach this photo)")
     inliers_counted: bool | None = Field(None, description="whether the score counted those matches: false when "
-                                                           "there are fewer than verification's inlier floor (8 by "
-                                                           "default), as many as photos of different individuals "
-                                                           "reach by chance, so the match rests on the photos' "
-                                                           "overall likeness alone (null: verification did not run)")
+                                                           "they are fewer than the checkpoint's inlier floor (8 "
+                                                           "by default, about what photos of different individuals "
+                                                           "reach by chance), so the score rests on the photos' "
+                                                           "overall similarity alone; true is not a confirmation, "
+                                                           "and a checkpoint calibrated before the floor counts "
+                                                           "every count (null when inliers is null)")
     url: str = Field(description="where to fetch the photo")
 
 

@@ -98,6 +98,19 @@ def test_a_photo_removed_while_it_is_being_matched_is_left_out_too() -> None:
     assert [hit.individual for hit in ranking] == ["b", "c"] and 10 not in [hit.image_id for hit in ranking]
 
 
+def test_individuals_beyond_the_verified_photos_are_named_without_an_inlier_count() -> None:
+    """Only the query's most similar photos are matched; an individual found further down still fills the answer,
+    scored as if nothing matched, but its evidence says it was never matched (None), not that it matched 0 points."""
+    gallery = np.eye(6, dtype=np.float32)
+    verifier = _InliersByPhoto({i: 3 * i for i in range(10, 16)})
+    verifier.candidates = 2
+    identifier = identifier_over(gallery, ["a", "b", "c", "d", "e", "f"], ids=list(range(10, 16)), verifier=verifier)
+    query = np.array([[1.0, 0.9, 0.5, 0.4, 0.3, 0.2]], dtype=np.float32)
+    ranking = identifier.rank(query / np.linalg.norm(query), k=5)[0]
+    assert sorted(verifier.asked) == [10, 11]
+    assert {hit.individual: hit.inliers for hit in ranking} == {"a": 30, "b": 33, "c": None, "d": None, "e": None}
+
+
 def test_fit_threshold_is_scored_on_individuals_it_was_not_fitted_on() -> None:
     vectors, identities = _clusters(individuals=12, photos=4, spread=0.3, seed=0)
     is_query = np.arange(len(identities)) % 4 == 0

@@ -120,7 +120,7 @@ def test_predict_report_names_the_matched_photo_and_its_inliers(verified: Path, 
     counted = [(p["evidence"]["inliers"], p["evidence"]["inliers_counted"]) for p in answer["predictions"]
                if p["evidence"]]
     assert counted[0] == (best["evidence"]["inliers"], True) and (0, False) in counted[1:]
-    assert all(flag is (inliers >= DEFAULT_INLIER_FLOOR) for inliers, flag in counted)
+    assert all(flag is (None if inliers is None else inliers >= DEFAULT_INLIER_FLOOR) for inliers, flag in counted)
 
 
 def test_explain_draws_the_pair_and_verify_without_calibration_is_refused(

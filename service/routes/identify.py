@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
 from reid.metrics import THRESHOLD_RANGE
+from reid.verification import inliers_counted
 from service.auth import require_key_for_reads
 from service.deps import EngineDep
 from service.errors import InvalidFieldError, ServiceError
@@ -70,7 +71,11 @@ def identify_batch(engine: EngineDep,
                                                  "schema": {"type": "integer"}},
                                    "X-Fallback": {"description": "true when the matches drawn are the fallback's "
                                                                 "(simulated camera tilts), found where plain matching "
-                                                                "found too few", "schema": {"type": "boolean"}}}},
+                                                                "found too few", "schema": {"type": "boolean"}},
+                                   "X-Inliers-Counted": {"description": "with verification on: false when the matches "
+                                                                       "drawn are fewer than the inlier floor, so a "
+                                                                       "score would read them as no match",
+                                                         "schema": {"type": "boolean"}}}},
                  **error_responses(400, 401, 404, 413, 415, 422)})
 def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the photo that was identified")],
             individual_id: Annotated[IndividualId, Form(description="the individual it was matched to")],
@@ -78,6 +83,8 @@ def explain(engine: EngineDep, file: Annotated[UploadFile, File(description="the
                 "the enrolled photo to compare with, e.g. a prediction's evidence.image_id"))]) -> Response:
     photo = engine.decode_upload(file.file.read(), "file", file.filename)
     explanation = engine.explain(photo, file.filename or "upload", individual_id, image_id)
+    counted = inliers_counted(explanation.inliers, engine.verification.fusion if engine.verification else None)
     return Response(explanation.png, media_type="image/png",
                     headers={"X-Similarity": f"{explanation.similarity:.6f}", "X-Inliers": str(explanation.inliers),
-                             "X-Fallback": str(explanation.fallback).lower()})
+                             "X-Fallback": str(explanation.fallback).lower(),
+                             **({} if counted is None else {"X-Inliers-Counted": str(counted).lower()})})

@@ -397,8 +397,8 @@ function predictionRow(card, file, prediction, rank, explain, verified, belowLin
                 `${evidence.url}?max_side=128`)
     : "";
   // under verification's floor the matches are as many as chance gives two turtles: say so beside the number
-  const points = evidence && evidence.inliers !== null
-    ? `${evidence.inliers}${evidence.inliers_counted === false ? " (chance level)" : ""}` : "–";
+  const points = evidence && evidence.inliers !== null && evidence.inliers !== undefined
+    ? `${evidence.inliers}${evidence.inliers_counted === false ? " (too few to count)" : ""}` : "–";
   const actions = el("div", { className: "actions" });
   if (evidence) {
     actions.append(el("button", { className: "secondary", onclick: () => showMatches(explain, file, prediction) },
@@ -430,9 +430,10 @@ async function showMatches(explain, file, prediction) {
       ? " once a change of camera angle was simulated" : "";
     const image = el("img", { alt: `matching points between your photo and ${prediction.individual_id}`,
                               src: URL.createObjectURL(await response.blob()) });
-    const chance = prediction.evidence.inliers_counted === false
-      ? " No more than photos of two different turtles match by chance: this match rests on the photos' overall " +
-        "likeness, not on their patterns."
+    // the drawing's own count (it can be the fallback's, more than the answer counted), as the service judged it
+    const chance = response.headers.get("X-Inliers-Counted") === "false"
+      ? ` That is no more than photos of two different turtles reach by chance, so the score ignores these ` +
+        `points: ${prediction.individual_id}'s score rests on the two photos' overall similarity alone.`
       : "";
     explain.replaceChildren(el("p", {}, `${inliers} points of your photo match points of ` +
       `${prediction.individual_id}'s photo in a consistent arrangement${tilted} (lines join them).${chance}`), image);

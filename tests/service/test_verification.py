@@ -89,6 +89,7 @@ def test_verified_identify_explain_delete_and_restart(start_server: StartServer,
         assert drawn.status_code == 200, drawn.text
         assert drawn.headers["content-type"] == "image/png"
         assert int(drawn.headers["x-inliers"]) == evidence["inliers"], "the drawing shows the matches identify counted"
+        assert drawn.headers["x-inliers-counted"] == "true"
         assert float(drawn.headers["x-similarity"]) == pytest.approx(evidence["similarity"], abs=1e-4)
         with Image.open(io.BytesIO(drawn.content)) as png:
             assert png.format == "PNG"

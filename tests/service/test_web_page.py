@@ -417,11 +417,12 @@ def test_a_verified_answer_says_which_matching_points_are_chance_level(
     expect(card.locator("thead")).to_contain_text("Matching points")
     own = card.locator("tr[data-individual='turtle-0'] td").nth(4)
     expect(own).to_have_text(re.compile(r"^\d+$"))  # its own turtle's photo: counted
-    chance = card.locator("tr", has_text="(chance level)")
+    chance = card.locator("tr", has_text="(too few to count)")
     expect(chance.first).to_be_visible()
     steps.shot("chance_level")
     chance.first.get_by_role("button", name="Show matching points").click()
-    expect(card.locator(".explain")).to_contain_text("No more than photos of two different turtles match by chance")
+    expect(card.locator(".explain")).to_contain_text("no more than photos of two different turtles reach by chance, "
+                                                     "so the score ignores these points")
     steps.shot("chance_level_drawn")
     assert errors == [], errors
     context.close()
