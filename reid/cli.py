@@ -303,12 +303,10 @@ def _fallback_features(fallback: Fallback | None, images: Sequence[str]) -> Feat
 
 
 def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight: float, candidates: int,
-                        fallback_top: int = 0, objective: ThresholdObjective = "map5",
-                        inlier_floor: int | None = None) -> None:
-    """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``
-    (``inlier_floor`` None: the default floor)."""
+                        fallback_top: int, objective: ThresholdObjective, inlier_floor: int) -> None:
+    """`reid fit --verify`: learn verification on the validation sets of ``data`` and store it in ``checkpoint``."""
     from reid.inference import write_checkpoint_metadata
-    from reid.verification import DEFAULT_INLIER_FLOOR, extract_all, verification_from_validation
+    from reid.verification import extract_all, verification_from_validation
 
     gallery, queries = data.gallery_records, data.query_records
     paths = gallery["path"].tolist() + queries["path"].tolist()
@@ -322,7 +320,7 @@ def _store_verification(checkpoint: Path, data: ReIDDataModule, runner_up_weight
         embeddings[:split], gallery["identity"].tolist(), features[:split], embeddings[split:],
         queries["identity"].tolist(), features[split:], candidates=candidates, seed=int(data.hparams.seed),
         progress=True, runner_up_weight=runner_up_weight, fallback=fallback, fallback_features=on_demand,
-        objective=objective, inlier_floor=DEFAULT_INLIER_FLOOR if inlier_floor is None else inlier_floor)
+        objective=objective, inlier_floor=inlier_floor)
     write_checkpoint_metadata(checkpoint, verification=verification.to_dict())
     scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
     print(f"verification written to {checkpoint} (validation with verification: {scores}): "
@@ -589,6 +587,7 @@ def _explain(args: argparse.Namespace) -> int:
     from reid.fileio import write_atomically
     from reid.imageio import decode_image
     from reid.inference import Embedder
+    from reid.verification import inliers_counted
 
     if args.out.suffix.lower() != ".png":
         raise ReIDError(f"--out {args.out}: the drawing is a PNG; name the file with .png")
@@ -596,11 +595,12 @@ def _explain(args: argparse.Namespace) -> int:
     embedder = Embedder.from_checkpoint(args.checkpoint)
     explanation = explain_match(embedder, query, photo, (f"query: {args.query.name}", f"photo: {args.photo.name}"))
     write_atomically(args.out, explanation.png)
-    floor = embedder.verification.fusion.inlier_floor if embedder.verification is not None else 0
+    fusion = embedder.verification.fusion if embedder.verification is not None else None
     print(f"wrote {args.out}: cosine similarity {explanation.similarity:.4f}, {explanation.inliers} verified "
           "local-feature matches" + (" (the fallback's, under simulated camera tilts)" if explanation.fallback else "")
-          + (f"; fewer than the inlier floor of {floor}, as many as photos of different individuals reach by chance, "
-             "so the score reads them as no match" if explanation.inliers < floor else ""))
+          + (f"; fewer than the inlier floor of {fusion.inlier_floor}, as many as photos of different individuals "
+             "reach by chance, so the score reads them as no match"
+             if inliers_counted(explanation.inliers, fusion) is False else ""))
     return 0
 
 

@@ -292,10 +292,10 @@ class ReIDModule(L.LightningModule):
         only once the data is known (:meth:`setup`): build it to the checkpoint's size to load them, where the loss is
         not trained on (``load_from_checkpoint``, ``reid validate`` on other data). Resuming a fit needs the
         individuals it was trained on."""
-        weights = checkpoint.get("state_dict", {}).get("criterion.W")
-        if weights is None or (self.criterion is not None and self.criterion.W.shape == weights.shape):
+        learnt = arcface_individuals(checkpoint)
+        if learnt is None or (self.criterion is not None
+                              and self.criterion.W.shape == checkpoint["state_dict"]["criterion.W"].shape):
             return
-        learnt = weights.shape[1] // self.hparams.sub_centers
         if self._trainer is not None and self._trainer.state.fn == "fit":
             raise arcface_resume_error(learnt, self.criterion.W.shape[1] // self.hparams.sub_centers)
         self.criterion = self._make_criterion(num_classes=learnt)
